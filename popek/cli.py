@@ -1,0 +1,81 @@
+"""The `popek` command. `main(argv) -> int` owns exit codes; everything below it raises typed errors.
+
+Each subcommand lives in the module that owns its work and exposes two functions:
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the work. This file only
+wires them up and turns errors into one-line messages.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from popek import __version__
+from popek.errors import PopekError
+
+EXIT_OK = 0
+EXIT_FOUND = 1  # scan: some sensitive-unprivileged instruction; run --check: a divergence
+EXIT_BAD_INPUT = 2
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS = {
+    "demo": ("popek.demo", "run the bundled example: scan, theorem check and a guest under the monitors"),
+    "scan": ("popek.scan.command", "classify every instruction of binaries in Popek-Goldberg terms"),
+    "isa": ("popek.isa.command", "print the ISA description table under a model"),
+    "theorem": ("popek.isa.theorem_command", "check Popek-Goldberg Theorems 1 and 3 for a model"),
+    "asm": ("popek.asm.command", "assemble a guest source into a flat image and a listing"),
+    "run": ("popek.machine.command", "run a guest on the bare machine or under a monitor"),
+    "bench": ("popek.experiments.bench", "benchmarks that print ratios measured in one run"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popek",
+        description="x86 virtualizability analyzer: can a virtual machine monitor run this code faithfully, "
+        "why not, and at what cost?",
+    )
+    parser.add_argument("--version", action="version", version=f"popek {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks (for developers)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # command not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.configure(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args._run(args)
+    except PopekError as exc:
+        if args.traceback:
+            raise
+        print(f"popek {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

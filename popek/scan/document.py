@@ -1,0 +1,151 @@
+"""The scan result as a typed document (DESIGN §3.2). Renderers read only this; they never re-scan.
+
+``ScanDocument.to_dict()`` is the JSON contract; ``from_dict()`` loads a saved result back (and rejects
+unknown keys), so a saved JSON can be re-rendered as text, SARIF or CSV without scanning again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from popek import __version__
+
+SCHEMA = 1
+
+# Report classes in the order the text report shows them (DESIGN §3.1/3.2).
+CLASSES = ("sensitive-unprivileged", "privileged", "io", "extended")
+
+
+def _check_keys(cls, data: dict, extra_ok: tuple[str, ...] = ()) -> None:
+    known = {f.name for f in fields(cls)} | set(extra_ok)
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Finding:
+    address: int
+    size: int
+    bytes: bytes
+    text: str            # Intel syntax, as Capstone prints it
+    name: str            # canonical name (DESIGN §3.1)
+    cls: str             # one of CLASSES; "class" in JSON
+    region: str
+    why: str             # one line: the Popek-Goldberg reason
+    mode: int = 32
+    reachable: bool | None = None   # recursive strategy only: reached from an entry point or symbol
+    idiom: str | None = None        # VM-detection idiom recognised around this instruction
+    idiom_why: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {
+            "address": f"0x{self.address:x}", "size": self.size, "bytes": self.bytes.hex(), "text": self.text,
+            "name": self.name, "class": self.cls, "region": self.region, "why": self.why, "mode": self.mode,
+        }
+        if self.reachable is not None:
+            d["reachable"] = self.reachable
+        if self.idiom is not None:
+            d["idiom"], d["idiom_why"] = self.idiom, self.idiom_why
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Finding":
+        d = dict(d)
+        _check_keys(cls, d, extra_ok=("class",))
+        d["cls"] = d.pop("class")
+        d["address"] = int(d["address"], 16)
+        d["bytes"] = bytes.fromhex(d["bytes"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    name: str
+    start: int
+    end: int
+    mode: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "start": f"0x{self.start:x}", "end": f"0x{self.end:x}", "mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegionInfo":
+        _check_keys(cls, d)
+        return cls(d["name"], int(d["start"], 16), int(d["end"], 16), d["mode"])
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    format: str = ""
+    sha256: str = ""
+    regions: tuple[RegionInfo, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    instructions: int = 0           # instructions decoded
+    error: str | None = None        # set when the file could not be scanned (then nothing else is)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in self.findings:
+            counts[f.name] = counts.get(f.name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def sensitive_unprivileged(self) -> int:
+        return sum(1 for f in self.findings if f.cls == "sensitive-unprivileged")
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {
+            "path": self.path, "format": self.format, "sha256": self.sha256,
+            "regions": [r.to_dict() for r in self.regions],
+            "instructions": self.instructions,
+            "findings": [f.to_dict() for f in self.findings],
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FileReport":
+        d = dict(d)
+        _check_keys(cls, d, extra_ok=("counts",))
+        d.pop("counts", None)
+        d["regions"] = tuple(RegionInfo.from_dict(r) for r in d.get("regions", ()))
+        d["findings"] = tuple(Finding.from_dict(f) for f in d.get("findings", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ScanDocument:
+    files: tuple[FileReport, ...]
+    strategy: str = "linear"
+    model: str = "ia32"
+    extended: bool = False
+    version: str = __version__
+    schema: int = SCHEMA
+    tool: str = "popek"
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.error is not None for f in self.files)
+
+    @property
+    def sensitive_unprivileged(self) -> int:
+        return sum(f.sensitive_unprivileged for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": self.schema, "tool": self.tool, "version": self.version,
+            "strategy": self.strategy, "model": self.model, "extended": self.extended,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScanDocument":
+        d = dict(d)
+        _check_keys(cls, d)
+        if d.get("schema") != SCHEMA or d.get("tool") != "popek":
+            raise ValueError("not a popek scan document (schema 1)")
+        d["files"] = tuple(FileReport.from_dict(f) for f in d["files"])
+        return cls(**d)

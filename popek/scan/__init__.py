@@ -1,1 +1,63 @@
-"""popek.scan"""
+"""popek.scan: classify every instruction of x86 binaries in Popek-Goldberg terms."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable
+
+from popek.errors import BadInput
+from popek.isa.classify import Classifier
+from popek.loaders import Image, iter_files, load
+from popek.scan import engine
+from popek.scan.document import FileReport, RegionInfo, ScanDocument
+
+
+def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -> FileReport:
+    if strategy == "linear":
+        findings, count = [], 0
+        for region in image.regions:
+            found, n = engine.linear(region, classifier)
+            findings += found
+            count += n
+    else:
+        findings, count = engine.recursive(image, classifier)
+    findings = _with_idioms(image, findings)
+    regions = tuple(RegionInfo(r.name, r.start, r.end, r.mode) for r in image.regions)
+    return FileReport(path=image.path, format=image.format, sha256=image.sha256, regions=regions,
+                      findings=tuple(findings), instructions=count)
+
+
+def _with_idioms(image: Image, findings: list) -> list:
+    """Attach VM-detection idioms recognised around the findings (popek.scan.idioms)."""
+    from popek.scan.idioms import find_idioms
+
+    out = []
+    by_region: dict[str, list] = {}
+    for f in findings:
+        by_region.setdefault(f.region, []).append(f)
+    for region in image.regions:
+        found = by_region.get(region.name, [])
+        if not found:
+            continue
+        idioms = find_idioms(region.data, region.start, region.mode, [(f.address, f.name) for f in found])
+        for f in found:
+            if f.address in idioms:
+                name, why = idioms[f.address]
+                f = replace(f, idiom=name, idiom_why=why)
+            out.append(f)
+    return out
+
+
+def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = "linear", mode: int | None = None,
+               base: int = 0, regions=None, raw: bool = False) -> ScanDocument:
+    reports = []
+    for path, error in iter_files(paths):
+        if error is None:
+            try:
+                image = load(path, mode=mode, base=base, regions=regions, raw=raw)
+                reports.append(scan_image(image, classifier, strategy))
+                continue
+            except BadInput as exc:
+                error = exc
+        reports.append(FileReport(path=path, error=str(error)))
+    return ScanDocument(files=tuple(reports), strategy=strategy, model=classifier.model.name,
+                        extended=classifier.extended)

@@ -1,0 +1,112 @@
+"""Sweep strategies: find every described instruction in a loaded image.
+
+- ``linear`` (the default): decode each executable region from its first byte to its last, as ``objdump -d``
+  does. Complete and fast (one pass of Capstone's lite decoder); data inside code sections can decode as
+  instructions and give false positives.
+- ``recursive``: the linear findings, plus a traversal of the control flow from the entry points and
+  symbols that marks each finding reachable or not and adds instructions the linear sweep missed because it
+  was misaligned by data. Slower; indirect jumps are not followed, so "unreachable" means "not reached by
+  direct control flow", not "dead".
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable
+
+from popek.decode import BAD, sweep
+from popek.isa.classify import Classifier
+from popek.loaders import Image, Region
+from popek.scan.document import Finding
+
+STRATEGIES = ("linear", "recursive")
+
+# Control flow, by Capstone mnemonic. A block ends at an unconditional transfer; branches add their target.
+_ENDS_BLOCK = frozenset("""jmp ljmp ret retf retfq iret iretd iretq hlt ud2 ud1 ud0 sysret sysretq sysexit
+                           int3 .byte""".split())
+_BRANCHES = frozenset("""jmp call ja jae jb jbe je jne jg jge jl jle jo jno jp jnp js jns jcxz jecxz jrcxz
+                         loop loope loopne""".split())
+
+
+def _finding(classifier: Classifier, region: Region, address: int, size: int, mnemonic: str, op_str: str,
+             entry, reachable: bool | None) -> Finding:
+    start = address - region.start
+    verdict = classifier.verdicts[entry.name]
+    return Finding(address=address, size=size, bytes=region.data[start:start + size],
+                   text=f"{mnemonic} {op_str}".strip(), name=entry.name, cls=entry.category,
+                   region=region.name, why=verdict.why, mode=region.mode, reachable=reachable)
+
+
+def linear(region: Region, classifier: Classifier) -> tuple[list[Finding], int]:
+    """Every described instruction in the region, and how many instructions were decoded."""
+    data, base, mode = region.data, region.start, region.mode
+    lookup, wanted = classifier.lookup, classifier.mnemonics
+    findings = []
+    count = 0
+    for count, (address, size, mnemonic, op_str) in enumerate(sweep(data, base, mode), 1):
+        if mnemonic in wanted:
+            entry = lookup(data, address - base, mode, mnemonic, op_str)
+            if entry is not None:
+                findings.append(_finding(classifier, region, address, size, mnemonic, op_str, entry, None))
+    return findings, count
+
+
+def reachable_starts(image: Image) -> dict[str, set[int]]:
+    """Instruction start addresses reached from the entry points and symbols, per region name."""
+    reached: dict[str, set[int]] = {r.name: set() for r in image.regions}
+    work = list(image.entry_points) + list(image.symbols)
+    seen_blocks: set[tuple[str, int]] = set()
+    while work:
+        target = work.pop()
+        region = _region_at(image.regions, target)
+        if region is None or (region.name, target) in seen_blocks:
+            continue
+        seen_blocks.add((region.name, target))
+        for address, size, mnemonic, op_str in sweep(region.data, region.start, region.mode, target - region.start):
+            if address in reached[region.name] and address != target:
+                break  # joined a block we already walked
+            if mnemonic == BAD:
+                break
+            reached[region.name].add(address)
+            if mnemonic in _BRANCHES:
+                dest = _immediate(op_str)
+                if dest is not None:
+                    work.append(dest)
+            if mnemonic in _ENDS_BLOCK:
+                break
+    return reached
+
+
+def _immediate(op_str: str) -> int | None:
+    try:
+        return int(op_str, 0)
+    except ValueError:
+        return None
+
+
+def _region_at(regions: Iterable[Region], address: int) -> Region | None:
+    for r in regions:
+        if r.start <= address < r.end:
+            return r
+    return None
+
+
+def recursive(image: Image, classifier: Classifier) -> tuple[list[Finding], int]:
+    findings: list[Finding] = []
+    total = 0
+    reached = reachable_starts(image)
+    for region in image.regions:
+        found, count = linear(region, classifier)
+        total += count
+        starts = reached[region.name]
+        seen = {f.address for f in found}
+        findings += [replace(f, reachable=f.address in starts) for f in found]
+        # Instructions only the traversal decodes (the linear sweep was misaligned by data there).
+        for address in sorted(starts - seen):
+            off = address - region.start
+            for a, size, mnemonic, op_str in sweep(region.data, region.start, region.mode, off, 1):
+                entry = classifier.lookup(region.data, off, region.mode, mnemonic, op_str) \
+                    if mnemonic in classifier.mnemonics else None
+                if entry is not None:
+                    findings.append(_finding(classifier, region, a, size, mnemonic, op_str, entry, True))
+    findings.sort(key=lambda f: (f.region, f.address))
+    return findings, total

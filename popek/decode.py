@@ -11,17 +11,20 @@ reports ``(bad)``.
 """
 from __future__ import annotations
 
+import ctypes
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
 import capstone
+from capstone import x86_const
 
 MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 BAD = ".byte"  # mnemonic of a byte Capstone could not decode
 
 # Legacy prefixes (group 1-4). REX (0x40-0x4F) is a prefix only in 64-bit mode.
-_LEGACY_PREFIXES = frozenset(b"\x66\x67\xf0\xf2\xf3\x2e\x36\x3e\x26\x64\x65")
+LEGACY_PREFIXES = frozenset(b"\x66\x67\xf0\xf2\xf3\x2e\x36\x3e\x26\x64\x65")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +57,93 @@ def _cs(mode: int, detail: bool) -> capstone.Cs:
     return md
 
 
+CHUNK = 8192  # instructions per Capstone call: bounds memory (Capstone allocates all results of one call)
+
+
 def sweep(code: bytes, base: int, mode: int, offset: int = 0, count: int = 0) -> Iterator[tuple[int, int, str, str]]:
-    """Linear sweep: ``(address, size, mnemonic, op_str)`` for every instruction from ``code[offset:]``."""
+    """Linear sweep: ``(address, size, mnemonic, op_str)`` for every instruction from ``code[offset:]``
+    (at most ``count`` of them when count > 0)."""
     md = _cs(mode, False)
-    view = memoryview(code)[offset:] if offset else code
-    return md.disasm_lite(view, base + offset, count)
+    view = memoryview(code)
+    end = len(code)
+    left = count or -1
+    while offset < end and left:
+        step = CHUNK if left < 0 else min(CHUNK, left)
+        last = None
+        for last in md.disasm_lite(view[offset:], base + offset, step):
+            yield last
+        if last is None:
+            return
+        left -= step if left > 0 else 0
+        offset = last[0] + last[1] - base
+
+
+# The scanner's hot loop reads Capstone's C records directly: one ctypes call decodes CHUNK instructions and
+# the instruction ids come out as one memoryview slice, so Python touches only the few candidates.
+RECORD = ctypes.sizeof(capstone._cs_insn)
+_ID_STRIDE = RECORD // 4
+_ADDRESS_SIZE = struct.Struct("<QH")
+_MNEMONIC_AT = capstone._cs_insn.mnemonic.offset
+_OP_STR_AT = capstone._cs_insn.op_str.offset
+_ADDRESS_AT = capstone._cs_insn.address.offset
+BYTES_AT = capstone._cs_insn.bytes.offset
+
+
+class Records:
+    """A batch of raw Capstone records; ``ids`` lists their instruction ids in order."""
+
+    __slots__ = ("blob", "ids")
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+        self.ids = memoryview(blob).cast("I")[::_ID_STRIDE].tolist()
+
+    def address_size(self, i: int) -> tuple[int, int]:
+        return _ADDRESS_SIZE.unpack_from(self.blob, i * RECORD + _ADDRESS_AT)
+
+    def text(self, i: int) -> tuple[str, str]:
+        blob, at = self.blob, i * RECORD
+        m, o = at + _MNEMONIC_AT, at + _OP_STR_AT
+        return blob[m:blob.index(0, m)].decode(), blob[o:blob.index(0, o)].decode()
+
+
+def sweep_records(code: bytes, base: int, mode: int) -> Iterator[Records]:
+    """Linear sweep of the whole of ``code`` in batches of raw records (skipdata on, as in ``sweep``)."""
+    md = _cs(mode, False)
+    cbuf = (ctypes.c_char * max(1, len(code))).from_buffer_copy(code or b"\0")
+    start = ctypes.addressof(cbuf)
+    out = ctypes.POINTER(capstone._cs_insn)()
+    offset = 0
+    while offset < len(code):
+        n = capstone._cs.cs_disasm(md.csh, ctypes.cast(start + offset, ctypes.POINTER(ctypes.c_char)),
+                                   len(code) - offset, base + offset, CHUNK, ctypes.byref(out))
+        if n == 0:
+            return
+        try:
+            batch = Records(ctypes.string_at(out, n * RECORD))
+        finally:
+            capstone._cs.cs_free(out, n)
+        yield batch
+        address, size = batch.address_size(n - 1)
+        offset = address + size - base
+
+
+@lru_cache(maxsize=None)
+def mnemonic_ids() -> dict[str, frozenset[int]]:
+    """Capstone's x86 instruction ids by mnemonic (the printed mnemonic of each id)."""
+    md = _cs(32, False)
+    table: dict[str, set[int]] = {}
+    for ident in range(1, x86_const.X86_INS_ENDING):
+        name = md.insn_name(ident)
+        if name:
+            table.setdefault(name, set()).add(ident)
+    return {k: frozenset(v) for k, v in table.items()}
+
+
+def ids_for(mnemonic: str) -> frozenset[int]:
+    """The ids Capstone may print as ``mnemonic`` (a ``rep`` prefix is printed but not part of the id)."""
+    bare = mnemonic.split()[-1]
+    return mnemonic_ids().get(bare, frozenset())
 
 
 def decode_at(code: bytes, offset: int, base: int, mode: int) -> Insn | None:
@@ -91,7 +176,7 @@ def opcode_and_modrm(code: bytes, offset: int, mode: int) -> tuple[bytes, int | 
     """
     end = min(len(code), offset + 15)
     i = offset
-    while i < end and (code[i] in _LEGACY_PREFIXES or (mode == 64 and 0x40 <= code[i] <= 0x4F)):
+    while i < end and (code[i] in LEGACY_PREFIXES or (mode == 64 and 0x40 <= code[i] <= 0x4F)):
         i += 1
     if i >= end:
         return b"", None

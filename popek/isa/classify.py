@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from popek.decode import Insn, opcode_and_modrm
+from popek.decode import Insn, ids_for, opcode_and_modrm
 from popek.isa.model import IsaDescription, Instruction, Match, Model
 
 # A segment register as an operand, not as a segment-override prefix ("fs:[0]").
@@ -30,7 +30,25 @@ class Classifier:
                 for mnemonic in match.mnemonics:
                     self._rules.setdefault(mnemonic, []).append((match, insn))
         self.mnemonics = frozenset(self._rules)
+        self.candidate_ids = self._candidate_ids()
         self.verdicts = {name: isa.verdict(insn, self.model) for name, insn in isa.instructions.items()}
+
+    def _candidate_ids(self) -> dict[int, frozenset[int] | None]:
+        """Capstone ids that can be a described instruction, each with the first opcode bytes its rules
+        accept (None: any), so the scanner rejects e.g. an ordinary MOV from its first byte alone."""
+        firsts: dict[int, set[int] | None] = {}
+        for mnemonic, rules in self._rules.items():
+            accepted = None if any(m.opcode is None for m, _ in rules) else {m.opcode[0] for m, _ in rules}
+            for ident in ids_for(mnemonic):
+                if ident in firsts and (firsts[ident] is None or accepted is None):
+                    firsts[ident] = None
+                else:
+                    firsts[ident] = (firsts.get(ident) or set()) | (accepted or set()) if accepted is not None else None
+        return {k: (frozenset(v) if v is not None else None) for k, v in firsts.items()}
+
+    def unknown_mnemonics(self) -> list[str]:
+        """Mnemonics in the description that Capstone never prints (a typo would silently match nothing)."""
+        return sorted(m for m in self._rules if not ids_for(m))
 
     def lookup(self, code, offset: int, mode: int, mnemonic: str, op_str: str) -> Instruction | None:
         """The entry for the instruction at ``code[offset]`` that Capstone decoded as (mnemonic, op_str)."""

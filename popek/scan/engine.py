@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Iterable
 
-from popek.decode import BAD, sweep
+from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, sweep, sweep_records
 from popek.isa.classify import Classifier
 from popek.loaders import Image, Region
 from popek.scan.document import Finding
 
 STRATEGIES = ("linear", "recursive")
+_REX = frozenset(range(0x40, 0x50))
 
 # Control flow, by Capstone mnemonic. A block ends at an unconditional transfer; branches add their target.
 _ENDS_BLOCK = frozenset("""jmp ljmp ret retf retfq iret iretd iretq hlt ud2 ud1 ud0 sysret sysretq sysexit
@@ -39,11 +40,23 @@ def _finding(classifier: Classifier, region: Region, address: int, size: int, mn
 def linear(region: Region, classifier: Classifier) -> tuple[list[Finding], int]:
     """Every described instruction in the region, and how many instructions were decoded."""
     data, base, mode = region.data, region.start, region.mode
-    lookup, wanted = classifier.lookup, classifier.mnemonics
+    lookup, candidates = classifier.lookup, classifier.candidate_ids
+    prefixes = LEGACY_PREFIXES | (_REX if mode == 64 else frozenset())
     findings = []
     count = 0
-    for count, (address, size, mnemonic, op_str) in enumerate(sweep(data, base, mode), 1):
-        if mnemonic in wanted:
+    # Hot loop: ~3 M instructions for a kernel. Python sees only candidate ids, and most candidates
+    # (ordinary MOVs) are rejected on their first byte before any text is decoded.
+    for batch in sweep_records(data, base, mode):
+        ids, blob = batch.ids, batch.blob
+        count += len(ids)
+        for i in [i for i, ident in enumerate(ids) if ident in candidates]:
+            firsts = candidates[ids[i]]
+            if firsts is not None:
+                first = blob[i * RECORD + BYTES_AT]
+                if first not in firsts and first not in prefixes:
+                    continue
+            address, size = batch.address_size(i)
+            mnemonic, op_str = batch.text(i)
             entry = lookup(data, address - base, mode, mnemonic, op_str)
             if entry is not None:
                 findings.append(_finding(classifier, region, address, size, mnemonic, op_str, entry, None))

@@ -1,0 +1,203 @@
+"""`popek scan` as a user meets it: exit status, formats, strategies, bad input (DESIGN §3.2)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from popek.cli import main
+from popek.isa import language
+from popek.isa.classify import Classifier
+
+FIXTURES = Path(__file__).parent / "fixtures" / "asm"
+needs_as = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")), reason="GNU as/ld not installed")
+
+
+def scan(capsys, *argv):
+    code = main(["scan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def exe32(tmp_path):
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("GNU as/ld not installed")
+    obj, exe = tmp_path / "s.o", tmp_path / "system32"
+    subprocess.run(["as", "--32", "-o", obj, FIXTURES / "system32.s"], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-o", exe, obj], check=True)
+    return exe
+
+
+def test_every_mnemonic_in_the_description_is_one_capstone_prints():
+    assert Classifier(language.bundled(), extended=True).unknown_mnemonics() == []
+
+
+def test_exit_status_1_and_json_contract(exe32, capsys):
+    code, out, err = scan(capsys, str(exe32), "--format", "json")
+    assert code == 1 and err == ""
+    doc = json.loads(out)
+    assert (doc["schema"], doc["tool"]) == (1, "popek")
+    (f,) = doc["files"]
+    assert set(f) >= {"path", "format", "sha256", "regions", "findings", "counts"}
+    assert f["format"] == "elf32" and f["regions"][0]["name"] == ".text"
+    first = f["findings"][0]
+    assert set(first) >= {"address", "size", "bytes", "text", "name", "class", "region", "why"}
+    assert first["name"] == "sgdt" and first["class"] == "sensitive-unprivileged"
+    assert first["text"].startswith("sgdt") and first["why"]
+    assert f["counts"]["pushf"] == 2 and f["counts"]["push_seg"] == 7
+
+
+def test_exit_status_0_when_nothing_sensitive(tmp_path, capsys):
+    flat = tmp_path / "plain.bin"
+    flat.write_bytes(bytes.fromhex("90 89 d8 01 c3 0f 01 d0 c3"))  # nop; mov; add; xgetbv; ret
+    code, out, _ = scan(capsys, "--mode", "32", str(flat))
+    assert code == 0 and "no sensitive-unprivileged" in out.lower()
+
+
+def test_extended_adds_the_extended_set(tmp_path, capsys):
+    flat = tmp_path / "x.bin"
+    flat.write_bytes(bytes.fromhex("cc 0f 34 0f 01 f8 0f 01 c1 90"))  # int3 sysenter swapgs(64) vmcall
+    _, out, _ = scan(capsys, "--mode", "64", "--format", "json", str(flat))
+    assert json.loads(out)["files"][0]["findings"] == []
+    _, out, _ = scan(capsys, "--mode", "64", "--extended", "--format", "json", str(flat))
+    names = [f["name"] for f in json.loads(out)["files"][0]["findings"]]
+    assert names == ["int3", "sysenter", "swapgs", "vmcall"]
+
+
+def test_text_sarif_csv_and_reload(exe32, tmp_path, capsys):
+    code, text, _ = scan(capsys, str(exe32))
+    assert code == 1 and "sensitive-unprivileged" in text and "sgdt" in text
+    saved = tmp_path / "scan.json"
+    assert main(["scan", str(exe32), "--format", "json", "-o", str(saved)]) == 1
+    capsys.readouterr()
+    code, sarif, _ = scan(capsys, "--load", str(saved), "--format", "sarif")
+    assert code == 1 and json.loads(sarif)["version"] == "2.1.0"
+    code, csv_text, _ = scan(capsys, "--load", str(saved), "--format", "csv")
+    assert csv_text.splitlines()[0].startswith("file,address")
+    assert len(csv_text.splitlines()) == 1 + len(json.loads(saved.read_text())["files"][0]["findings"])
+
+
+def test_recursive_marks_reachability(tmp_path, capsys):
+    if not shutil.which("as"):
+        pytest.skip("GNU as not installed")
+    src = tmp_path / "r.s"
+    src.write_text(""".code32
+.globl _start
+_start: sidt (%eax)
+        jmp 1f
+        .byte 0x0f, 0x01, 0x00      # an sgdt that only a linear sweep decodes: data after the jmp
+1:      call f
+        hlt
+f:      pushf
+        ret
+""")
+    subprocess.run(["as", "--32", "-o", tmp_path / "r.o", src], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-e", "_start", "-o", tmp_path / "r", tmp_path / "r.o"], check=True)
+    _, out, _ = scan(capsys, "--strategy", "recursive", "--format", "json", str(tmp_path / "r"))
+    found = {f["name"]: f["reachable"] for f in json.loads(out)["files"][0]["findings"]}
+    assert found == {"sidt": True, "sgdt": False, "hlt": True, "pushf": True}
+
+
+def test_several_files_and_directories(exe32, tmp_path, capsys):
+    d = tmp_path / "tree" / "sub"
+    d.mkdir(parents=True)
+    shutil.copy(exe32, d / "a")
+    shutil.copy(exe32, tmp_path / "tree" / "b")
+    _, out, _ = scan(capsys, "--format", "json", str(tmp_path / "tree"))
+    paths = [f["path"] for f in json.loads(out)["files"]]
+    assert [Path(p).name for p in paths] == ["b", "a"] or [Path(p).name for p in paths] == ["a", "b"]
+    assert len(paths) == 2
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _elf_cut(exe: Path, tmp_path: Path, size: int) -> Path:
+    cut = tmp_path / "cut"
+    cut.write_bytes(exe.read_bytes()[:size])
+    return cut
+
+
+def _arm_elf(exe: Path, tmp_path: Path) -> Path:
+    data = bytearray(exe.read_bytes())
+    data[18:20] = (40).to_bytes(2, "little")  # e_machine = EM_ARM
+    arm = tmp_path / "arm"
+    arm.write_bytes(bytes(data))
+    return arm
+
+
+def _pe_lying(tmp_path: Path) -> Path:
+    import struct
+    dos = bytearray(64)
+    dos[0:2] = b"MZ"
+    struct.pack_into("<I", dos, 0x3C, 64)
+    coff = struct.pack("<4sHHIIIHH", b"PE\0\0", 0x14C, 1, 0, 0, 0, 224, 0x102)
+    opt = bytearray(224)
+    struct.pack_into("<H", opt, 0, 0x10B)
+    struct.pack_into("<I", opt, 28, 0x400000)  # ImageBase
+    struct.pack_into("<II", opt, 32, 0x1000, 0x200)
+    struct.pack_into("<I", opt, 92, 16)
+    section = struct.pack("<8sIIIIIIHHI", b".text", 0x1000, 0x1000, 0x100000, 0x9000, 0, 0, 0, 0, 0x60000020)
+    pe = tmp_path / "lying.exe"
+    pe.write_bytes(bytes(dos) + coff + bytes(opt) + section + b"\0" * 64)
+    return pe
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda exe, tmp: _write(tmp / "empty", b""), "empty"),
+    (lambda exe, tmp: _elf_cut(exe, tmp, 300), ""),
+    (lambda exe, tmp: _arm_elf(exe, tmp), "ARM"),
+    (lambda exe, tmp: _pe_lying(tmp), ""),
+    (lambda exe, tmp: _write(tmp / "rnd", os.urandom(4096)), "--mode"),
+    (lambda exe, tmp: tmp / "missing", ""),
+], ids=["empty", "truncated-elf", "arm-elf", "pe-section-outside-file", "random-without-mode", "missing"])
+def test_bad_input_is_one_line_and_exit_2(exe32, tmp_path, capsys, make, fragment):
+    path = make(exe32, tmp_path)
+    code, out, err = scan(capsys, "--format", "json", str(path))
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+    (entry,) = json.loads(out)["files"]
+    assert entry["path"] == str(path) and entry["error"]
+
+
+def test_random_bytes_with_mode_is_a_clean_result(tmp_path, capsys):
+    rnd = tmp_path / "rnd"
+    rnd.write_bytes(os.urandom(1 << 16))
+    for mode in ("16", "32", "64"):
+        code, out, err = scan(capsys, "--mode", mode, "--format", "json", str(rnd))
+        assert code in (0, 1) and err == ""
+        assert json.loads(out)["files"][0]["instructions"] > 10000
+
+
+def test_directory_with_an_unusable_entry(exe32, tmp_path, capsys):
+    d = tmp_path / "dir"
+    d.mkdir()
+    shutil.copy(exe32, d / "good")
+    (d / "dangling").symlink_to(tmp_path / "nowhere")
+    code, out, err = scan(capsys, "--format", "json", str(d))
+    assert code == 2 and "dangling" in err and "Traceback" not in err
+    files = {Path(f["path"]).name: f for f in json.loads(out)["files"]}
+    assert files["good"]["findings"] and files["dangling"]["error"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "give at least one FILE"),
+    (["--region", "zz", "x"], "region"),
+    (["--model", "nosuch", "x"], "unknown model"),
+])
+def test_usage_errors(capsys, argv, fragment):
+    code, _, err = scan(capsys, *argv)
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_argparse_usage_error_is_exit_2(capsys):
+    assert main(["scan", "--format", "xml", "x"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

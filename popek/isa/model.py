@@ -124,13 +124,11 @@ class IsaDescription:
         if insn.name in model.traps:
             traps, why = True, f"traps under {model.name}: {model.traps[insn.name]}"
         elif insn.is_privileged and model.guest_ring > 0:
-            traps = True
-            when = f" ({insn.privileged_when})" if insn.privileged_when else ""
-            why = f"privileged{when}: traps when the deprivileged guest kernel executes it"
+            traps, why = True, f"traps: {insn.deprivileged_why or 'privileged'}"
         else:
             traps = False
             if sensitive:
-                why = f"sensitive, does not trap: {insn.deprivileged_why or insn.sensitive_why}"
+                why = f"does not trap: {insn.deprivileged_why or insn.sensitive_why}"
             elif insn.sensitive:
                 why = (f"not sensitive under {model.name}: "
                        f"{model.virtualizes_why or 'the state it touches is virtualized'}")

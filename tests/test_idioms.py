@@ -1,0 +1,106 @@
+"""VM-detection idioms: the samples in samples/idioms/ (table in its README) and the data-flow's robustness."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from popek.decode import sweep
+from popek.scan.idioms import IDIOMS, TRIGGERS, find_idioms
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "idioms"
+AS, OBJCOPY = shutil.which("as") or "/usr/bin/as", shutil.which("objcopy") or "/usr/bin/objcopy"
+HAVE_BINUTILS = Path(AS).exists() and Path(OBJCOPY).exists()
+needs_binutils = pytest.mark.skipif(not HAVE_BINUTILS, reason="GNU as/objcopy not installed (apt-get install binutils)")
+
+# The real classifier lives elsewhere; sites only need the canonical names the idioms trigger on.
+CANONICAL = {"sidt": "sidt", "sgdt": "sgdt", "sldt": "sldt", "str": "str", "smsw": "smsw", "in": "in",
+             "cpuid": "cpuid", "rdtsc": "rdtsc", "out": "out"}
+ROW = re.compile(r"^\| (\S+\.s) \| (16|32|64) \| ([^|]+?) \|")
+
+
+def expectations() -> list[tuple[str, int, str | None, str | None]]:
+    """(file, mode, site canonical name, idiom) per README row; None, None for a negative."""
+    rows = []
+    for line in (SAMPLES / "README.md").read_text().splitlines():
+        m = ROW.match(line)
+        if m:
+            name, mode, expected = m.group(1), int(m.group(2)), m.group(3).strip()
+            site, idiom = (None, None) if expected == "none" else [s.strip() for s in expected.split(":")]
+            rows.append((name, mode, site, idiom))
+    return rows
+
+
+EXPECTED = expectations()
+
+
+def assemble(path: Path, mode: int, tmp: Path) -> bytes:
+    obj, raw = tmp / (path.stem + ".o"), tmp / (path.stem + ".bin")
+    subprocess.run([AS, f"--{mode}", str(path), "-o", str(obj)], check=True, capture_output=True)
+    subprocess.run([OBJCOPY, "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True, capture_output=True)
+    return raw.read_bytes()
+
+
+def sites_of(code: bytes, base: int, mode: int) -> list[tuple[int, str]]:
+    return [(a, CANONICAL[mn]) for a, _size, mn, _ops in sweep(code, base, mode) if mn in CANONICAL]
+
+
+def test_readme_lists_every_sample_and_every_idiom():
+    listed = {name for name, *_ in EXPECTED}
+    assert listed == {p.name for p in SAMPLES.glob("*.s")}
+    assert {idiom for *_, idiom in EXPECTED if idiom} == {i.name for i in IDIOMS}
+    assert {mode for _, mode, site, _ in EXPECTED if site in ("sidt", "cpuid")} >= {32, 64}
+
+
+@needs_binutils
+@pytest.mark.parametrize("base", [0x401000, 0x7C00])
+@pytest.mark.parametrize("name,mode,site,idiom", EXPECTED, ids=[row[0] for row in EXPECTED])
+def test_sample(name, mode, site, idiom, base, tmp_path):
+    code = assemble(SAMPLES / name, mode, tmp_path)
+    sites = sites_of(code, base, mode)
+    assert sites, f"{name}: no site found"
+    found = find_idioms(code, base, mode, sites)
+    if idiom is None:
+        assert found == {}, f"{name}: negative sample flagged: {found}"
+        return
+    at = [a for a, canonical in sites if canonical == site]
+    assert len(at) == 1, f"{name}: expected one {site} site, found {at}"
+    assert set(found) == {at[0]}
+    got, why = found[at[0]]
+    assert got == idiom
+    assert why and "\n" not in why
+
+
+def test_sites_that_trigger_nothing_are_ignored():
+    # rdtsc is a site but no row triggers on it; unknown names are not an error either.
+    code = bytes.fromhex("0f31" "0f31")      # rdtsc; rdtsc
+    assert find_idioms(code, 0x1000, 32, [(0x1000, "rdtsc"), (0x1002, "no-such-name")]) == {}
+    assert "rdtsc" not in TRIGGERS
+
+
+def test_site_outside_region_is_a_precondition():
+    with pytest.raises(AssertionError):
+        find_idioms(b"\x0f\xa2", 0x1000, 32, [(0x2000, "cpuid")])
+
+
+def test_magic_set_up_by_push_pop_and_stack_slots():
+    # push 0x564d5868; pop eax; mov edx, 0x5658; in eax, dx   (set-up through the stack)
+    code = bytes.fromhex("6868584d56" "58" "ba58560000" "ed")
+    assert find_idioms(code, 0, 32, [(11, "in")])[11][0] == "vmware-backdoor"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(code=st.binary(min_size=1, max_size=96), mode=st.sampled_from([16, 32, 64]),
+       names=st.lists(st.sampled_from(sorted(TRIGGERS)), min_size=1, max_size=4))
+def test_never_raises_on_arbitrary_bytes(code, mode, names):
+    # Every decoded instruction boundary becomes a site with an arbitrary trigger name: whatever the operands
+    # look like (x87, SSE, far pointers, segment registers), the data-flow must shrug, not crash.
+    addresses = [a for a, *_ in sweep(code, 0x1000, mode)]
+    sites = [(a, names[i % len(names)]) for i, a in enumerate(addresses)]
+    result = find_idioms(code, 0x1000, mode, sites)
+    assert set(result) <= set(addresses)

@@ -1,1 +1,39 @@
-"""popek.monitors"""
+"""Monitors: one module per technique behind one interface (``popek.monitors.base.MonitorOps``).
+
+``MONITORS`` maps a name (DESIGN §3.5) to the module and class that implement it; a new monitor is one
+entry here. Modules are imported when a monitor is asked for, so a monitor still being written cannot
+break the others.
+"""
+from __future__ import annotations
+
+import importlib
+
+from popek.errors import UsageError
+
+MONITORS: dict[str, tuple[str, str]] = {
+    "native": ("popek.monitors.native", "Native"),
+}
+
+
+def get_monitor(name: str, **options):
+    """A fresh ops object for monitor ``name``; UsageError names the known ones."""
+    if name not in MONITORS:
+        raise UsageError(f"unknown monitor {name!r} (known: {', '.join(MONITORS)})")
+    module, cls = MONITORS[name]
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,
+              ram_size: int | None = None, umip: bool = False, **options):
+    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``."""
+    from popek.machine.guest import Guest, load_guest
+    from popek.machine.machine import Machine
+    from popek.machine.memory import RAM_DEFAULT
+    from popek.monitors.base import DEFAULT_BUDGET, run
+    ram = RAM_DEFAULT if ram_size is None else ram_size
+    ops = get_monitor(monitor, **options)
+    if not isinstance(guest, Guest):
+        guest = load_guest(guest, ram_size=ram)
+    machine = Machine(ram_size=ram, umip=umip)
+    machine.load(guest)
+    return run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions, guest=guest.name)

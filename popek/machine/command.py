@@ -1,0 +1,58 @@
+"""``popek run GUEST``: run a guest on the bare machine or under a monitor and report how it ended.
+
+Text output (default): the guest's console output, then the exit, a short state and the event counts.
+JSON output: the document of DESIGN §3.4. The exit status is 0 whenever the run produced a result, however
+the guest ended (its exit code is in the output); 2 for a bad guest file or command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from popek.errors import UsageError
+from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
+from popek.monitors import MONITORS, run_guest
+from popek.monitors.base import DEFAULT_BUDGET
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("guest", help="flat image, ELF32 executable or assembly source (.s/.S/.asm)")
+    parser.add_argument("--monitor", default="native", help=f"one of: {', '.join(MONITORS)} (default native)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--max-instructions", type=_number, default=DEFAULT_BUDGET, metavar="N",
+                        help=f"instruction budget; the run ends with reason 'budget' (default {DEFAULT_BUDGET})")
+    parser.add_argument("--ram", type=_number, default=RAM_DEFAULT // MIB, metavar="MiB",
+                        help=f"guest RAM size (default {RAM_DEFAULT // MIB})")
+    parser.add_argument("--umip", action="store_true",
+                        help="model CR4.UMIP: sgdt/sidt/sldt/smsw/str fault with #GP(0) at CPL > 0")
+    parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
+    parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
+                        help="where a flat image goes (default 0x100000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from popek.machine.guest import load_guest
+    if not 1 <= args.ram <= RAM_MAX // MIB:
+        raise UsageError(f"--ram must be between 1 and {RAM_MAX // MIB} MiB")
+    if args.max_instructions < 0:
+        raise UsageError("--max-instructions must not be negative")
+    if args.monitor not in MONITORS:
+        raise UsageError(f"unknown monitor {args.monitor!r} (known: {', '.join(MONITORS)})")
+    ram = args.ram * MIB
+    guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
+    result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
+                       umip=args.umip)
+    if args.format == "json":
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(result.render_text())
+    return 0

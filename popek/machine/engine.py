@@ -1,0 +1,238 @@
+"""What the machine needs from libunicorn that the Python binding hides or makes slow.
+
+Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
+
+1. **Register access.** The binding's ``reg_read``/``reg_write`` cost 1.4-1.9 µs each; a raw ctypes call into
+   the same library costs 0.42 µs and a batch of 12 registers 0.8 µs. Hooks that fire often (exceptions,
+   port I/O) use ``Engine.read``/``write``/``read_many``.
+2. **How many instructions ran.** ``emu_start(count=N)`` counts instructions in ``uc->emu_counter`` (an
+   internal code hook, so every guest instruction is counted, including one that faults and each iteration
+   of a ``rep`` prefix plus the final check), but the API never returns it. A run that ends early (exit port,
+   hlt, a fault) needs the exact number, so ``Engine.counter`` reads the field.
+3. **Exception details and the repeated-#GP bug.** Unicorn hands ``UC_HOOK_INTR`` the vector only. The CPU
+   state keeps the error code, whether the event came from ``int n``/``int3``/``into`` (``exception_is_int``),
+   ``old_exception`` (never reset by Unicorn, so the second #GP arrives as #DF and the third stops emulation:
+   upstream issues #578, #1883) and the CPL (in ``hflags``; Unicorn takes CPL from SS and refuses to load a
+   more privileged SS from the API). ``Engine.settle`` saves the CPU context, sets ``old_exception`` to -1 and
+   optionally the CPL, and restores it: the same thing the CPU does when it finishes delivering an event.
+
+None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
+guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
+arrive as #GP after the patch, and a patched CPL must let the API load a ring-0 SS. A Unicorn build where
+this fails raises ``EngineError`` at machine creation instead of running guests wrongly.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import unicorn
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.arch.intel import UcRegMMR
+from unicorn.unicorn_py3.unicorn import uclib
+
+# emu_start's `until`: an address no 32-bit EIP can equal, so only the count, hooks and hlt end a chunk.
+NEVER = 1 << 63
+
+
+class EngineError(RuntimeError):
+    """The Unicorn library does not behave as measured (a different build): the machine cannot run."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets found by calibration: ``counter`` in ``uc_struct``; the others in a saved context."""
+
+    counter: int          # uint64 uc->emu_counter (uc->emu_count follows it)
+    error_code: int       # int32 env->error_code
+    is_int: int           # int32 env->exception_is_int
+    old_exception: int    # int32 env->old_exception
+    hflags: int           # uint32 env->hflags; bits 0-1 are the CPL
+
+
+# The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
+#   lgdtl gdtr; ljmp $0x08,$1f; 1: mov $0x10,%ax; mov %ax,%ds; mov %ax,%ss; mov $0x8000,%esp
+#   push $0x23; push $0x7000; push $0x2; push $0x1b; push $user; iret          -> ring 3
+#   user: mov $0x43,%ax; mov %ax,%ds      #GP(0x40): selector beyond the GDT limit
+#         mov $0x4b,%ax; mov %ax,%ds      #GP(0x48): arrives as #DF unless old_exception was cleared
+#         int $0x80                       software interrupt: the hook moves to ring 0 at `kernel`
+#   kernel: hlt                           ends emu_start at CPL 0 (at CPL 3 it would be #GP)
+#   gdt: null, 0x08 code DPL0, 0x10 data DPL0, 0x1b code DPL3, 0x23 data DPL3; gdtr at 0x1068
+_CAL_BASE = 0x1000
+_CAL_CODE = bytes.fromhex(
+    "0f011568100000ea0e100000080066b810008ed88ed0bc008000006a2368007000006a026a1b682c100000cf"
+    "66b843008ed866b84b008ed8cd80f48d742600900000000000000000ffff0000009bcf00ffff00000093cf00"
+    "ffff000000fbcf00ffff000000f3cf00270040100000")
+_CAL_FAULTS = ((0x1030, 0x40), (0x1036, 0x48))   # (EIP of the faulting mov, expected error code)
+_CAL_KERNEL = 0x103A
+_CAL_INSTRUCTIONS = 18                           # up to and including the hlt
+_CAL_COUNT = 1000
+
+
+def _i32(blob: bytes, at: int) -> int:
+    return struct.unpack_from("<i", blob, at)[0]
+
+
+def _context_address(ctx) -> int:
+    return ctypes.cast(ctx.context, ctypes.c_void_p).value
+
+
+@lru_cache(maxsize=1)
+def layout() -> Layout:
+    """Find the offsets (once per process; a property of the library build, not of a run)."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(_CAL_BASE, _CAL_CODE)
+    ctx = uc.context_save()
+    address, size = _context_address(ctx), ctx.size
+    before = ctypes.string_at(address, size)
+    seen: list[tuple[int, bytes]] = []
+    found: dict[str, int] = {}
+
+    def candidates(test) -> list[int]:
+        return [at for at in range(0, size - 4, 4) if test(at)]
+
+    def on_intr(uc, vector, _):
+        uc.context_update(ctx)
+        blob = ctypes.string_at(address, size)
+        seen.append((vector, blob))
+        if len(seen) == 1:          # first #GP at CPL 3: find old_exception, error_code, hflags
+            old = candidates(lambda at: _i32(before, at) == -1 and _i32(blob, at) == 13)
+            err = candidates(lambda at: _i32(before, at) == 0 and _i32(blob, at) == 0x40)
+            hfl = candidates(lambda at: _i32(before, at) & 3 == 0 and _i32(blob, at) & 3 == 3
+                             and _i32(blob, at) & 0x80 and _i32(before, at) & 0x80)   # HF_PE set in both
+            if len(old) != 1 or not err or not hfl:
+                raise EngineError(f"calibration: old_exception {old}, error_code {err}, hflags {hfl}")
+            found["old_exception"], found["errs"], found["hflags"] = old[0], err, hfl
+        elif len(seen) == 2:        # second #GP: must not have become #DF
+            if vector != 13:
+                raise EngineError(f"calibration: clearing old_exception did not work (vector {vector})")
+            err = [at for at in found.pop("errs") if _i32(blob, at) == 0x48]
+            hfl = [at for at in found["hflags"] if _i32(blob, at) & 3 == 3]
+            if len(err) != 1 or len(hfl) != 1:
+                raise EngineError(f"calibration: error_code {err}, hflags {hfl}")
+            found["error_code"], found["hflags"] = err[0], hfl[0]
+        else:                       # int $0x80: exception_is_int follows error_code (int, int)
+            at = found["error_code"] + 4
+            if vector != 0x80 or _i32(blob, at) != 1 or _i32(seen[0][1], at) != 0:
+                raise EngineError("calibration: exception_is_int not found next to error_code")
+            found["is_int"] = at
+            hf = ctypes.c_uint32.from_address(address + found["hflags"])
+            hf.value &= ~3          # CPL 0, so that the API accepts a ring-0 SS and CS
+            uc.context_restore(ctx)
+            uc.reg_write(X.UC_X86_REG_SS, 0x10)
+            uc.reg_write(X.UC_X86_REG_CS, 0x08)
+            uc.reg_write(X.UC_X86_REG_EIP, _CAL_KERNEL)
+            return
+        eip, _expected = _CAL_FAULTS[len(seen) - 1]
+        if uc.reg_read(X.UC_X86_REG_EIP) != eip:
+            raise EngineError("calibration: a fault did not report the faulting instruction")
+        ctypes.c_int32.from_address(address + found["old_exception"]).value = -1
+        uc.context_restore(ctx)
+        uc.reg_write(X.UC_X86_REG_EIP, eip + 2)
+
+    uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
+    uc.emu_start(_CAL_BASE, NEVER, count=_CAL_COUNT)
+    if len(seen) != 3 or uc.reg_read(X.UC_X86_REG_CS) != 0x08 or uc.reg_read(X.UC_X86_REG_EIP) != _CAL_KERNEL + 1:
+        raise EngineError("calibration guest did not reach ring 0 through a patched CPL")
+    counter = _find_counter(uc, _CAL_INSTRUCTIONS, _CAL_COUNT)
+    # A second run confirms the counter offset with different numbers (1 instruction: the hlt).
+    uc.emu_start(_CAL_KERNEL, NEVER, count=_CAL_COUNT - 1)
+    if _find_counter(uc, 1, _CAL_COUNT - 1) != counter:
+        raise EngineError("calibration: uc->emu_counter moved between runs")
+    return Layout(counter=counter, error_code=found["error_code"], is_int=found["is_int"],
+                  old_exception=found["old_exception"], hflags=found["hflags"])
+
+
+def _find_counter(uc, executed: int, count: int) -> int:
+    """The offset of the adjacent (emu_counter, emu_count) uint64 pair in uc_struct."""
+    words = (ctypes.c_uint64 * 512).from_address(uc._uch.value)    # uc_struct is larger than 4 KiB
+    hits = [i * 8 for i in range(511) if words[i] == executed and words[i + 1] == count]
+    if len(hits) != 1:
+        raise EngineError(f"calibration: uc->emu_counter not found ({hits})")
+    return hits[0]
+
+
+class Engine:
+    """Fast register access, the instruction counter and exception state for one ``Uc``."""
+
+    def __init__(self, uc: unicorn.Uc):
+        self.layout = layout()
+        self.uc = uc
+        self._uch = uc._uch
+        self._buf = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._buf)
+        self._read_fn = uclib.uc_reg_read
+        self._write_fn = uclib.uc_reg_write
+        self._ctx = uc.context_save()          # reused by settle(): context_update allocates nothing
+        self._ctx_address = _context_address(self._ctx)
+        self._counter = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter)
+        self._batches: dict[tuple[int, ...], tuple] = {}
+        self._mmr = UcRegMMR()
+
+    def read(self, reg: int) -> int:
+        self._buf.value = 0                    # segment registers fill 2 bytes, GPRs 4
+        if self._read_fn(self._uch, reg, self._ref):
+            raise EngineError(f"uc_reg_read({reg}) failed")
+        return self._buf.value
+
+    def write(self, reg: int, value: int) -> None:
+        self._buf.value = value & 0xFFFFFFFF
+        if self._write_fn(self._uch, reg, self._ref):
+            # Segment loads are validated by the machine first; a refusal here is a machine bug. Not a
+            # UcError: the machine reads those from emu_start as the guest's memory faults.
+            raise EngineError(f"uc_reg_write({reg}, {value:#x}) refused")
+
+    def read_many(self, regs: tuple[int, ...]) -> list[int]:
+        """Several registers in one call (uc_reg_read_batch: 0.8 µs for 12). Segment registers come back
+        in the low 16 bits of a zeroed slot."""
+        batch = self._batches.get(regs)
+        if batch is None:
+            n = len(regs)
+            values = (ctypes.c_uint64 * n)()
+            pointers = (ctypes.c_void_p * n)(*[ctypes.addressof(values) + 8 * i for i in range(n)])
+            batch = self._batches[regs] = ((ctypes.c_int * n)(*regs), pointers, values, n)
+        ids, pointers, values, n = batch
+        ctypes.memset(values, 0, 8 * n)
+        if uclib.uc_reg_read_batch(self._uch, ids, pointers, n):
+            raise EngineError("uc_reg_read_batch failed")
+        return values[:]
+
+    def read_table(self, reg: int) -> tuple[int, int, int]:
+        """(selector, base, limit) of GDTR, IDTR, LDTR or TR (the binding's version costs 5 µs)."""
+        mmr = self._mmr
+        if self._read_fn(self._uch, reg, ctypes.byref(mmr)):
+            raise EngineError(f"uc_reg_read({reg}) failed")
+        return mmr.selector, mmr.base & 0xFFFFFFFF, mmr.limit
+
+    def counter(self) -> int:
+        """Instructions counted so far by the current (or last) ``emu_start``."""
+        return self._counter.value
+
+    def take_exception(self) -> tuple[bool, int]:
+        """``(software, error_code)`` of the exception being reported to ``UC_HOOK_INTR``; clears
+        ``old_exception`` as ``settle`` does (one context save and restore for both)."""
+        self.uc.context_update(self._ctx)
+        a, lay = self._ctx_address, self.layout
+        software = ctypes.c_int32.from_address(a + lay.is_int).value != 0
+        error_code = ctypes.c_int32.from_address(a + lay.error_code).value & 0xFFFFFFFF
+        ctypes.c_int32.from_address(a + lay.old_exception).value = -1
+        self.uc.context_restore(self._ctx)
+        return software, error_code
+
+    def settle(self, cpl: int | None = None) -> None:
+        """Finish an event as the CPU does: clear ``old_exception`` and, if given, set the CPL.
+
+        Precondition: no register was written since the last context_update that matters here, because
+        the context is saved now and restored whole. Setting the CPL only makes the API accept the
+        selectors the caller loads next; loading SS then sets the CPL again from the descriptor.
+        """
+        self.uc.context_update(self._ctx)
+        a, lay = self._ctx_address, self.layout
+        ctypes.c_int32.from_address(a + lay.old_exception).value = -1
+        if cpl is not None:
+            hf = ctypes.c_uint32.from_address(a + lay.hflags)
+            hf.value = (hf.value & ~3) | cpl
+        self.uc.context_restore(self._ctx)

@@ -1,0 +1,134 @@
+"""Exception and interrupt delivery through the guest's IDT, as SDM Vol. 3A §6.12 describes (Unicorn never
+reads the IDT: it reports a vector and stops there).
+
+For one event: read IDTR and the gate (interrupt and trap gates, 16- or 32-bit; task gates are not modelled
+and count as a bad gate), check it (for ``int n``/``int3``/``into``: gate DPL >= CPL, else #GP(vector*8+2);
+present, else #NP), check the target code segment, and either stay on the current stack (conforming code or
+DPL = CPL) or switch to the ring-n stack from the TSS (DPL < CPL), pushing SS and ESP of the interrupted code
+first. Then EFLAGS, CS, EIP and, for #DF #TS #NP #SS #GP #PF #AC, the error code. An interrupt gate clears IF;
+both clear TF, NT, RF and VM. Error codes carry the EXT bit for events not caused by the program.
+
+A fault while delivering follows SDM Table 6-5: contributory-then-contributory and page-fault-then-
+contributory-or-page-fault become #DF; other pairs are handled serially (the second one is delivered). A
+fault while delivering #DF is a triple fault, which ends the run. With no IDT loaded (limit 0) every event
+faults, so the first exception becomes a triple fault.
+
+Two rules of the machine, not of the SDM, keep every run finite and are documented where they apply:
+a fault on the very first instruction of a handler the machine just entered (before any handler instruction
+completed) is treated as a fault while delivering the event that entered it; and more than ``MAX_DEPTH``
+such nested faults in a row are a triple fault. A real CPU would keep pushing frames until its stack ran out.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from popek.machine.descriptors import ACCESSED, IDT_GATES, INTERRUPT_GATES, Descriptor
+from popek.machine.faults import (DF, ERROR_CODE, EXCEPTION, GP, NP, PF, SOFTWARE, SS, TS, GuestFault, Interrupt,
+                                  double_fault)
+
+if TYPE_CHECKING:
+    from popek.machine.machine import Machine
+
+TF, IF, NT, RF, VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
+MAX_DEPTH = 4
+
+
+@dataclass(slots=True)
+class Entry:
+    """Where the last delivery left the CPU, to recognise a handler that faults before it starts."""
+
+    eip: int
+    total: int          # guest instructions counted when the handler was entered
+    event: Interrupt
+    depth: int
+
+
+def escalate(first: Interrupt, second: Interrupt) -> Interrupt | None:
+    """The event to deliver when ``second`` happened while delivering ``first``; None means triple fault."""
+    if first.source == EXCEPTION and first.vector == DF:
+        return None
+    if first.source == EXCEPTION and double_fault(first.vector, second.vector):
+        return Interrupt(DF, EXCEPTION, 0, eip=second.insn, insn=second.insn,
+                         why=f"{second.name} while delivering {first.name}")
+    return second
+
+
+def deliver(m: Machine, event: Interrupt, outer: Interrupt | None = None, depth: int = 0) -> None:
+    """Deliver ``event`` (raised while delivering ``outer``, if given) or end the run with a triple fault."""
+    current: Interrupt | None = escalate(outer, event) if outer is not None else event
+    while current is not None and depth <= MAX_DEPTH:
+        try:
+            _through_gate(m, current, depth)
+            return
+        except GuestFault as fault:
+            if fault.vector == PF and fault.address is not None:
+                m.set_cr2(fault.address)
+            second = Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE else None,
+                               eip=current.insn, insn=current.insn, why=fault.why)
+            m.events.count("delivery-fault", second.name)
+            current, depth = escalate(current, second), depth + 1
+    last = current if current is not None else event
+    m.triple_fault(f"{last.name} could not be delivered ({last.why or 'nested faults'})")
+
+
+def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
+    regs = m.registers()
+    cpl = regs["cs"] & 3
+    ext = 0 if event.source == SOFTWARE else 1
+    vector_code = event.vector * 8 + 2 + ext
+    idt_base, idt_limit = m.idtr()
+    if event.vector * 8 + 7 > idt_limit:
+        raise GuestFault(GP, vector_code, f"vector {event.vector:#x} beyond the IDT limit {idt_limit:#x}")
+    space = m.address_space()
+    gate = Descriptor.from_bytes(space.read(idt_base + event.vector * 8, 8))
+    if not gate.system or gate.type not in IDT_GATES:
+        raise GuestFault(GP, vector_code, f"IDT entry {event.vector:#x} is not an interrupt or trap gate")
+    if event.source == SOFTWARE and gate.dpl < cpl:
+        raise GuestFault(GP, event.vector * 8 + 2, f"{event.name} at CPL {cpl} through a DPL {gate.dpl} gate")
+    if not gate.present:
+        raise GuestFault(NP, vector_code, f"IDT entry {event.vector:#x} not present")
+    selector = gate.selector
+    if selector & 0xFFFC == 0:
+        raise GuestFault(GP, ext, "null code selector in the gate")
+    code_error = (selector & 0xFFFC) + ext
+    code = space.descriptor(selector, GP, code_error)
+    if not code.is_code or code.dpl > cpl:
+        raise GuestFault(GP, code_error, f"gate selector {selector:#x} is not code at DPL <= {cpl}")
+    if not code.present:
+        raise GuestFault(NP, code_error, f"code segment {selector:#x} not present")
+
+    words = [regs["eflags"], regs["cs"], event.eip]
+    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
+        words.append(event.error_code)
+    if not code.conforming and code.dpl < cpl:
+        new_cpl = code.dpl
+        new_ss, esp = m.tss_stack(space, new_cpl, ext)
+        ss_error = (new_ss & 0xFFFC) + ext
+        if new_ss & 0xFFFC == 0:
+            raise GuestFault(TS, ext, f"null ring-{new_cpl} stack selector in the TSS")
+        stack = space.descriptor(new_ss, TS, ss_error)
+        if new_ss & 3 != new_cpl or stack.dpl != new_cpl or not stack.writable_data:
+            raise GuestFault(TS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
+        if not stack.present:
+            raise GuestFault(SS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
+        words = [regs["ss"], regs["esp"]] + words
+    else:
+        new_cpl, new_ss, esp = cpl, None, regs["esp"]
+        stack = space.descriptor(regs["ss"], SS, 0)
+    width = 4 if gate.gate_bits == 32 else 2
+    esp = (esp - width * len(words)) & 0xFFFFFFFF
+    mask = 0xFFFFFFFF if width == 4 else 0xFFFF
+    frame = struct.pack(f"<{len(words)}{'I' if width == 4 else 'H'}", *(w & mask for w in reversed(words)))
+    space.write((stack.base + esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
+
+    eflags = regs["eflags"] & ~(TF | NT | RF | VM)
+    if gate.type in INTERRUPT_GATES:
+        eflags &= ~IF
+    eip = gate.offset if width == 4 else gate.offset & 0xFFFF
+    cs = (selector & 0xFFFC) | new_cpl
+    accessed = code.high & stack.high & ACCESSED
+    m.enter(cs=cs, eip=eip, eflags=eflags, esp=esp, cpl=new_cpl,
+            ss=None if new_ss is None else (new_ss & 0xFFFC) | new_cpl, space=None if accessed else space)
+    m.entered(Entry(eip, m.total_instructions(), event, depth))

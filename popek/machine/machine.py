@@ -1,0 +1,406 @@
+"""The bare machine: one Unicorn x86-32 CPU, guest RAM, monitor memory, devices, and exception delivery.
+
+``Machine`` owns the ``Uc`` and registers every hook here, in ``_install_hooks``. It runs the guest in
+chunks (``execute(count)``, always with ``count > 0``: alternating with ``count = 0`` would flush Unicorn's
+translation cache, and the count is what makes instruction counting exact). The run loop that decides chunk
+sizes, timer interrupts, hlt and the budget is ``popek.monitors.base.run``, written once for every monitor.
+
+Guest faults become guest events, never Python exceptions: Unicorn's exceptions (``UC_HOOK_INTR``), memory
+errors outside RAM (#GP(0)), invalid opcodes (#UD), denied port I/O (#GP(0)) and UMIP all become an
+``Interrupt`` that goes first to the monitor (``ops.intercept``) and then through the guest's IDT
+(``popek.machine.interrupts``). A bug in the machine or a monitor is a Python exception and propagates:
+the binding stores an exception raised in a hook, stops emulation and re-raises it from ``emu_start``.
+
+Instruction counting: ``guest_instructions`` is the sum of Unicorn's per-chunk counts. An instruction that
+faults counts once per attempt, a ``rep`` string instruction once per iteration plus the final check; an
+instruction fetch that fails before decoding does not count.
+
+How a privilege change is done (Unicorn takes CPL from SS and refuses, through its API, to load a more
+privileged SS): the exception frame is written to the new stack by the machine, then ``Engine.settle``
+saves the CPU context, sets the CPL field and clears ``old_exception`` in it and restores it, after which
+the API accepts the ring-0 (or ring-1/2) SS and CS. Loading SS sets the CPL again from its descriptor, so
+Unicorn's state stays consistent. ``iret`` back to the outer ring is Unicorn's own.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import unicorn
+from unicorn import x86_const as X
+
+from popek.machine import interrupts
+from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, TSS32, TSS_IOMAP_BASE, \
+    TSS_MIN_LIMIT, Descriptor, tss_stack_offsets
+from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
+from popek.machine.engine import NEVER, Engine, EngineError
+from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, EXTERNAL, GP, OF, SOFTWARE, TS, UD, GuestFault, \
+    Interrupt
+from popek.machine.guest import Guest
+from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
+from popek.machine.result import EXIT_PORT, TRIPLE_FAULT, Events, Exit
+
+BOOT_ESP = 0x00090000
+BOOT_EFLAGS = 0x2
+BOOT_CR0 = 0x11                 # PE | ET
+IF_FLAG, IOPL_SHIFT = 1 << 9, 12
+
+REG = {
+    "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX, "ecx": X.UC_X86_REG_ECX, "edx": X.UC_X86_REG_EDX,
+    "esi": X.UC_X86_REG_ESI, "edi": X.UC_X86_REG_EDI, "esp": X.UC_X86_REG_ESP, "ebp": X.UC_X86_REG_EBP,
+    "eip": X.UC_X86_REG_EIP, "eflags": X.UC_X86_REG_EFLAGS,
+    "cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS,
+    "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS,
+    "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3, "cr4": X.UC_X86_REG_CR4,
+}
+_IDS: dict[tuple[str, ...], tuple[int, ...]] = {}
+SEG_MASKED = frozenset({"cs", "ds", "es", "fs", "gs", "ss"})
+_CONTROL = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4)
+TABLE_REG = {"gdtr": X.UC_X86_REG_GDTR, "idtr": X.UC_X86_REG_IDTR, "ldtr": X.UC_X86_REG_LDTR,
+             "tr": X.UC_X86_REG_TR}
+
+# Unicorn errors that are the guest's doing: an access outside RAM or into monitor memory, a bad opcode.
+_MEMORY_ERRORS = {
+    unicorn.UC_ERR_READ_UNMAPPED: "read", unicorn.UC_ERR_WRITE_UNMAPPED: "write",
+    unicorn.UC_ERR_FETCH_UNMAPPED: "fetch", unicorn.UC_ERR_READ_PROT: "read",
+    unicorn.UC_ERR_WRITE_PROT: "write", unicorn.UC_ERR_FETCH_PROT: "fetch",
+}
+
+_EVENT_KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
+
+# Why a chunk ended (Machine.execute).
+COUNT, HLT, STOPPED, END = "count", "hlt", "stopped", "end"
+
+
+class Machine:
+    """One bare x86-32 machine in the boot state of DESIGN §3.3, with a guest loaded by ``load``."""
+
+    def __init__(self, ram_size: int = RAM_DEFAULT, umip: bool = False):
+        self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+        self.engine = Engine(self.uc)
+        self.memory = Memory(self.uc, ram_size)
+        self.events = Events()
+        self.serial = Serial()
+        self.pic = PIC()
+        self.pit = PIT(self.now)
+        self.ports = PortBus([self.serial, ExitPort(self._exit_port), self.pic, self.pit])
+        self.ops: Any = None                 # the monitor's ops (popek.monitors.base.MonitorOps), set by run()
+        self.umip = umip
+        self.instructions = 0                # guest instructions counted in finished chunks
+        self.time = 0                        # PIT clocks: instructions plus clocks skipped while halted
+        self.halted = False
+        self.end: Exit | None = None
+        self._running = False
+        self._stop_at: int | None = None     # counter value when a hook stopped the chunk
+        self._pending: Interrupt | None = None
+        self._saved: dict[str, int] = {}     # registers to put back before raising _pending
+        self._last_access: tuple[str, int] | None = None
+        self._entry: interrupts.Entry | None = None
+        self._boot()
+        self._install_hooks()
+
+    # --- setup ------------------------------------------------------------------------------------------
+    def _boot(self) -> None:
+        gdt = self.memory.alloc(len(BOOT_GDT), 8)
+        self.memory.monitor_write(gdt, BOOT_GDT)
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt, len(BOOT_GDT) - 1, 0))
+        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0, 0))      # no IDT: limit 0, every vector faults
+        e = self.engine
+        e.write(X.UC_X86_REG_CR0, BOOT_CR0)
+        e.write(X.UC_X86_REG_CR4, 1 << 11 if self.umip else 0)  # reset value, plus UMIP when modelled
+        e.write(X.UC_X86_REG_CS, BOOT_CS)
+        for seg in ("ds", "es", "fs", "gs", "ss"):
+            e.write(REG[seg], BOOT_DS)
+        e.write(X.UC_X86_REG_ESP, BOOT_ESP)
+        e.write(X.UC_X86_REG_EFLAGS, BOOT_EFLAGS)
+
+    def _install_hooks(self) -> None:
+        """Every hook of the machine, in one place. INTR and port I/O hooks have no address range;
+        memory hooks cover the whole 32-bit space because with paging any linear address can reach
+        outside RAM."""
+        uc = self.uc
+        uc.hook_add(unicorn.UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access, None, 0, 0xFFFFFFFF)
+        if self.umip:
+            from popek.machine.umip import Umip
+            self.umip_detector = Umip(self)
+
+    def load(self, guest: Guest) -> None:
+        guest.check_fits(self.memory.ram_size)
+        for address, data in guest.segments:
+            self.memory.write(address, data)
+        self.engine.write(X.UC_X86_REG_EIP, guest.entry)
+
+    # --- registers --------------------------------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        value = self.engine.read(REG[name])
+        return value & 0xFFFF if name in SEG_MASKED else value & 0xFFFFFFFF
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.engine.write(REG[name], value)
+
+    def registers(self, names: tuple[str, ...] = ("eflags", "cs", "ss", "esp")) -> dict[str, int]:
+        """Several registers in one batch call."""
+        ids = _IDS.get(names)
+        if ids is None:
+            ids = _IDS[names] = tuple(REG[n] for n in names)
+        values = self.engine.read_many(ids)
+        return {n: v & (0xFFFF if n in SEG_MASKED else 0xFFFFFFFF) for n, v in zip(names, values)}
+
+    def cpl(self) -> int:
+        return self.reg("cs") & 3
+
+    def interrupts_enabled(self) -> bool:
+        return bool(self.reg("eflags") & IF_FLAG)
+
+    def table(self, name: str) -> tuple[int, int, int]:
+        """(selector, base, limit) of gdtr, idtr, ldtr or tr as Unicorn holds them."""
+        return self.engine.read_table(TABLE_REG[name])
+
+    def idtr(self) -> tuple[int, int]:
+        return self.table("idtr")[1:]
+
+    def set_cr2(self, address: int) -> None:
+        self.engine.write(X.UC_X86_REG_CR2, address)
+
+    def state(self) -> dict:
+        """The real CPU state in the shape of DESIGN §3.4 (a monitor reports its virtual one instead)."""
+        s: dict[str, Any] = {name: self.reg(name) for name in
+                             ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags",
+                              "cs", "ds", "es", "fs", "gs", "ss")}
+        s["cpl"] = s["cs"] & 3
+        for name in ("gdtr", "idtr"):
+            _sel, base, limit = self.table(name)
+            s[name] = {"base": base, "limit": limit & 0xFFFF}
+        s["ldtr"], s["tr"] = self.table("ldtr")[0] & 0xFFFF, self.table("tr")[0] & 0xFFFF
+        for name in ("cr0", "cr2", "cr3", "cr4"):
+            s[name] = self.reg(name)
+        return s
+
+    # --- guest memory through segments and paging ------------------------------------------------------
+    def address_space(self) -> AddressSpace:
+        """Paging and descriptor tables as they are now (read once: build one per delivery)."""
+        cr0, cr3, cr4 = self.engine.read_many(_CONTROL)
+        return AddressSpace(self.memory, cr0, cr3, cr4, self.table("gdtr")[1:], self.table("ldtr")[1:])
+
+    def read_linear(self, linear: int, size: int) -> bytes:
+        return self.address_space().read(linear, size)
+
+    def descriptor(self, selector: int, vector: int = GP, error_code: int = 0) -> Descriptor:
+        return self.address_space().descriptor(selector, vector, error_code)
+
+    def tss_stack(self, space: AddressSpace, cpl: int, ext: int) -> tuple[int, int]:
+        """(SS, ESP) for ring ``cpl`` from the current 32-bit TSS."""
+        selector, base, limit = self.table("tr")
+        esp_at, ss_at = tss_stack_offsets(cpl)
+        if selector & 0xFFFC == 0 or limit < ss_at + 1:
+            raise GuestFault(TS, (selector & 0xFFFC) + ext, f"no ring-{cpl} stack in TSS {selector:#x}")
+        esp, ss = struct.unpack("<IH", space.read(base + esp_at, 6))
+        return ss, esp
+
+    def _mark_accessed(self, space: AddressSpace, selector: int) -> None:
+        """Set a descriptor's accessed bit as the CPU would, before Unicorn's API loads it: Unicorn writes
+        the bit itself from outside its emulation loop, which must never fault (monitor memory is
+        read-only to Unicorn)."""
+        physical = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4)
+        high = self.memory.u32(physical)
+        if not high & ACCESSED:
+            data = struct.pack("<I", high | ACCESSED)
+            if self.memory.in_ram(physical, 4):
+                self.memory.write(physical, data)
+            else:
+                self.memory.monitor_write(physical, data)
+
+    def enter(self, cs: int, eip: int, eflags: int, esp: int, cpl: int, ss: int | None = None,
+              space: AddressSpace | None = None) -> None:
+        """Load CS:EIP, EFLAGS, ESP and, on a privilege change, SS at ``cpl``. Precondition: the selectors
+        were checked (present, right type and DPL); the frame is already on the stack. Pass ``space`` when
+        a descriptor may lack its accessed bit (None: the caller saw it set in both)."""
+        e = self.engine
+        if space is not None:
+            self._mark_accessed(space, cs)
+            if ss is not None:
+                self._mark_accessed(space, ss)
+        if ss is not None:
+            e.settle(cpl)
+            e.write(X.UC_X86_REG_SS, ss)
+        e.write(X.UC_X86_REG_CS, cs)
+        e.write(X.UC_X86_REG_ESP, esp)
+        e.write(X.UC_X86_REG_EFLAGS, eflags)
+        e.write(X.UC_X86_REG_EIP, eip)
+        if ss is not None and self.cpl() != cpl:
+            raise EngineError(f"privilege change to CPL {cpl} did not take (CS={self.reg('cs'):#x})")
+
+    # --- time and instruction counts --------------------------------------------------------------------
+    def now(self) -> int:
+        """Machine time in PIT clocks, exact also in the middle of a chunk (from a hook)."""
+        return self.time + (self.engine.counter() if self._running else 0)
+
+    def total_instructions(self) -> int:
+        return self.instructions + (self.engine.counter() if self._running else 0)
+
+    # --- running ----------------------------------------------------------------------------------------
+    def execute(self, count: int) -> str:
+        """Run at most ``count`` (>= 1) guest instructions. Returns COUNT (all ran), HLT (the CPU halted),
+        STOPPED (a hook ended the chunk early: a device changed the schedule, or an event was delivered)
+        or END (the run is over)."""
+        assert count >= 1 and self.end is None
+        self._stop_at, self._pending, self._saved, self._last_access = None, None, {}, None
+        error = None
+        self._running = True
+        try:
+            self.uc.emu_start(self.reg("eip"), NEVER, count=count)
+        except unicorn.UcError as exc:
+            error = exc
+        finally:
+            self._running = False
+        counted = self.engine.counter()
+        executed = self._stop_at if self._stop_at is not None else min(counted, count)
+        self.instructions += executed
+        self.time += executed
+        if self.end is not None:
+            return END
+        if self._pending is not None:
+            for name, value in self._saved.items():
+                self.set_reg(name, value)
+            self.raise_interrupt(self._pending)
+            return END if self.end is not None else STOPPED
+        if error is not None:
+            self.raise_interrupt(self._event_for(error))
+            return END if self.end is not None else STOPPED
+        if self._stop_at is not None:
+            return STOPPED
+        if counted > count:
+            return COUNT
+        # emu_start returned by itself before the count ran out; with an unreachable `until`, that is hlt.
+        eip = self.reg("eip")
+        if self.memory.readable(eip - 1, 1) and self.memory.u8(eip - 1) == 0xF4:
+            self.halted = True
+            return HLT
+        raise EngineError(f"emulation stopped without a reason at {eip:#x}")
+
+    def _event_for(self, error: unicorn.UcError) -> Interrupt:
+        eip = self.reg("eip")
+        if error.errno == unicorn.UC_ERR_INSN_INVALID:
+            return Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why="invalid opcode")
+        if error.errno in _MEMORY_ERRORS:
+            kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
+            where = "monitor memory" if self.memory.readable(address, 1) else "outside memory"
+            return Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"{kind} at {address:#x} ({where})")
+        raise error                                    # anything else is not the guest's doing
+
+    def stop_chunk(self, pending: Interrupt | None = None, restore: dict[str, int] | None = None) -> None:
+        """From a hook: end the chunk after the current instruction (before it, from a code or block hook)
+        and then raise ``pending``. Hooks must not redirect EIP themselves: except in UC_HOOK_INTR, Unicorn
+        finishes the current translated block after an EIP write (measured)."""
+        if self._stop_at is None:
+            self._stop_at = self.engine.counter()
+        if pending is not None:
+            self._pending = pending
+            self._saved = restore or {}
+        self.uc.emu_stop()
+
+    def finish(self, reason: str, code: int | None = None, why: str = "") -> None:
+        if self.end is None:
+            self.end = Exit(reason, code, why)
+        if self._running:
+            self.stop_chunk()
+
+    def triple_fault(self, why: str) -> None:
+        self.events.count("exception", "triple-fault")
+        self.finish(TRIPLE_FAULT, None, why)
+
+    # --- events -----------------------------------------------------------------------------------------
+    def raise_interrupt(self, event: Interrupt) -> None:
+        """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does.
+
+        A fault on the first instruction of a handler the machine just entered (no handler instruction
+        completed; the faulting one is counted) counts as a fault while delivering that handler's event.
+        """
+        self.events.count(_EVENT_KIND[event.source], event.name)
+        if self.ops is not None and self.ops.intercept(self, event):
+            self._entry = None
+            return
+        entry, self._entry = self._entry, None
+        if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
+                and self.total_instructions() <= entry.total + 1):
+            interrupts.deliver(self, event, outer=entry.event, depth=entry.depth + 1)
+        else:
+            interrupts.deliver(self, event)
+
+    def deliver(self, event: Interrupt) -> None:
+        """Deliver through the guest's IDT without asking the monitor (for monitors reflecting an event)."""
+        interrupts.deliver(self, event)
+
+    def entered(self, entry: interrupts.Entry) -> None:
+        self._entry = entry
+
+    def _on_intr(self, uc, vector: int, _) -> None:
+        # Clears old_exception too: Unicorn never does, which is the repeated-#GP bug.
+        software, error_code = self.engine.take_exception()
+        eip = self.reg("eip")
+        if software:
+            # Unicorn reports int n/int3/into with EIP after the instruction; a fault in delivering it
+            # points at the instruction (CD ib, or the one-byte CC/CE).
+            one_byte = vector in (BP, OF) and self.memory.readable(eip - 1, 1) and \
+                self.memory.u8(eip - 1) in (0xCC, 0xCE)
+            event = Interrupt(vector, SOFTWARE, None, eip=eip, insn=eip - (1 if one_byte else 2))
+        else:
+            event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip)
+        self.raise_interrupt(event)
+
+    def _on_bad_access(self, uc, access: int, address: int, size: int, value: int, _) -> bool:
+        kind = {unicorn.UC_MEM_FETCH_UNMAPPED: "fetch", unicorn.UC_MEM_FETCH_PROT: "fetch",
+                unicorn.UC_MEM_WRITE_UNMAPPED: "write", unicorn.UC_MEM_WRITE_PROT: "write"}.get(access, "read")
+        self._last_access = (kind, address)
+        return False                            # emu_start fails; execute() turns it into #GP(0)
+
+    # --- port I/O ---------------------------------------------------------------------------------------
+    def _io_allowed(self, port: int, size: int) -> bool:
+        """SDM Vol. 1 §19.5: at CPL <= IOPL any port; otherwise every bit for the port's bytes in the TSS
+        I/O permission bitmap must be clear (a missing TSS or bitmap denies)."""
+        cpl = self.cpl()
+        if cpl <= (self.reg("eflags") >> IOPL_SHIFT) & 3:
+            return True
+        selector, base, limit = self.table("tr")
+        if selector & 0xFFFC == 0 or limit < TSS_MIN_LIMIT:
+            return False
+        try:
+            space = self.address_space()
+            if space.descriptor(selector, GP, 0).type not in TSS32:
+                return False
+            bitmap = base + struct.unpack("<H", space.read(base + TSS_IOMAP_BASE, 2))[0]
+            first, last = bitmap + port // 8, bitmap + (port + size - 1) // 8
+            if last + 1 - base > limit:                 # the bitmap's bytes must lie within the TSS limit
+                return False
+            bits = int.from_bytes(space.read(first, last - first + 1), "little")
+        except GuestFault:
+            return False
+        return (bits >> (port % 8)) & ((1 << size) - 1) == 0
+
+    def _deny_io(self, port: int) -> None:
+        eip = self.reg("eip")                           # Unicorn reports I/O hooks at the instruction
+        # The instruction still completes after the hook (ins/outs move ESI/EDI/ECX): put them back.
+        restore = {name: self.reg(name) for name in ("esi", "edi", "ecx")}
+        self.stop_chunk(Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip,
+                                  why=f"port {port:#x} at CPL {self.cpl()} > IOPL"), restore)
+
+    def _on_in(self, uc, port: int, size: int, _) -> int:
+        if not self._io_allowed(port, size):
+            self._deny_io(port)
+            return self.reg("eax") & ((1 << (8 * size)) - 1)    # leave EAX as it was
+        self.events.count("io", self.ports.name(port))
+        return self.ports.read(port, size)
+
+    def _on_out(self, uc, port: int, size: int, value: int, _) -> None:
+        if not self._io_allowed(port, size):
+            self._deny_io(port)
+            return
+        self.events.count("io", self.ports.name(port))
+        if self.ports.write(port, size, value):
+            self.stop_chunk()                   # the PIT or PIC changed: let the run loop plan again
+
+    def _exit_port(self, code: int) -> None:
+        self.finish(EXIT_PORT, code)

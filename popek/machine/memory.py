@@ -1,0 +1,179 @@
+"""Guest RAM, monitor memory, and the bounds-checked accessors the machine and monitors read them through.
+
+Physical layout (DESIGN §3.3):
+
+    0 .. ram_size                      guest RAM, read/write/execute
+    ram_size .. ram_size + 1 MiB       monitor memory: mapped read-only for the guest (descriptor tables
+                                       must stay readable by the CPU), written only by the host. The boot
+                                       GDT is its first 24 bytes; monitors allocate shadow tables after it.
+    everything else                    unmapped: a guest access is a #GP(0) delivered to the guest
+
+Unicorn's ``mem_write`` ignores page protections, so host writes on the guest's behalf (an exception frame
+pushed by the machine) go through ``write``, which only accepts RAM; ``monitor_write`` is the one way into
+monitor memory. Reads through ``read`` accept RAM and monitor memory and raise ``GuestFault`` elsewhere,
+like xv6's ``fetchint``: a guest-supplied address is checked at the boundary, never trusted.
+
+With CR0.PG set, ``linear`` walks the guest's 32-bit page tables (4 KiB pages, and 4 MiB pages under
+CR4.PSE) as a supervisor access; the accessed and dirty bits are not updated.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import unicorn
+from unicorn.unicorn_py3.unicorn import uclib
+
+from popek.machine.descriptors import Descriptor
+from popek.machine.faults import GP, PF, GuestFault
+
+MIB = 1 << 20
+RAM_DEFAULT = 32 * MIB
+RAM_MAX = 3072 * MIB            # monitor memory must fit below 4 GiB
+MONITOR_SIZE = 1 * MIB
+PAGE = 0x1000
+
+CR0_PG = 1 << 31
+CR0_WP = 1 << 16
+CR4_PSE = 1 << 4
+
+
+class Memory:
+    """Guest RAM and monitor memory of one machine."""
+
+    def __init__(self, uc: unicorn.Uc, ram_size: int = RAM_DEFAULT):
+        assert ram_size % PAGE == 0 and 0 < ram_size <= RAM_MAX, ram_size
+        self.uc = uc
+        self.ram_size = ram_size
+        self.monitor_base = ram_size
+        self.monitor_end = ram_size + MONITOR_SIZE
+        self._monitor_next = self.monitor_base
+        self._uch = uc._uch
+        self._buf = ctypes.create_string_buffer(64)     # raw uc_mem_read: 0.4 µs against the binding's 1.1
+        uc.mem_map(0, ram_size, unicorn.UC_PROT_ALL)
+        uc.mem_map(self.monitor_base, MONITOR_SIZE, unicorn.UC_PROT_READ)
+
+    # --- physical ---------------------------------------------------------------------------------------
+    def in_ram(self, address: int, size: int) -> bool:
+        return 0 <= address and address + size <= self.ram_size
+
+    def readable(self, address: int, size: int) -> bool:
+        return 0 <= address and address + size <= self.monitor_end
+
+    def read(self, address: int, size: int) -> bytes:
+        """Physical read of RAM or monitor memory; anything else is #GP(0) for the guest."""
+        if not self.readable(address, size):
+            raise GuestFault(GP, 0, f"read of {size} bytes at {address:#x} outside memory")
+        if size > len(self._buf):
+            return bytes(self.uc.mem_read(address, size))
+        if uclib.uc_mem_read(self._uch, address, self._buf, size):
+            raise RuntimeError(f"uc_mem_read({address:#x}, {size}) failed inside mapped memory")
+        return ctypes.string_at(self._buf, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        """Physical write on the guest's behalf: RAM only (monitor memory is never the guest's)."""
+        if not self.in_ram(address, len(data)):
+            raise GuestFault(GP, 0, f"write of {len(data)} bytes at {address:#x} outside guest RAM")
+        self.uc.mem_write(address, bytes(data))
+
+    def monitor_write(self, address: int, data: bytes) -> None:
+        """Host write into monitor memory (boot GDT, shadow tables)."""
+        assert self.monitor_base <= address and address + len(data) <= self.monitor_end, hex(address)
+        self.uc.mem_write(address, bytes(data))
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Reserve ``size`` bytes of monitor memory (never freed: monitors allocate at attach time)."""
+        start = (self._monitor_next + align - 1) & ~(align - 1)
+        if start + size > self.monitor_end:
+            raise MemoryError(f"monitor memory exhausted ({size} bytes asked)")
+        self._monitor_next = start + size
+        return start
+
+    def u8(self, address: int) -> int:
+        return self.read(address, 1)[0]
+
+    def u16(self, address: int) -> int:
+        return struct.unpack("<H", self.read(address, 2))[0]
+
+    def u32(self, address: int) -> int:
+        return struct.unpack("<I", self.read(address, 4))[0]
+
+    # --- linear -----------------------------------------------------------------------------------------
+    def space(self, cr0: int, cr3: int, cr4: int, gdtr: tuple[int, int], ldtr: tuple[int, int]) -> AddressSpace:
+        return AddressSpace(self, cr0, cr3, cr4, gdtr, ldtr)
+
+    def linear(self, address: int, size: int, cr0: int, cr3: int, cr4: int, write: bool = False) -> int:
+        """The physical address of ``size`` bytes at linear ``address`` (a supervisor access).
+
+        Raises ``GuestFault(#PF)`` (with ``address`` set, for CR2) when a page is missing or, under CR0.WP,
+        read-only for a write. An access that crosses a page boundary must map to contiguous frames, which
+        is all the machine needs for descriptors and the few words of an exception frame.
+        """
+        address &= 0xFFFFFFFF
+        if not cr0 & CR0_PG:
+            return address
+        first = self._walk(address, cr0, cr3, cr4, write)
+        last = self._walk((address + size - 1) & 0xFFFFFFFF, cr0, cr3, cr4, write)
+        if last - first != size - 1:
+            raise GuestFault(PF, 0b10 if write else 0, f"access at {address:#x} spans discontiguous pages",
+                             address=(address + size - 1) & ~(PAGE - 1))
+        return first
+
+    def _walk(self, address: int, cr0: int, cr3: int, cr4: int, write: bool) -> int:
+        code = 0b10 if write else 0
+        pde = self.u32((cr3 & ~0xFFF) + (address >> 22) * 4)
+        if not pde & 1:
+            raise GuestFault(PF, code, f"page directory entry for {address:#x} not present", address=address)
+        if pde & 0x80 and cr4 & CR4_PSE:
+            if write and cr0 & CR0_WP and not pde & 2:
+                raise GuestFault(PF, code | 1, f"write to read-only page {address:#x}", address=address)
+            return (pde & 0xFFC00000) | (address & 0x3FFFFF)
+        pte = self.u32((pde & ~0xFFF) + ((address >> 12) & 0x3FF) * 4)
+        if not pte & 1:
+            raise GuestFault(PF, code, f"page table entry for {address:#x} not present", address=address)
+        if write and cr0 & CR0_WP and not (pte & pde & 2):
+            raise GuestFault(PF, code | 1, f"write to read-only page {address:#x}", address=address)
+        return (pte & ~0xFFF) | (address & 0xFFF)
+
+
+class AddressSpace:
+    """Linear addresses and selectors as the CPU resolves them at one moment: paging from CR0/CR3/CR4 and
+    the descriptor tables from GDTR/LDTR ((base, limit) pairs). Built once per delivery or emulation, so
+    the registers are read once."""
+
+    __slots__ = ("memory", "cr0", "cr3", "cr4", "gdtr", "ldtr")
+
+    def __init__(self, memory: Memory, cr0: int, cr3: int, cr4: int, gdtr: tuple[int, int],
+                 ldtr: tuple[int, int]):
+        self.memory, self.cr0, self.cr3, self.cr4, self.gdtr, self.ldtr = memory, cr0, cr3, cr4, gdtr, ldtr
+
+    def physical(self, linear: int, size: int, write: bool = False) -> int:
+        if not self.cr0 & CR0_PG:
+            return linear & 0xFFFFFFFF
+        return self.memory.linear(linear, size, self.cr0, self.cr3, self.cr4, write)
+
+    def read(self, linear: int, size: int) -> bytes:
+        return self.memory.read(self.physical(linear, size), size)
+
+    def write(self, linear: int, data: bytes, fault: tuple[int, int] = (GP, 0)) -> None:
+        """Write on the guest's behalf; a target outside RAM raises ``fault`` (vector, error code)."""
+        physical = self.physical(linear, len(data), True)
+        if not self.memory.in_ram(physical, len(data)):
+            raise GuestFault(fault[0], fault[1], f"write at {linear:#x} outside guest RAM")
+        self.memory.write(physical, data)
+
+    def descriptor_address(self, selector: int, vector: int, error_code: int) -> int:
+        """Linear address of the GDT/LDT entry of ``selector``; ``GuestFault(vector, error_code)`` past the
+        table limit."""
+        base, limit = self.ldtr if selector & 4 else self.gdtr
+        index = selector & 0xFFF8
+        if index + 7 > limit:
+            raise GuestFault(vector, error_code, f"selector {selector:#x} beyond the table limit {limit:#x}")
+        return base + index
+
+    def descriptor(self, selector: int, vector: int, error_code: int) -> Descriptor:
+        address = self.descriptor_address(selector, vector, error_code)
+        try:
+            return Descriptor.from_bytes(self.read(address, 8))
+        except GuestFault as fault:
+            raise GuestFault(vector, error_code, fault.why) from None

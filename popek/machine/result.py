@@ -1,0 +1,117 @@
+"""The result of one run (DESIGN §3.4) and the event counts that go into it.
+
+``RunResult.to_dict()`` is the JSON document of ``popek run --format json``; ``from_dict`` reads one back
+(unknown or missing keys are an error), and ``render_text`` is what the text format prints. Register values
+in ``state`` are integers; the text rendering shows them in hex.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+SCHEMA = 1
+
+# End reasons (DESIGN §3.4). Each run ends with exactly one.
+EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET = "exit-port", "hlt", "triple-fault", "budget"
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET)
+
+# The guest-visible state, in document order.
+GENERAL = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags")
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+STATE_KEYS = GENERAL + SEGMENTS + ("cpl", "gdtr", "idtr", "ldtr", "tr", "cr0", "cr2", "cr3", "cr4")
+TABLES = ("gdtr", "idtr")
+
+
+class Events:
+    """Counts of what the machine and the monitor did, by kind and name (``exception``/``#GP``,
+    ``io``/``com1``, ``trap``/``cli`` ...). Lives on the run, so that two runs never share counts."""
+
+    def __init__(self):
+        self._kinds: dict[str, Counter] = {}
+
+    def count(self, kind: str, name: str, n: int = 1) -> None:
+        counter = self._kinds.get(kind)
+        if counter is None:
+            counter = self._kinds[kind] = Counter()
+        counter[name] += n
+
+    def get(self, kind: str, name: str) -> int:
+        return self._kinds.get(kind, Counter())[name]
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {kind: dict(sorted(c.items())) for kind, c in sorted(self._kinds.items())}
+
+
+@dataclass(frozen=True)
+class Exit:
+    reason: str
+    code: int | None = None
+    why: str = ""           # one line for people (the text format); not part of the JSON contract
+
+    def __post_init__(self):
+        assert self.reason in REASONS, self.reason
+
+
+@dataclass
+class RunResult:
+    monitor: str
+    guest: str
+    exit: Exit
+    console: str
+    state: dict
+    events: dict
+    guest_instructions: int
+    wall_seconds: float
+    modelled_cycles: int | None = None
+    profile: str | None = None
+    extra: dict = field(default_factory=dict)   # not serialised: details for the text format
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "monitor": self.monitor,
+            "guest": self.guest,
+            "exit": {"reason": self.exit.reason, "code": self.exit.code},
+            "console": self.console,
+            "state": self.state,
+            "events": self.events,
+            "guest_instructions": self.guest_instructions,
+            "modelled_cycles": self.modelled_cycles,
+            "profile": self.profile,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> RunResult:
+        expected = {"schema", "monitor", "guest", "exit", "console", "state", "events", "guest_instructions",
+                    "modelled_cycles", "profile", "wall_seconds"}
+        if set(doc) != expected:
+            raise ValueError(f"run result keys differ: {sorted(set(doc) ^ expected)}")
+        if doc["schema"] != SCHEMA:
+            raise ValueError(f"run result schema {doc['schema']!r}, expected {SCHEMA}")
+        if set(doc["state"]) != set(STATE_KEYS):
+            raise ValueError(f"state keys differ: {sorted(set(doc['state']) ^ set(STATE_KEYS))}")
+        return cls(monitor=doc["monitor"], guest=doc["guest"],
+                   exit=Exit(doc["exit"]["reason"], doc["exit"]["code"]), console=doc["console"],
+                   state=doc["state"], events=doc["events"], guest_instructions=doc["guest_instructions"],
+                   wall_seconds=doc["wall_seconds"], modelled_cycles=doc["modelled_cycles"],
+                   profile=doc["profile"])
+
+    def render_text(self) -> str:
+        s = self.state
+        lines = []
+        if self.console:
+            lines.append(self.console if self.console.endswith("\n") else self.console + "\n")
+        code = f" {self.exit.code}" if self.exit.code is not None else ""
+        why = f" ({self.exit.why})" if self.exit.why else ""
+        lines.append(f"exit: {self.exit.reason}{code}{why} after {self.guest_instructions} guest instructions, "
+                     f"{self.wall_seconds:.3f} s, monitor {self.monitor}\n")
+        lines.append("  " + " ".join(f"{k}={s[k]:08x}" for k in GENERAL[:6]) + "\n")
+        lines.append("  " + " ".join(f"{k}={s[k]:08x}" for k in GENERAL[6:]) + f" cpl={s['cpl']}\n")
+        lines.append("  " + " ".join(f"{k}={s[k]:04x}" for k in SEGMENTS)
+                     + f" ldtr={s['ldtr']:04x} tr={s['tr']:04x}\n")
+        lines.append("  " + " ".join(f"{k}={s[k]['base']:08x}/{s[k]['limit']:04x}" for k in TABLES)
+                     + " " + " ".join(f"{k}={s[k]:08x}" for k in ("cr0", "cr2", "cr3", "cr4")) + "\n")
+        for kind, names in self.events.items():
+            lines.append(f"  {kind}: " + ", ".join(f"{n} {c}" for n, c in names.items()) + "\n")
+        return "".join(lines)

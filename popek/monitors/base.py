@@ -1,0 +1,123 @@
+"""The one run loop, and the interface a monitor implements (like QEMU's translator_loop and TranslatorOps).
+
+A monitor is a ``MonitorOps``: a small object that says what traps and how it is emulated. The loop below is
+the same for every monitor: plan a chunk (the budget, the next timer event, a pending interrupt waiting for
+IF), let the machine execute it, advance the devices, take an interrupt if one is due, handle hlt. The
+machine asks the ops about every event before the guest's IDT sees it (``intercept``), which is where a
+trap-and-emulate monitor emulates a privileged instruction that raised #GP.
+
+What a monitor can rely on, for the next ones (``trap``, ``bt``, ``pv``, ``hvm``, ``sun4v``, ``emulate``):
+- ``attach`` runs before the first guest instruction: allocate shadow tables in monitor memory
+  (``machine.memory.alloc``/``monitor_write``, read-only to the guest), load real GDTR/IDTR/TR pointing at
+  them, add hooks (``machine.uc.hook_add`` with an explicit range), deprivilege the guest.
+- ``intercept(machine, event)`` sees every exception, software interrupt and external interrupt with its
+  error code and EIP; return True after emulating it (write registers through ``machine.set_reg``; the
+  machine has already cleared Unicorn's exception state). ``machine.deliver`` reflects an event through
+  the IDT the machine sees; ``popek.machine.interrupts`` has the SDM pieces to deliver through a virtual one.
+- ``interrupts_enabled`` is the IF the timer interrupt obeys (a virtual IF for a deprivileged kernel);
+  ``machine.halted = True`` is how an emulated ``hlt`` waits for the next interrupt.
+- ``state`` is what the result reports: the *virtual* CPU for a monitor (``vcpu.py``), the real one natively.
+- Count what the monitor did in ``machine.events`` (by kind and canonical name).
+"""
+from __future__ import annotations
+
+import time
+
+from popek.machine.machine import END, HLT, Machine
+from popek.machine.faults import EXTERNAL, Interrupt
+from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
+
+# While an interrupt is pending but IF is clear, chunks are at most this long, so the interrupt is taken at
+# most this many instructions after IF is set (sti, popf, iret). Unicorn cannot tell us when IF changes.
+POLL = 64
+DEFAULT_BUDGET = 100_000_000
+
+
+class MonitorOps:
+    """The bare machine's behaviour; a monitor overrides what it changes."""
+
+    name = "native"
+
+    def attach(self, machine: Machine) -> None:
+        """Prepare the machine before the first guest instruction."""
+
+    def intercept(self, machine: Machine, event: Interrupt) -> bool:
+        """Handle ``event`` instead of the guest's IDT; True when handled."""
+        return False
+
+    def interrupts_enabled(self, machine: Machine) -> bool:
+        return machine.interrupts_enabled()
+
+    def state(self, machine: Machine) -> dict:
+        """The CPU state the guest can see (DESIGN §3.4)."""
+        return machine.state()
+
+    def detach(self, machine: Machine) -> None:
+        """The run is over; last chance to add events."""
+
+
+def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET, guest: str = "") -> RunResult:
+    """Run the loaded guest under ``ops`` until it ends; every end is a result, never an exception."""
+    assert max_instructions >= 0
+    machine.ops = ops
+    started = time.perf_counter()
+    ops.attach(machine)
+    while machine.end is None:
+        left = max_instructions - machine.instructions
+        if left <= 0:
+            machine.finish(BUDGET, None, f"{max_instructions} instructions")
+            break
+        if machine.halted:
+            _wait(machine, ops)
+            continue
+        chunk = min(left, _until_next_event(machine, ops))
+        if machine.execute(chunk) == END:
+            break
+        _advance(machine)
+        if machine.halted:
+            continue                            # hlt: _wait decides (it also takes a pending interrupt)
+        _take_interrupt(machine, ops)
+    ops.detach(machine)
+    end = machine.end
+    return RunResult(monitor=ops.name, guest=guest, exit=end,
+                     console=machine.serial.output.decode("utf-8", "replace"), state=ops.state(machine),
+                     events=machine.events.to_dict(), guest_instructions=machine.instructions,
+                     wall_seconds=round(time.perf_counter() - started, 6))
+
+
+def _until_next_event(machine: Machine, ops: MonitorOps) -> int:
+    event = machine.pit.next_event()
+    until = max(1, event - machine.time) if event is not None else 1 << 62
+    return min(until, POLL) if machine.pic.pending() else until
+
+
+def _advance(machine: Machine) -> None:
+    fired = machine.pit.advance(machine.time)
+    if fired:
+        machine.events.count("timer", "irq0", fired)
+        machine.pic.raise_irq(0)
+
+
+def _take_interrupt(machine: Machine, ops: MonitorOps) -> None:
+    if machine.end is None and machine.pic.pending() and ops.interrupts_enabled(machine):
+        vector = machine.pic.acknowledge()
+        eip = machine.reg("eip")
+        machine.halted = False
+        machine.raise_interrupt(Interrupt(vector, EXTERNAL, None, eip=eip, insn=eip, why="PIC"))
+
+
+def _wait(machine: Machine, ops: MonitorOps) -> None:
+    """hlt: with IF clear the run ends; otherwise skip time to the interrupt that will wake the CPU, or end
+    the run when nothing armed can (no PIT event, or IRQ 0 masked or blocked at the PIC)."""
+    if not ops.interrupts_enabled(machine):
+        machine.finish(HLT_END, None, "hlt with interrupts disabled")
+        return
+    if not machine.pic.pending():
+        event = machine.pit.next_event()
+        if event is None or not machine.pic.could_take(0):
+            machine.finish(HLT_END, None, "hlt with no interrupt source armed")
+            return
+        machine.events.count("idle", "clocks", event - machine.time)
+        machine.time = event
+        _advance(machine)
+    _take_interrupt(machine, ops)

@@ -57,7 +57,8 @@ def escalate(first: Interrupt, second: Interrupt) -> Interrupt | None:
 
 def deliver(m: Machine, event: Interrupt, outer: Interrupt | None = None, depth: int = 0) -> None:
     """Deliver ``event`` (raised while delivering ``outer``, if given) or end the run with a triple fault."""
-    current: Interrupt | None = escalate(outer, event) if outer is not None else event
+    current = escalate(outer, event) if outer is not None else event
+    why = f"{event.name} ({event.why}) while entering {outer.name}" if outer is not None else ""
     while current is not None and depth <= MAX_DEPTH:
         try:
             _through_gate(m, current, depth)
@@ -68,9 +69,9 @@ def deliver(m: Machine, event: Interrupt, outer: Interrupt | None = None, depth:
             second = Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE else None,
                                eip=current.insn, insn=current.insn, why=fault.why)
             m.events.count("delivery-fault", second.name)
+            why = f"{second.name} ({fault.why}) while delivering {current.name}"
             current, depth = escalate(current, second), depth + 1
-    last = current if current is not None else event
-    m.triple_fault(f"{last.name} could not be delivered ({last.why or 'nested faults'})")
+    m.triple_fault(why if current is None else f"more than {MAX_DEPTH} nested faults: {why}")
 
 
 def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:

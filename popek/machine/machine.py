@@ -276,10 +276,16 @@ class Machine:
             return COUNT
         # emu_start returned by itself before the count ran out; with an unreachable `until`, that is hlt.
         eip = self.reg("eip")
-        if self.memory.readable(eip - 1, 1) and self.memory.u8(eip - 1) == 0xF4:
+        if self._byte_before(eip) == 0xF4:
             self.halted = True
             return HLT
         raise EngineError(f"emulation stopped without a reason at {eip:#x}")
+
+    def _byte_before(self, eip: int) -> int | None:
+        try:
+            return self.read_linear(eip - 1, 1)[0]
+        except GuestFault:
+            return None
 
     def _event_for(self, error: unicorn.UcError) -> Interrupt:
         eip = self.reg("eip")
@@ -344,8 +350,7 @@ class Machine:
         if software:
             # Unicorn reports int n/int3/into with EIP after the instruction; a fault in delivering it
             # points at the instruction (CD ib, or the one-byte CC/CE).
-            one_byte = vector in (BP, OF) and self.memory.readable(eip - 1, 1) and \
-                self.memory.u8(eip - 1) in (0xCC, 0xCE)
+            one_byte = vector in (BP, OF) and self._byte_before(eip) in (0xCC, 0xCE)
             event = Interrupt(vector, SOFTWARE, None, eip=eip, insn=eip - (1 if one_byte else 2))
         else:
             event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip)

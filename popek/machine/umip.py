@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import unicorn
 
 from popek.decode import sweep
-from popek.machine.faults import EXCEPTION, GP, Interrupt
+from popek.machine.faults import EXCEPTION, GP, GuestFault, Interrupt
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
@@ -39,9 +39,10 @@ class Umip:
         if (address, size) in self.scanned:
             return
         self.scanned.add((address, size))
-        if not self.m.memory.readable(address, size):
+        try:
+            code = self.m.read_linear(address, size)
+        except GuestFault:
             return
-        code = self.m.memory.read(address, size)
         new = [a for a, _n, mnemonic, _o in sweep(code, address, 32)
                if mnemonic in AFFECTED and a not in self.hooked]
         for a in new:
@@ -54,7 +55,7 @@ class Umip:
     def _on_insn(self, uc, address: int, size: int, _) -> None:
         if self.m.cpl() == 0 or not self.m.reg("cr4") & CR4_UMIP:
             return
-        code = self.m.memory.read(address, size)
+        code = self.m.read_linear(address, size)
         if not any(mnemonic in AFFECTED for _a, _n, mnemonic, _o in sweep(code, address, 32)):
             return                              # the code changed since the block was scanned
         self.m.stop_chunk(Interrupt(GP, EXCEPTION, 0, eip=address, insn=address, why="UMIP: CPL > 0"))

@@ -1,24 +1,23 @@
-# hello.s: console output on COM1 (waiting for "transmitter empty" in LSR, port 0x3fd), then exit code 0.
-.code32
-.globl _start
+; hello.s: console output on COM1, waiting for "transmitter empty" in the line status register
+; (port 0x3FD) before each byte, then exit code 0. Runs in the boot state: no setup at all.
 _start:
-  mov $message, %esi
+        mov esi, message
 next:
-  lodsb
-  test %al, %al
-  jz done
-  mov %al, %bl
-  mov $0x3fd, %dx
-wait:
-  in %dx, %al
-  test $0x20, %al
-  jz wait
-  mov %bl, %al
-  mov $0x3f8, %dx
-  out %al, %dx
-  jmp next
+        lodsb
+        test al, al
+        jz done
+        mov bl, al
+        mov dx, 0x3FD
+wait_empty:
+        in al, dx
+        test al, 0x20
+        jz wait_empty
+        mov al, bl
+        mov dx, 0x3F8
+        out dx, al
+        jmp next
 done:
-  mov $0, %al
-  out %al, $0xf4
+        mov al, 0
+        out 0xF4, al
 message:
-  .asciz "hello, world\n"
+        .asciz "hello, world\n"

@@ -1,58 +1,56 @@
-# syscall.s: ring 3 entered with iretd; system calls with int $0x80 through a DPL-3 trap gate.
-# eax = 1: write the byte in bl to the console; eax = 2: exit with the code in bl.
-# The handler checks that it runs on the kernel stack from the TSS with the ring-3 frame above it.
-.code32
-.include "pm.inc"
-.globl _start
+; syscall.s: ring 3 entered with iretd; system calls with int 0x80 through a DPL-3 trap gate.
+; eax = 1: write the byte in bl to the console; eax = 2: exit with the code in bl.
+; The handler checks that it runs on the kernel stack from the TSS, below the ring-3 frame.
+        .include "pm.inc"
 _start:
-  pm_setup
-  set_gate 0x80, syscall, USERGATE
-  enter_ring3 user
+        pm_setup
+        set_gate 0x80, syscall, USERGATE
+        enter_ring3 user
 
 user:
-  mov $UDATA, %ax
-  mov %ax, %ds
-  mov %ax, %es
-  mov $text, %esi
-1:
-  movb (%esi), %bl
-  test %bl, %bl
-  jz 2f
-  mov $1, %eax
-  int $0x80
-  inc %esi
-  jmp 1b
-2:
-  mov $2, %eax
-  mov $0, %bl
-  int $0x80
-  hlt                           # not reached
+        mov ax, UDATA
+        mov ds, ax
+        mov es, ax
+        mov esi, text
+next_char:
+        mov bl, byte ptr [esi]
+        test bl, bl
+        jz finished
+        mov eax, 1
+        int 0x80
+        inc esi
+        jmp next_char
+finished:
+        mov eax, 2
+        mov bl, 0
+        int 0x80
+        hlt                             ; not reached
 
 syscall:
-  # frame on the kernel stack: eip, cs, eflags, esp, ss (no error code for int n)
-  cmpl $UCODE, 4(%esp)
-  jne bad
-  cmpl $UDATA, 16(%esp)
-  jne bad
-  cmp $(KSTACK - 20), %esp
-  jne bad
-  cmp $1, %eax
-  je sys_write
-  cmp $2, %eax
-  je sys_exit
+        ; frame on the kernel stack: eip, cs, eflags, esp, ss (int n pushes no error code)
+        cmp dword ptr [esp + 4], UCODE
+        jne bad
+        cmp dword ptr [esp + 16], UDATA
+        jne bad
+        cmp esp, KSTACK - 20
+        jne bad
+        cmp eax, 1
+        je sys_write
+        cmp eax, 2
+        je sys_exit
 bad:
-  exit 99
+        exit 99
 sys_write:
-  push %edx
-  mov %bl, %al
-  putc
-  pop %edx
-  iret
+        push edx
+        mov al, bl
+        putc
+        pop edx
+        iretd
 sys_exit:
-  mov %bl, %al
-  out %al, $EXIT
+        mov al, bl
+        out EXIT, al
 
 text:
-  .asciz "ring 3 says hi\n"
+        .asciz "ring 3 says hi\n"
 
-pm_data
+        pm_data

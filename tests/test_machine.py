@@ -611,11 +611,15 @@ def test_a_monitor_can_intercept_and_emulate():
                 return True
             return False
 
+        def state(self, machine):
+            return dict(machine.state(), cpl=0)          # what a monitor with a virtual CPL would report
+
     m = Machine()
     m.load(load_guest(sample("gp_storm")))
     r = run(m, SkipCli())
     assert (r.exit.reason, r.exit.code, r.state["ebx"]) == ("exit-port", 0, 0)
-    assert r.events["trap"]["cli"] == 10_000
+    assert r.events["trap"]["cli"] == 10_000 and "exception" not in r.events
+    assert r.state["cpl"] == 0 and (r.monitor, r.guest) == ("skip-cli", "gp_storm.s")
 
 
 def test_samples_readme_lists_every_guest():

@@ -65,7 +65,7 @@ _CAL_CODE = bytes.fromhex(
     "0f011568100000ea0e100000080066b810008ed88ed0bc008000006a2368007000006a026a1b682c100000cf"
     "66b843008ed866b84b008ed8cd80f48d742600900000000000000000ffff0000009bcf00ffff00000093cf00"
     "ffff000000fbcf00ffff000000f3cf00270040100000")
-_CAL_FAULTS = ((0x1030, 0x40), (0x1036, 0x48))   # (EIP of the faulting mov, expected error code)
+_CAL_FAULTS = (0x1030, 0x1036)                   # EIPs of the two faulting movs (#GP(0x40), #GP(0x48))
 _CAL_KERNEL = 0x103A
 _CAL_INSTRUCTIONS = 18                           # up to and including the hlt
 _CAL_COUNT = 1000
@@ -126,7 +126,7 @@ def layout() -> Layout:
             uc.reg_write(X.UC_X86_REG_CS, 0x08)
             uc.reg_write(X.UC_X86_REG_EIP, _CAL_KERNEL)
             return
-        eip, _expected = _CAL_FAULTS[len(seen) - 1]
+        eip = _CAL_FAULTS[len(seen) - 1]
         if uc.reg_read(X.UC_X86_REG_EIP) != eip:
             raise EngineError("calibration: a fault did not report the faulting instruction")
         ctypes.c_int32.from_address(address + found["old_exception"]).value = -1

@@ -29,9 +29,8 @@ from typing import Any
 import unicorn
 from unicorn import x86_const as X
 
-from popek.machine import interrupts
-from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, TSS32, TSS_IOMAP_BASE, \
-    TSS_MIN_LIMIT, Descriptor, tss_stack_offsets
+from popek.machine import interrupts, ioperm
+from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import NEVER, Engine, EngineError
 from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, EXTERNAL, GP, OF, SOFTWARE, TS, UD, GuestFault, \
@@ -85,6 +84,7 @@ class Machine:
         self.pit = PIT(self.now)
         self.ports = PortBus([self.serial, ExitPort(self._exit_port), self.pic, self.pit])
         self.ops: Any = None                 # the monitor's ops (popek.monitors.base.MonitorOps), set by run()
+        self.guest: Guest | None = None
         self.umip = umip
         self.instructions = 0                # guest instructions counted in finished chunks
         self.time = 0                        # PIT clocks: instructions plus clocks skipped while halted
@@ -116,8 +116,9 @@ class Machine:
 
     def _install_hooks(self) -> None:
         """Every hook of the machine, in one place. INTR and port I/O hooks have no address range;
-        memory hooks cover the whole 32-bit space because with paging any linear address can reach
-        outside RAM."""
+        memory and block hooks cover the whole 32-bit space because with paging any linear address can
+        reach outside RAM or hold code. (With UMIP, the detector adds one code hook per affected
+        instruction address as it finds them: see popek.machine.umip.)"""
         uc = self.uc
         uc.hook_add(unicorn.UC_HOOK_INTR, self._on_intr)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
@@ -126,9 +127,11 @@ class Machine:
         if self.umip:
             from popek.machine.umip import Umip
             self.umip_detector = Umip(self)
+            uc.hook_add(unicorn.UC_HOOK_BLOCK, self.umip_detector.on_block, None, 0, 0xFFFFFFFF)
 
     def load(self, guest: Guest) -> None:
         guest.check_fits(self.memory.ram_size)
+        self.guest = guest
         for address, data in guest.segments:
             self.memory.write(address, data)
         self.engine.write(X.UC_X86_REG_EIP, guest.entry)
@@ -161,6 +164,11 @@ class Machine:
 
     def idtr(self) -> tuple[int, int]:
         return self.table("idtr")[1:]
+
+    def set_table(self, name: str, base: int, limit: int, selector: int = 0) -> None:
+        """Point GDTR/IDTR (base, limit) at a table, e.g. a monitor's shadow table in monitor memory. For
+        LDTR and TR this sets the descriptor cache directly, as a monitor that owns the real tables may."""
+        self.uc.reg_write(TABLE_REG[name], (selector, base, limit, 0))
 
     def set_cr2(self, address: int) -> None:
         self.engine.write(X.UC_X86_REG_CR2, address)
@@ -308,6 +316,12 @@ class Machine:
             self._saved = restore or {}
         self.uc.emu_stop()
 
+    def halt(self) -> None:
+        """Halt the CPU until an interrupt (for a monitor emulating hlt): the run loop waits or ends."""
+        self.halted = True
+        if self._running:
+            self.stop_chunk()
+
     def finish(self, reason: str, code: int | None = None, why: str = "") -> None:
         if self.end is None:
             self.end = Exit(reason, code, why)
@@ -325,10 +339,10 @@ class Machine:
         A fault on the first instruction of a handler the machine just entered (no handler instruction
         completed; the faulting one is counted) counts as a fault while delivering that handler's event.
         """
-        self.events.count(_EVENT_KIND[event.source], event.name)
         if self.ops is not None and self.ops.intercept(self, event):
             self._entry = None
             return
+        self.events.count(_EVENT_KIND[event.source], event.name)     # what the guest's IDT receives
         entry, self._entry = self._entry, None
         if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
                 and self.total_instructions() <= entry.total + 1):
@@ -364,26 +378,9 @@ class Machine:
 
     # --- port I/O ---------------------------------------------------------------------------------------
     def _io_allowed(self, port: int, size: int) -> bool:
-        """SDM Vol. 1 §19.5: at CPL <= IOPL any port; otherwise every bit for the port's bytes in the TSS
-        I/O permission bitmap must be clear (a missing TSS or bitmap denies)."""
         cpl = self.cpl()
-        if cpl <= (self.reg("eflags") >> IOPL_SHIFT) & 3:
-            return True
-        selector, base, limit = self.table("tr")
-        if selector & 0xFFFC == 0 or limit < TSS_MIN_LIMIT:
-            return False
-        try:
-            space = self.address_space()
-            if space.descriptor(selector, GP, 0).type not in TSS32:
-                return False
-            bitmap = base + struct.unpack("<H", space.read(base + TSS_IOMAP_BASE, 2))[0]
-            first, last = bitmap + port // 8, bitmap + (port + size - 1) // 8
-            if last + 1 - base > limit:                 # the bitmap's bytes must lie within the TSS limit
-                return False
-            bits = int.from_bytes(space.read(first, last - first + 1), "little")
-        except GuestFault:
-            return False
-        return (bits >> (port % 8)) & ((1 << size) - 1) == 0
+        iopl = (self.reg("eflags") >> IOPL_SHIFT) & 3
+        return cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size)
 
     def _deny_io(self, port: int) -> None:
         eip = self.reg("eip")                           # Unicorn reports I/O hooks at the instruction

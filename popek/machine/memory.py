@@ -8,6 +8,12 @@ Physical layout (DESIGN §3.3):
                                        GDT is its first 24 bytes; monitors allocate shadow tables after it.
     everything else                    unmapped: a guest access is a #GP(0) delivered to the guest
 
+Measured on unicorn 2.1.4: descriptor loads from a read-only GDT work as long as the descriptor's accessed
+bit is already set (the CPU writes it otherwise, and that write faults). So every descriptor a monitor puts
+in monitor memory must have it set; ``ltr`` always writes the busy bit, so a monitor loads TR from a TSS
+descriptor there with ``Machine.set_table`` instead. A guest store there is a Unicorn write-protection
+error, which the machine turns into #GP(0) for the guest.
+
 Unicorn's ``mem_write`` ignores page protections, so host writes on the guest's behalf (an exception frame
 pushed by the machine) go through ``write``, which only accepts RAM; ``monitor_write`` is the one way into
 monitor memory. Reads through ``read`` accept RAM and monitor memory and raise ``GuestFault`` elsewhere,

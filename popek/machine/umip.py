@@ -29,13 +29,15 @@ AFFECTED = frozenset({"sgdt", "sidt", "sldt", "smsw", "str"})
 
 
 class Umip:
+    """``on_block`` is the machine's UC_HOOK_BLOCK (installed with the machine's other hooks); the code
+    hooks it adds, one per affected instruction address, are the only hooks added while running."""
+
     def __init__(self, machine: Machine):
         self.m = machine
         self.scanned: set[tuple[int, int]] = set()
         self.hooked: dict[int, int] = {}        # instruction address -> code hook handle
-        machine.uc.hook_add(unicorn.UC_HOOK_BLOCK, self._on_block, None, 0, 0xFFFFFFFF)
 
-    def _on_block(self, uc, address: int, size: int, _) -> None:
+    def on_block(self, uc, address: int, size: int, _) -> None:
         if (address, size) in self.scanned:
             return
         self.scanned.add((address, size))

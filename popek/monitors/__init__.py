@@ -36,4 +36,4 @@ def run_guest(guest, monitor: str = "native", max_instructions: int | None = Non
         guest = load_guest(guest, ram_size=ram)
     machine = Machine(ram_size=ram, umip=umip)
     machine.load(guest)
-    return run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions, guest=guest.name)
+    return run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions)

@@ -8,8 +8,9 @@ trap-and-emulate monitor emulates a privileged instruction that raised #GP.
 
 What a monitor can rely on, for the next ones (``trap``, ``bt``, ``pv``, ``hvm``, ``sun4v``, ``emulate``):
 - ``attach`` runs before the first guest instruction: allocate shadow tables in monitor memory
-  (``machine.memory.alloc``/``monitor_write``, read-only to the guest), load real GDTR/IDTR/TR pointing at
-  them, add hooks (``machine.uc.hook_add`` with an explicit range), deprivilege the guest.
+  (``machine.memory.alloc``/``monitor_write``, read-only to the guest: set the accessed bit of every
+  descriptor there), point the real GDTR/IDTR/TR at them (``machine.set_table``), add hooks
+  (``machine.uc.hook_add`` with an explicit range), deprivilege the guest.
 - ``intercept(machine, event)`` sees every exception, software interrupt and external interrupt with its
   error code and EIP; return True after emulating it (write registers through ``machine.set_reg``; the
   machine has already cleared Unicorn's exception state). ``machine.deliver`` reflects an event through
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-from popek.machine.machine import END, HLT, Machine
+from popek.machine.machine import END, Machine
 from popek.machine.faults import EXTERNAL, Interrupt
 from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
 
@@ -56,7 +57,7 @@ class MonitorOps:
         """The run is over; last chance to add events."""
 
 
-def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET, guest: str = "") -> RunResult:
+def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:
     """Run the loaded guest under ``ops`` until it ends; every end is a result, never an exception."""
     assert max_instructions >= 0
     machine.ops = ops
@@ -79,7 +80,7 @@ def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGE
         _take_interrupt(machine, ops)
     ops.detach(machine)
     end = machine.end
-    return RunResult(monitor=ops.name, guest=guest, exit=end,
+    return RunResult(monitor=ops.name, guest=machine.guest.name if machine.guest else "", exit=end,
                      console=machine.serial.output.decode("utf-8", "replace"), state=ops.state(machine),
                      events=machine.events.to_dict(), guest_instructions=machine.instructions,
                      wall_seconds=round(time.perf_counter() - started, 6))

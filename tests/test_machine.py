@@ -691,3 +691,53 @@ wrong:
 """)
     assert (r.exit.reason, r.exit.code) == ("exit-port", 5)
     assert r.events["external-interrupt"]["vector 0x20"] == 5
+
+
+def test_int3_through_a_dpl0_gate_from_ring3_points_at_the_one_byte_instruction():
+    r, sym = run_body("""
+        pm_setup
+        set_gate 3, kernel_only, INTGATE
+        set_gate 13, gp, INTGATE
+        enter_ring3 user
+user:
+        int3
+        jmp user
+kernel_only:
+        exit 1
+gp:
+        mov ebx, dword ptr [esp]
+        mov ecx, dword ptr [esp + 4]
+        exit 13
+        pm_data
+""")
+    assert (r.exit.code, r.state["ebx"], r.state["ecx"]) == (13, 3 * 8 + 2, sym["user"])
+
+
+def test_page_fault_with_paging_on_is_delivered_with_error_code_and_cr2():
+    r, _ = run_body("""
+        pm_setup
+        set_gate 14, pf, INTGATE
+        mov edi, 0x301000               ; one page table: identity map of 0-4 MiB
+        mov eax, 0x003                  ; present, writable
+        mov ecx, 1024
+fill:
+        mov dword ptr [edi], eax
+        add eax, 0x1000
+        add edi, 4
+        loop fill
+        mov dword ptr [0x300000], 0x301003   ; PDE 0; PDE 1 (4-8 MiB) not present
+        mov eax, 0x300000
+        mov cr3, eax
+        mov eax, cr0
+        or eax, 0x80000000
+        mov cr0, eax
+        mov dword ptr [0x400000], 1     ; #PF: write, not present
+pf:
+        mov ebx, dword ptr [esp]
+        mov ecx, cr2
+        exit 14
+        pm_data
+""")
+    assert (r.exit.reason, r.exit.code) == ("exit-port", 14)
+    assert (r.state["ebx"], r.state["ecx"], r.state["cr2"]) == (0b010, 0x400000, 0x400000)
+    assert r.state["cr0"] & 0x80000000 and r.state["cr3"] == 0x300000

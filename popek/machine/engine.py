@@ -33,7 +33,8 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.arch.intel import UcRegMMR
 from unicorn.unicorn_py3.unicorn import uclib
 
-# emu_start's `until`: an address no 32-bit EIP can equal, so only the count, hooks and hlt end a chunk.
+# emu_start's `until` for the calibration guest: an address no 32-bit EIP can equal. (The machine itself
+# uses Unicorn's exit list, empty, instead: see Machine.__init__.)
 NEVER = 1 << 63
 
 

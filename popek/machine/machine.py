@@ -32,7 +32,7 @@ from unicorn import x86_const as X
 from popek.machine import interrupts, ioperm
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
-from popek.machine.engine import NEVER, Engine, EngineError
+from popek.machine.engine import Engine, EngineError
 from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, EXTERNAL, GP, OF, SOFTWARE, TS, UD, GuestFault, \
     Interrupt
 from popek.machine.guest import Guest
@@ -76,6 +76,11 @@ class Machine:
 
     def __init__(self, ram_size: int = RAM_DEFAULT, umip: bool = False):
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+        # No `until` address: with exits enabled and none listed, only the count, hooks and hlt end a chunk.
+        # (An unreachable `until` is not enough: with paging on, Unicorn translates until-1 through the
+        # guest's page tables when emu_start returns and leaves CR2 = until-1 when that fails. Measured.)
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         self.engine = Engine(self.uc)
         self.memory = Memory(self.uc, ram_size)
         self.events = Events()
@@ -259,7 +264,7 @@ class Machine:
         error = None
         self._running = True
         try:
-            self.uc.emu_start(self.reg("eip"), NEVER, count=count)
+            self.uc.emu_start(self.reg("eip"), 0, count=count)
         except unicorn.UcError as exc:
             error = exc
         finally:
@@ -282,7 +287,7 @@ class Machine:
             return STOPPED
         if counted > count:
             return COUNT
-        # emu_start returned by itself before the count ran out; with an unreachable `until`, that is hlt.
+        # emu_start returned by itself before the count ran out; with no exit address, that is hlt.
         eip = self.reg("eip")
         if self._byte_before(eip) == 0xF4:
             self.halted = True

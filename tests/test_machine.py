@@ -741,3 +741,28 @@ pf:
     assert (r.exit.reason, r.exit.code) == ("exit-port", 14)
     assert (r.state["ebx"], r.state["ecx"], r.state["cr2"]) == (0b010, 0x400000, 0x400000)
     assert r.state["cr0"] & 0x80000000 and r.state["cr3"] == 0x300000
+
+
+def test_a_frame_pushed_over_translated_code_is_what_runs_next():
+    # x runs once (so Unicorn has translated it); then a #GP frame is pushed over it. Its error code is
+    # the selector 0xF4F4, whose bytes f4 f4 are hlt: a stale translation would run x again instead.
+    r, _ = run_body("""
+        pm_setup
+        set_gate 13, gp, INTGATE
+        call x
+        mov esp, x + 16                 ; the frame (error code, eip, cs, eflags) lands on x
+        mov ax, 0xF4F4
+        mov ds, ax                      ; #GP(0xF4F4): LDT selector, no LDT
+gp:
+        jmp x
+        .align 16
+x:
+        inc ebx
+        cmp ebx, 2
+        je stale
+        ret
+stale:
+        exit 7
+        pm_data
+""")
+    assert r.exit.reason == "hlt" and r.state["ebx"] == 1

@@ -167,6 +167,9 @@ class AddressSpace:
         if not self.memory.in_ram(physical, len(data)):
             raise GuestFault(fault[0], fault[1], f"write at {linear:#x} outside guest RAM")
         self.memory.write(physical, data)
+        # Unicorn notices guest stores into translated code, not host writes from a hook: a frame pushed
+        # onto a stack that overlaps code must drop that code's translations (REFERENCES). 1.5 µs.
+        self.memory.uc.ctl_remove_cache(linear, linear + len(data))
 
     def descriptor_address(self, selector: int, vector: int, error_code: int) -> int:
         """Linear address of the GDT/LDT entry of ``selector``; ``GuestFault(vector, error_code)`` past the

@@ -19,7 +19,7 @@ from popek.cli import main
 from popek.machine import Guest, Machine, RunResult, load_guest
 from popek.machine.memory import MIB
 from popek.monitors import MONITORS, get_monitor, run_guest
-from popek.monitors.base import MonitorOps, run
+from popek.monitors.base import POLL_MAX, MonitorOps, run
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "samples" / "guests"
@@ -766,3 +766,31 @@ stale:
         pm_data
 """)
     assert r.exit.reason == "hlt" and r.state["ebx"] == 1
+
+
+def test_a_request_pending_behind_a_long_cli_section_costs_little_and_is_taken_after_sti():
+    # IRQ 0 stays pending for 2 M instructions with IF clear: the run loop must not stop every 64
+    # instructions; after sti the interrupt is taken within POLL_MAX instructions.
+    r, _ = run_body("""
+        pm_setup
+        set_gate 0x20, tick, INTGATE
+""" + PIC_INIT + """
+        mov al, 0x34
+        out 0x43, al
+        mov al, 100
+        out 0x40, al
+        mov al, 0
+        out 0x40, al
+        mov ecx, 2000000
+busy:
+        loop busy
+        sti
+spin:
+        jmp spin
+tick:
+        exit 1
+        pm_data
+""")
+    assert (r.exit.reason, r.exit.code) == ("exit-port", 1)
+    assert r.guest_instructions < 2_000_000 + 600 + POLL_MAX
+    assert r.wall_seconds < 1.0

@@ -1,7 +1,11 @@
 """The bare machine on Unicorn: memory, boot state, devices, exception delivery (DESIGN §3.3).
 
-``Machine`` is one machine; ``load_guest`` reads a guest file; ``RunResult`` is what a run returns. The run
-loop lives in ``popek.monitors.base`` (one loop for every monitor); ``popek.monitors.run_guest`` does both.
+Read in this order: ``engine`` (what Unicorn hides, found by calibration), ``memory`` (RAM, monitor memory,
+paging), ``descriptors`` and ``faults`` (pure data), ``devices`` (COM1, exit port, 8259, 8254),
+``interrupts`` (SDM delivery through the IDT), ``ioperm`` and ``umip`` (checks Unicorn does not make),
+``machine`` (the ``Machine`` that owns the ``Uc`` and its hooks), ``guest`` (loading), ``result`` (the run
+document), ``command`` (``popek run``). The run loop is ``popek.monitors.base.run``, one for every monitor;
+``popek.monitors.run_guest`` loads a guest on a fresh machine and runs it.
 """
 from popek.machine.faults import GuestFault, Interrupt
 from popek.machine.guest import Guest, load_guest

@@ -94,6 +94,7 @@ class Machine:
         self.instructions = 0                # guest instructions counted in finished chunks
         self.time = 0                        # PIT clocks: instructions plus clocks skipped while halted
         self.halted = False
+        self.devices_changed = False         # a write to the PIC or PIT in the last chunk
         self.end: Exit | None = None
         self._running = False
         self._stop_at: int | None = None     # counter value when a hook stopped the chunk
@@ -407,7 +408,8 @@ class Machine:
             return
         self.events.count("io", self.ports.name(port))
         if self.ports.write(port, size, value):
-            self.stop_chunk()                   # the PIT or PIC changed: let the run loop plan again
+            self.devices_changed = True         # the PIT or PIC changed: the run loop plans again
+            self.stop_chunk()
 
     def _exit_port(self, code: int) -> None:
         self.finish(EXIT_PORT, code)

@@ -2,7 +2,9 @@
 
 ``RunResult.to_dict()`` is the JSON document of ``popek run --format json``; ``from_dict`` reads one back
 (unknown or missing keys are an error), and ``render_text`` is what the text format prints. Register values
-in ``state`` are integers; the text rendering shows them in hex.
+in ``state`` are integers; the text rendering shows them in hex. ``guest_instructions`` counts executed
+instructions (see popek.machine.machine); ``wall_seconds`` is the run loop alone, without creating the
+machine or loading the guest. ``modelled_cycles`` and ``profile`` stay null until a cost model fills them.
 """
 from __future__ import annotations
 
@@ -23,8 +25,17 @@ TABLES = ("gdtr", "idtr")
 
 
 class Events:
-    """Counts of what the machine and the monitor did, by kind and name (``exception``/``#GP``,
-    ``io``/``com1``, ``trap``/``cli`` ...). Lives on the run, so that two runs never share counts."""
+    """Counts by kind and name. Lives on the run, so that two runs never share counts.
+
+    The machine counts what the guest's IDT received (``exception``: ``#GP``...; ``software-interrupt``:
+    ``int 0x80``...; ``external-interrupt``: ``vector 0x20``...), faults raised while delivering one
+    (``delivery-fault``), port accesses by device (``io``: ``com1``, ``pic``, ``pit``, ``exit``,
+    ``unclaimed``), timer edges (``timer``: ``irq0``), clocks skipped while halted (``idle``: ``clocks``)
+    and UMIP rescans (``umip``). A monitor adds its own kinds (``trap``, ``exit``, ``hypercall``,
+    ``callout``, ``translation``, ``invalidation``), named by the canonical instruction names of DESIGN
+    §3.1 where an instruction is the cause. An event a monitor handles never reaches the guest's IDT and
+    is not counted by the machine.
+    """
 
     def __init__(self):
         self._kinds: dict[str, Counter] = {}

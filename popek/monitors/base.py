@@ -28,9 +28,14 @@ from popek.machine.machine import END, Machine
 from popek.machine.faults import EXTERNAL, Interrupt
 from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
 
-# While an interrupt is pending but IF is clear, chunks are at most this long, so the interrupt is taken at
-# most this many instructions after IF is set (sti, popf, iret). Unicorn cannot tell us when IF changes.
-POLL = 64
+# When the CPU looks at its interrupt line. Unicorn cannot tell us when IF changes (sti, popf, iret), so the
+# loop samples: when the line changes (a PIT edge, a write to the PIC or PIT), at hlt, and, while a request
+# waits because IF is clear, every `window` instructions. The window starts at POLL and doubles each time IF
+# is still clear, up to POLL_MAX, so that a guest keeping interrupts off for long (polling a device) runs at
+# full speed; it is reset when an interrupt is taken. So an interrupt pending behind a long cli section may
+# be taken up to POLL_MAX instructions after the sti, and a short sti ... cli window can miss it. Every
+# sample point is a guest instruction count, so runs are deterministic and the same for every monitor.
+POLL, POLL_MAX = 64, 4096
 DEFAULT_BUDGET = 100_000_000
 
 
@@ -63,6 +68,7 @@ def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGE
     machine.ops = ops
     started = time.perf_counter()
     ops.attach(machine)
+    window, sample_at = POLL, None
     while machine.end is None:
         left = max_instructions - machine.instructions
         if left <= 0:
@@ -71,13 +77,23 @@ def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGE
         if machine.halted:
             _wait(machine, ops)
             continue
-        chunk = min(left, _until_next_event(machine, ops))
+        chunk = min(left, _until_next_event(machine))
+        if sample_at is not None:
+            chunk = min(chunk, max(1, sample_at - machine.time))
+        machine.devices_changed = False
         if machine.execute(chunk) == END:
             break
-        _advance(machine)
+        fired = _advance(machine)
         if machine.halted:
             continue                            # hlt: _wait decides (it also takes a pending interrupt)
-        _take_interrupt(machine, ops)
+        if fired or machine.devices_changed or (sample_at is not None and machine.time >= sample_at):
+            if _take_interrupt(machine, ops):
+                window, sample_at = POLL, None
+            elif machine.pic.pending():
+                sample_at = machine.time + window
+                window = min(2 * window, POLL_MAX)
+            else:
+                sample_at = None
     ops.detach(machine)
     end = machine.end
     return RunResult(monitor=ops.name, guest=machine.guest.name if machine.guest else "", exit=end,
@@ -86,25 +102,27 @@ def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGE
                      wall_seconds=round(time.perf_counter() - started, 6))
 
 
-def _until_next_event(machine: Machine, ops: MonitorOps) -> int:
+def _until_next_event(machine: Machine) -> int:
     event = machine.pit.next_event()
-    until = max(1, event - machine.time) if event is not None else 1 << 62
-    return min(until, POLL) if machine.pic.pending() else until
+    return max(1, event - machine.time) if event is not None else 1 << 62
 
 
-def _advance(machine: Machine) -> None:
+def _advance(machine: Machine) -> int:
     fired = machine.pit.advance(machine.time)
     if fired:
         machine.events.count("timer", "irq0", fired)
         machine.pic.raise_irq(0)
+    return fired
 
 
-def _take_interrupt(machine: Machine, ops: MonitorOps) -> None:
+def _take_interrupt(machine: Machine, ops: MonitorOps) -> bool:
     if machine.end is None and machine.pic.pending() and ops.interrupts_enabled(machine):
         vector = machine.pic.acknowledge()
         eip = machine.reg("eip")
         machine.halted = False
         machine.raise_interrupt(Interrupt(vector, EXTERNAL, None, eip=eip, insn=eip, why="PIC"))
+        return True
+    return False
 
 
 def _wait(machine: Machine, ops: MonitorOps) -> None:

@@ -12,6 +12,9 @@ from popek.errors import UsageError
 
 MONITORS: dict[str, tuple[str, str]] = {
     "native": ("popek.monitors.native", "Native"),
+    "trap": ("popek.monitors.trap", "TrapAndEmulate"),
+    "emulate": ("popek.monitors.emulate", "Emulate"),
+    "bt": ("popek.monitors.bt", "BinaryTranslation"),
 }
 
 
@@ -20,7 +23,13 @@ def get_monitor(name: str, **options):
     if name not in MONITORS:
         raise UsageError(f"unknown monitor {name!r} (known: {', '.join(MONITORS)})")
     module, cls = MONITORS[name]
-    return getattr(importlib.import_module(module), cls)(**options)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise UsageError(f"monitor {name!r} is not built yet") from None
+    return getattr(mod, cls)(**options)
 
 
 def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,

@@ -399,17 +399,26 @@ class Machine:
         if not self._io_allowed(port, size):
             self._deny_io(port)
             return self.reg("eax") & ((1 << (8 * size)) - 1)    # leave EAX as it was
-        self.events.count("io", self.ports.name(port))
-        return self.ports.read(port, size)
+        return self.port_read(port, size)
 
     def _on_out(self, uc, port: int, size: int, value: int, _) -> None:
         if not self._io_allowed(port, size):
             self._deny_io(port)
             return
+        self.port_write(port, size, value)
+
+    def port_read(self, port: int, size: int) -> int:
+        """A port read that was allowed (by the hardware check above, or by a monitor emulating I/O)."""
+        self.events.count("io", self.ports.name(port))
+        return self.ports.read(port, size)
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        """A port write that was allowed (see port_read)."""
         self.events.count("io", self.ports.name(port))
         if self.ports.write(port, size, value):
             self.devices_changed = True         # the PIT or PIC changed: the run loop plans again
-            self.stop_chunk()
+            if self._running:
+                self.stop_chunk()
 
     def _exit_port(self, code: int) -> None:
         self.finish(EXIT_PORT, code)

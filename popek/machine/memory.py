@@ -16,7 +16,9 @@ error, which the machine turns into #GP(0) for the guest.
 
 Unicorn's ``mem_write`` ignores page protections, so host writes on the guest's behalf (an exception frame
 pushed by the machine) go through ``write``, which only accepts RAM; ``monitor_write`` is the one way into
-monitor memory. Reads through ``read`` accept RAM and monitor memory and raise ``GuestFault`` elsewhere,
+monitor memory. Monitor memory is a host buffer mapped with ``uc_mem_map_ptr``, and ``monitor_write``
+copies into it directly: a ``uc_mem_write`` to a read-only region from inside a memory hook (a monitor
+following guest stores into its descriptor tables) crashes Unicorn 2.1.4 (measured). Reads through ``read`` accept RAM and monitor memory and raise ``GuestFault`` elsewhere,
 like xv6's ``fetchint``: a guest-supplied address is checked at the boundary, never trusted.
 
 With CR0.PG set, ``linear`` walks the guest's 32-bit page tables (4 KiB pages, and 4 MiB pages under
@@ -57,7 +59,8 @@ class Memory:
         self._uch = uc._uch
         self._buf = ctypes.create_string_buffer(64)     # raw uc_mem_read: 0.4 µs against the binding's 1.1
         uc.mem_map(0, ram_size, unicorn.UC_PROT_ALL)
-        uc.mem_map(self.monitor_base, MONITOR_SIZE, unicorn.UC_PROT_READ)
+        self._monitor = ctypes.create_string_buffer(MONITOR_SIZE)     # kept alive as long as the mapping
+        uc.mem_map_ptr(self.monitor_base, MONITOR_SIZE, unicorn.UC_PROT_READ, ctypes.addressof(self._monitor))
 
     # --- physical ---------------------------------------------------------------------------------------
     def in_ram(self, address: int, size: int) -> bool:
@@ -85,7 +88,7 @@ class Memory:
     def monitor_write(self, address: int, data: bytes) -> None:
         """Host write into monitor memory (boot GDT, shadow tables)."""
         assert self.monitor_base <= address and address + len(data) <= self.monitor_end, hex(address)
-        self.uc.mem_write(address, bytes(data))
+        ctypes.memmove(ctypes.addressof(self._monitor) + address - self.monitor_base, bytes(data), len(data))
 
     def alloc(self, size: int, align: int = 16) -> int:
         """Reserve ``size`` bytes of monitor memory (never freed: monitors allocate at attach time)."""

@@ -1,0 +1,244 @@
+"""The virtual CPU of a deprivileged guest, and event delivery through the guest's own (virtual) IDT.
+
+A monitor that runs the guest kernel at a real ring other than 0 keeps here what the guest believes about
+its privileged state; the emulation routines (``popek.monitors.emulation``) read and write it, and the
+run result reports it (DESIGN §3.4: "for a monitor, the virtual values").
+
+Fields of ``VCpu``:
+- ``ring``: the real ring the guest's ring 0 runs at (3 or 1 for ``trap``; 0 means no deprivileging, real
+  and virtual privilege coincide: the differential tests emulate against such a vcpu on the bare machine).
+  A guest ring ``v`` runs at real ring ``max(v, ring)`` (``real_cpl``): ring compression.
+- ``cpl``, ``iflag`` (EFLAGS.IF as 0/1), ``iopl``: the virtual privilege level and system flags. The
+  real EFLAGS keep IF = 1 and IOPL = 0 while ``ring > 0`` (the monitor takes interrupts and traps cli,
+  sti and port I/O); ``eflags(real)`` merges the virtual bits into a real EFLAGS value.
+- ``gdtr``, ``idtr``: ``(base, limit)`` as the guest loaded them (linear addresses in the guest's space).
+- ``ldtr``, ``tr``: ``Table(selector, base, limit)``, the visible selector and the descriptor cache.
+  The guest's ring-n stacks (``tss_stack``) are read from guest memory through the virtual TR.
+- ``cr0``, ``cr2``, ``cr3``, ``cr4``; ``dr`` (DR0-DR7); ``msr`` (values the guest wrote; others read
+  through to Unicorn's MSRs, which is what the bare machine would return).
+- ``on_change(what)``: the monitor's callback when a routine changed something the real machine must
+  follow ("gdtr", "idtr", "ldtr", "tr", "cr0", "cr3", "cr4", "tlb"). None: nothing follows.
+- ``entry``: the last delivery through the virtual IDT, for the machine's handler-fault rule.
+
+Selectors: the guest's selectors keep their meaning; only the RPL of the real CS and SS differs
+(``real_cpl(cpl)`` instead of ``cpl``), so the visible CS/SS are ``(real & ~3) | cpl``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+from unicorn import x86_const as X
+
+from popek.machine import interrupts
+from popek.machine.descriptors import IDT_GATES, INTERRUPT_GATES, Descriptor, tss_stack_offsets
+from popek.machine.faults import (ERROR_CODE, EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, SS, TS, GuestFault,
+                                  Interrupt)
+from popek.machine.memory import AddressSpace
+
+if TYPE_CHECKING:
+    from popek.machine.machine import Machine
+
+IF, IOPL_SHIFT = 1 << 9, 12
+IOPL = 3 << IOPL_SHIFT
+TF, NT, RF, VM = 1 << 8, 1 << 14, 1 << 16, 1 << 17
+CR0_TS = 1 << 3
+# DR6 and DR7 after reset, as Unicorn reads them (measured): the reserved bits that read as ones.
+DR_RESET = (0, 0, 0, 0, 0xFFFF0FF0, 0x400, 0xFFFF0FF0, 0x400)
+_DRS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
+        X.UC_X86_REG_DR7)
+
+
+class Table(NamedTuple):
+    selector: int
+    base: int
+    limit: int
+
+
+@dataclass(slots=True)
+class VCpu:
+    ring: int = 3
+    cpl: int = 0
+    iflag: int = 0
+    iopl: int = 0
+    gdtr: tuple[int, int] = (0, 0)
+    idtr: tuple[int, int] = (0, 0)
+    ldtr: Table = Table(0, 0, 0)
+    tr: Table = Table(0, 0, 0)
+    cr0: int = 0x11
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    dr: list[int] = field(default_factory=lambda: list(DR_RESET))
+    msr: dict[int, int] = field(default_factory=dict)
+    on_change: Callable[[str], None] | None = None
+    entry: interrupts.Entry | None = None
+
+    @classmethod
+    def from_machine(cls, machine: Machine, ring: int) -> VCpu:
+        """The machine's current real state as the guest's virtual state (before deprivileging it)."""
+        s = machine.state()
+        dr = machine.engine.read_many(_DRS)
+        return cls(ring=ring, dr=[dr[0], dr[1], dr[2], dr[3], dr[4], dr[5], dr[4], dr[5]], cpl=s["cpl"], iflag=(s["eflags"] >> 9) & 1, iopl=(s["eflags"] >> IOPL_SHIFT) & 3,
+                   gdtr=(s["gdtr"]["base"], s["gdtr"]["limit"]), idtr=(s["idtr"]["base"], s["idtr"]["limit"]),
+                   ldtr=Table(*machine.table("ldtr")), tr=Table(*machine.table("tr")),
+                   cr0=s["cr0"], cr2=s["cr2"], cr3=s["cr3"], cr4=s["cr4"])
+
+    def changed(self, what: str) -> None:
+        if self.on_change is not None:
+            self.on_change(what)
+
+    # --- privilege ----------------------------------------------------------------------------------
+    def real_cpl(self, cpl: int) -> int:
+        return cpl if cpl > self.ring else self.ring
+
+    def real_selector(self, selector: int, rpl: int) -> int:
+        """The real CS or SS for a guest selector loaded at guest privilege ``rpl``."""
+        return (selector & 0xFFFC) | self.real_cpl(rpl)
+
+    def eflags(self, real: int) -> int:
+        """The EFLAGS the guest would see: the real one with the virtual IF and IOPL."""
+        if not self.ring:
+            return real
+        return (real & ~(IF | IOPL)) | (self.iflag << 9) | (self.iopl << IOPL_SHIFT)
+
+    def set_eflags(self, virtual: int) -> int:
+        """Take IF and IOPL from a virtual EFLAGS value; return the real EFLAGS to load."""
+        if not self.ring:
+            self.iflag, self.iopl = (virtual >> 9) & 1, (virtual >> IOPL_SHIFT) & 3
+            return virtual
+        self.iflag, self.iopl = (virtual >> 9) & 1, (virtual >> IOPL_SHIFT) & 3
+        return (virtual & ~IOPL) | IF
+
+    # --- the guest's view of memory and tables ------------------------------------------------------
+    def space(self, machine: Machine) -> AddressSpace:
+        """Linear addresses through the guest's own paging and descriptor tables."""
+        return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, self.gdtr, self.ldtr[1:])
+
+    def segment_base(self, machine: Machine, space: AddressSpace, selector: int) -> int:
+        """Base of the segment a real segment register holds (the shadow tables copy the guest's bases)."""
+        if selector & 0xFFFC == 0:
+            return 0
+        return space.descriptor(selector, GP, 0).base
+
+    def tss_stack(self, space: AddressSpace, cpl: int, ext: int) -> tuple[int, int]:
+        """(SS, ESP) for ring ``cpl`` from the guest's TSS (virtual TR)."""
+        selector, base, limit = self.tr
+        esp_at, ss_at = tss_stack_offsets(cpl)
+        if selector & 0xFFFC == 0 or limit < ss_at + 1:
+            raise GuestFault(TS, (selector & 0xFFFC) + ext, f"no ring-{cpl} stack in TSS {selector:#x}")
+        esp, ss = struct.unpack("<IH", space.read(base + esp_at, 6))
+        return ss, esp
+
+    def state(self, machine: Machine) -> dict:
+        """The state of DESIGN §3.4 with the virtual CPL, flags, CS/SS RPL, tables and control registers."""
+        s = machine.state()
+        s["eflags"] = self.eflags(s["eflags"])
+        s["cs"] = (s["cs"] & 0xFFFC) | self.cpl
+        s["ss"] = (s["ss"] & 0xFFFC) | self.cpl
+        s["cpl"] = self.cpl
+        s["gdtr"] = {"base": self.gdtr[0], "limit": self.gdtr[1] & 0xFFFF}
+        s["idtr"] = {"base": self.idtr[0], "limit": self.idtr[1] & 0xFFFF}
+        s["ldtr"], s["tr"] = self.ldtr.selector & 0xFFFF, self.tr.selector & 0xFFFF
+        s.update(cr0=self.cr0, cr2=self.cr2, cr3=self.cr3, cr4=self.cr4)
+        return s
+
+
+# --- delivery through the virtual IDT (SDM Vol. 3A §6.12, at the virtual CPL) ---------------------------
+def deliver(machine: Machine, vcpu: VCpu, event: Interrupt) -> None:
+    """Deliver ``event`` to the guest through its virtual IDT, or end the run with a triple fault.
+
+    The same rules as ``popek.machine.interrupts.deliver`` (faults while delivering become #DF, a fault
+    while delivering #DF is a triple fault, a fault on a handler's first instruction counts as a fault
+    while delivering its event), but every privilege check uses the virtual CPL, the gate and code
+    descriptors come from the guest's tables, a stack switch takes the guest's ring-n stack from its TSS,
+    and the frame holds what the guest would see (virtual EFLAGS, CS and SS with the virtual RPL).
+    """
+    entry, vcpu.entry = vcpu.entry, None
+    outer, depth = None, 0
+    if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
+            and machine.total_instructions() <= entry.total + 1):
+        outer, depth = entry.event, entry.depth + 1
+    machine.events.count(_KIND[event.source], event.name)
+    current = interrupts.escalate(outer, event) if outer is not None else event
+    why = f"{event.name} ({event.why}) while entering {outer.name}" if outer is not None else ""
+    while current is not None and depth <= interrupts.MAX_DEPTH:
+        try:
+            _through_gate(machine, vcpu, current, depth)
+            return
+        except GuestFault as fault:
+            if fault.vector == PF and fault.address is not None:
+                vcpu.cr2 = fault.address
+            second = Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE else None,
+                               eip=current.insn, insn=current.insn, why=fault.why)
+            machine.events.count("delivery-fault", second.name)
+            why = f"{second.name} ({fault.why}) while delivering {current.name}"
+            current, depth = interrupts.escalate(current, second), depth + 1
+    machine.triple_fault(why if current is None else f"more than {interrupts.MAX_DEPTH} nested faults: {why}")
+
+
+_KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
+
+
+def _through_gate(m: Machine, v: VCpu, event: Interrupt, depth: int) -> None:
+    regs = m.registers()
+    cpl = v.cpl
+    ext = 0 if event.source == SOFTWARE else 1
+    vector_code = event.vector * 8 + 2 + ext
+    idt_base, idt_limit = v.idtr
+    if event.vector * 8 + 7 > idt_limit:
+        raise GuestFault(GP, vector_code, f"vector {event.vector:#x} beyond the IDT limit {idt_limit:#x}")
+    space = v.space(m)
+    gate = Descriptor.from_bytes(space.read(idt_base + event.vector * 8, 8))
+    if not gate.system or gate.type not in IDT_GATES:
+        raise GuestFault(GP, vector_code, f"IDT entry {event.vector:#x} is not an interrupt or trap gate")
+    if event.source == SOFTWARE and gate.dpl < cpl:
+        raise GuestFault(GP, event.vector * 8 + 2, f"{event.name} at CPL {cpl} through a DPL {gate.dpl} gate")
+    if not gate.present:
+        raise GuestFault(NP, vector_code, f"IDT entry {event.vector:#x} not present")
+    selector = gate.selector
+    if selector & 0xFFFC == 0:
+        raise GuestFault(GP, ext, "null code selector in the gate")
+    code_error = (selector & 0xFFFC) + ext
+    code = space.descriptor(selector, GP, code_error)
+    if not code.is_code or code.dpl > cpl:
+        raise GuestFault(GP, code_error, f"gate selector {selector:#x} is not code at DPL <= {cpl}")
+    if not code.present:
+        raise GuestFault(NP, code_error, f"code segment {selector:#x} not present")
+
+    eflags = v.eflags(regs["eflags"])
+    words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
+    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
+        words.append(event.error_code)
+    if not code.conforming and code.dpl < cpl:
+        new_cpl = code.dpl
+        new_ss, esp = v.tss_stack(space, new_cpl, ext)
+        ss_error = (new_ss & 0xFFFC) + ext
+        if new_ss & 0xFFFC == 0:
+            raise GuestFault(TS, ext, f"null ring-{new_cpl} stack selector in the TSS")
+        stack = space.descriptor(new_ss, TS, ss_error)
+        if new_ss & 3 != new_cpl or stack.dpl != new_cpl or not stack.writable_data:
+            raise GuestFault(TS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
+        if not stack.present:
+            raise GuestFault(SS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
+        words = [(regs["ss"] & 0xFFFC) | cpl, regs["esp"]] + words
+    else:
+        new_cpl, new_ss, esp = cpl, None, regs["esp"]
+        stack = space.descriptor(regs["ss"], SS, 0)
+    width = 4 if gate.gate_bits == 32 else 2
+    esp = (esp - width * len(words)) & 0xFFFFFFFF
+    mask = 0xFFFFFFFF if width == 4 else 0xFFFF
+    frame = struct.pack(f"<{len(words)}{'I' if width == 4 else 'H'}", *(w & mask for w in reversed(words)))
+    space.write((stack.base + esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
+
+    eflags &= ~(TF | NT | RF | VM)
+    if gate.type in INTERRUPT_GATES:
+        eflags &= ~IF
+    real_eflags = v.set_eflags(eflags)
+    eip = gate.offset if width == 4 else gate.offset & 0xFFFF
+    real_cpl = v.real_cpl(new_cpl)
+    m.enter(cs=(selector & 0xFFFC) | real_cpl, eip=eip, eflags=real_eflags, esp=esp, cpl=real_cpl,
+            ss=None if new_ss is None else (new_ss & 0xFFFC) | real_cpl)
+    v.cpl = new_cpl
+    v.entry = interrupts.Entry(eip, m.total_instructions(), event, depth)

@@ -1,0 +1,400 @@
+"""Trap-and-emulate (``popek.monitors.trap``) and the emulation routines it shares with ``bt``.
+
+Three kinds of test:
+- **differential, per routine**: a guest runs natively up to one instruction; that instruction is then
+  emulated (``popek.monitors.emulation``) against a vcpu holding the machine's state at ring 0 (no
+  deprivileging, so the routine must produce exactly what the bare machine produces); the guest runs on
+  natively; console, exit, registers and the first 3 MiB of RAM must equal a fully native run. Faults
+  raised by a routine go through ``popek.monitors.vcpu.deliver``, so the delivery is checked too.
+- **the monitor on whole guests**: samples/guests under ``trap`` (ring 3 and ring 1) against ``native``:
+  equivalent where the guest uses only privileged instructions, divergent exactly where IA-32 predicts.
+- the repeated-#GP storm, monitor-memory protection, the command line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import unicorn
+
+from popek.asm import assemble_text
+from popek.cli import main
+from popek.machine import Guest, Machine
+from popek.machine.faults import ERROR_CODE, EXCEPTION, GuestFault, Interrupt
+from popek.monitors import get_monitor, run_guest
+from popek.monitors.base import MonitorOps, run
+from popek.monitors.emulation import PRIVILEGED, SENSITIVE, TABLE, decode, emulate
+from popek.monitors.vcpu import VCpu, deliver
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "samples" / "guests"
+RAM_COMPARED = 0x300000
+
+
+def build(body: str, name: str = "guest") -> Guest:
+    program = assemble_text('        .include "pm.inc"\n_start:\n' + body, name=name, include_dirs=[GUESTS])
+    return Guest(name, ((program.origin, program.image),), program.entry, "asm", program.symbols)
+
+
+def sample(name: str) -> str:
+    return str(GUESTS / f"{name}.s")
+
+
+# --- the differential harness -----------------------------------------------------------------------------
+# A GDT with more kinds of descriptor than pm.inc's: call gates, an LDT, a second TSS, conforming,
+# not-present and execute-only code. Loaded after pm_setup; every fault handler records the vector in EDI
+# and the error code in ESI and halts; int 0x80 (DPL 3) halts too and ends every case.
+HARNESS = """
+        pm_setup
+        lgdt [x_gdtr]
+        set_gate 6, ud, INTGATE
+        set_gate 10, ts, INTGATE
+        set_gate 11, np, INTGATE
+        set_gate 12, ss_fault, INTGATE
+        set_gate 13, gp, INTGATE
+        set_gate 0x80, stop, USERGATE
+        set_gate 0x81, stop, INTGATE
+        set_gate 0x82, stop16, 0xE600
+        mov dword ptr [pm_tss + 12], 0x60000    ; ring-1 stack
+        mov dword ptr [pm_tss + 16], R1DATA
+{setup}
+target:
+        {insn}
+after:
+        int 0x80
+gp:     mov edi, 13
+        pop esi
+        hlt
+np:     mov edi, 11
+        pop esi
+        hlt
+ss_fault:
+        mov edi, 12
+        pop esi
+        hlt
+ts:     mov edi, 10
+        pop esi
+        hlt
+ud:     mov edi, 6
+        hlt
+stop:   mov edi, 0x80
+        hlt
+stop16: mov edi, 0x82
+        hlt
+gate_target:
+        mov edi, 0x40
+        hlt
+ring3_code:
+        mov ebp, 0x33
+        int 0x80
+ring0_code:
+        mov ebp, 0x30
+        hlt
+        .align 8
+x_gdt:
+        .dword 0, 0
+        .dword 0x0000FFFF, 0x00CF9A00   ; 0x08 code, DPL 0
+        .dword 0x0000FFFF, 0x00CF9200   ; 0x10 data, DPL 0
+        .dword 0x0000FFFF, 0x00CFFA00   ; 0x18 code, DPL 3
+        .dword 0x0000FFFF, 0x00CFF200   ; 0x20 data, DPL 3
+        .word 103, pm_tss & 0xFFFF      ; 0x28 TSS (busy: pm_setup loaded it)
+        .byte (pm_tss >> 16) & 0xFF, 0x8B, 0, pm_tss >> 24
+        .dword 0x0000FFFF, 0x00CFBA00   ; 0x30 code, DPL 1
+        .dword 0x0000FFFF, 0x00CFB200   ; 0x38 data, DPL 1
+        .word gate_target & 0xFFFF, KCODE, 0xEC02, gate_target >> 16    ; 0x40 call gate, DPL 3, 2 params
+        .word 15, x_ldt & 0xFFFF        ; 0x48 LDT
+        .byte (x_ldt >> 16) & 0xFF, 0x82, 0, x_ldt >> 24
+        .word 103, x_tss & 0xFFFF       ; 0x50 TSS, available
+        .byte (x_tss >> 16) & 0xFF, 0x89, 0, x_tss >> 24
+        .dword 0x0000FFFF, 0x00CF9E00   ; 0x58 conforming readable code, DPL 0
+        .dword 0x0000FFFF, 0x00CF1200   ; 0x60 data, DPL 0, not present
+        .dword 0x0000FFFF, 0x00CF9800   ; 0x68 execute-only code, DPL 0
+        .word gate_target & 0xFFFF, KCODE, 0x8C00, gate_target >> 16    ; 0x70 call gate, DPL 0
+        .dword 0x00000FFF, 0x00409200   ; 0x78 data, DPL 0, byte granular, limit 0xfff
+x_gdt_end:
+x_gdtr:
+        .word x_gdt_end - x_gdt - 1
+        .dword x_gdt
+        .align 8
+x_ldt:
+        .dword 0, 0
+        .dword 0x0000FFFF, 0x00CFF200   ; LDT 0x0f: data, DPL 3
+        .align 4
+x_tss:
+        .space 104
+far_pointer:
+        .dword ring0_code
+        .word KCODE
+        .align 4
+scratch:
+        .dword 0xDEADBEEF, 0xDEADBEEF, 0xDEADBEEF
+        pm_data
+"""
+
+
+class _StopAt(MonitorOps):
+    """The bare machine, stopped before the instruction at ``address``."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def attach(self, machine):
+        def at(uc, address, size, _):
+            machine.finish("budget", None, "differential harness")
+        self.hook = machine.uc.hook_add(unicorn.UC_HOOK_CODE, at, None, self.address, self.address)
+
+
+def _follow(m: Machine, v: VCpu):
+    """With ring 0 the real machine is the virtual one: let it follow what a routine changed."""
+    def changed(what: str) -> None:
+        if what in ("gdtr", "idtr"):
+            m.set_table(what, *getattr(v, what))
+        elif what in ("ldtr", "tr"):
+            selector, base, limit = getattr(v, what)
+            m.set_table(what, base, limit, selector)
+        elif what in ("cr0", "cr2", "cr3", "cr4"):
+            m.set_reg(what, getattr(v, what))
+    return changed
+
+
+def differential(setup: str, insn: str) -> tuple[dict, dict]:
+    """(native result, emulated result) as dicts with console, exit, state and RAM."""
+    guest = build(HARNESS.format(setup=setup, insn=insn))
+    target = guest.symbols["target"]
+    results = []
+    for emulated in (False, True):
+        m = Machine()
+        m.load(guest)
+        if emulated:
+            stop = _StopAt(target)
+            run(m, stop, 2_000_000)
+            m.uc.hook_del(stop.hook)
+            assert m.reg("eip") == target and m.end.why == "differential harness", m.end
+            m.end = None
+            v = VCpu.from_machine(m, ring=0)
+            v.on_change = _follow(m, v)
+            code = m.read_linear(target, 15)
+            recipe = decode(code, target)
+            assert recipe is not None and recipe.name in TABLE, code.hex()
+            try:
+                m.set_reg("eip", emulate(m, v, recipe))
+            except GuestFault as fault:
+                deliver(m, v, Interrupt(fault.vector, EXCEPTION,
+                                        fault.error_code if fault.vector in ERROR_CODE else None,
+                                        eip=target, insn=target, why=fault.why))
+        r = run(m, get_monitor("native"), 2_000_000)
+        results.append({"exit": (r.exit.reason, r.exit.code), "console": r.console, "state": r.state,
+                        "ram": bytes(m.uc.mem_read(0, RAM_COMPARED))})
+    return results[0], results[1]
+
+
+def assert_same(native: dict, emulated: dict) -> None:
+    assert native["exit"] == emulated["exit"]
+    assert native["console"] == emulated["console"]
+    diff = {k: (hex(native["state"][k]) if isinstance(native["state"][k], int) else native["state"][k],
+                hex(emulated["state"][k]) if isinstance(emulated["state"][k], int) else emulated["state"][k])
+            for k in native["state"] if native["state"][k] != emulated["state"][k]}
+    assert not diff, diff
+    if native["ram"] != emulated["ram"]:
+        at = next(i for i, (a, b) in enumerate(zip(native["ram"], emulated["ram"])) if a != b)
+        pytest.fail(f"RAM differs from {at:#x}: native {native['ram'][at:at + 16].hex()} "
+                    f"emulated {emulated['ram'][at:at + 16].hex()}")
+
+
+RING3 = "        enter_ring3 user_{n}\nuser_{n}:\n"
+IOPL3 = "        enter_ring3 user_{n}, 0x3202\nuser_{n}:\n"
+
+# (case id, setup lines, the instruction). Setup runs natively before it; ring-3 cases end in ring 3.
+CASES = [
+    # privileged: descriptor tables
+    ("lgdt", "", "lgdt [x_gdtr]"),
+    ("lidt", "        mov dword ptr [scratch], 0x12340567\n        mov dword ptr [scratch + 4], 0x89AB",
+     "lidt [scratch]"),
+    ("lidt-16bit", "        mov dword ptr [scratch], 0x12340567\n        mov dword ptr [scratch + 4], 0x89AB",
+     ".byte 0x66, 0x0f, 0x01, 0x1d\n        .dword scratch"),
+    ("lldt", "        mov ax, 0x48", "lldt ax"),
+    ("lldt-null", "        mov ax, 0x48\n        lldt ax\n        xor eax, eax", "lldt ax"),
+    ("lldt-not-ldt", "        mov ax, 0x10", "lldt ax"),
+    ("lldt-ldt-selector", "        mov ax, 0x4c", "lldt ax"),
+    ("lldt-ring3", RING3 + "        mov ax, 0x48", "lldt ax"),
+    ("ltr", "        mov word ptr [scratch], 0x50", "ltr [scratch]"),
+    ("ltr-busy", "        mov ax, 0x28", "ltr ax"),
+    ("ltr-null", "        xor eax, eax", "ltr ax"),
+    ("ltr-beyond", "        mov ax, 0x1000", "ltr ax"),
+    # privileged: control and debug registers
+    ("mov-cr0-write", "        mov eax, 0x80000000 | 0x0005002B\n        and eax, 0x7FFFFFFF", "mov cr0, eax"),
+    ("mov-cr0-nw-without-cd", "        mov eax, 0x20000011", "mov cr0, eax"),
+    ("mov-cr0-read", "        mov eax, cr0\n        or eax, 0x2\n        mov cr0, eax", "mov ebx, cr0"),
+    ("mov-cr2", "        mov eax, 0x12345678", "mov cr2, eax"),
+    ("mov-cr3", "        mov eax, 0x300000", "mov cr3, eax"),
+    ("mov-cr4", "        mov eax, 0x690", "mov cr4, eax"),
+    ("mov-cr4-reserved-bit", "        mov eax, 0x1000000", "mov cr4, eax"),
+    ("mov-cr4-read", "        mov eax, 0x10\n        mov cr4, eax", "mov edx, cr4"),
+    ("mov-cr-ring3", RING3, "mov eax, cr0"),
+    ("mov-dr7", "        mov eax, 0x155", "mov dr7, eax"),
+    ("mov-dr6-read", "        mov eax, 0\n        mov dr6, eax", "mov ecx, dr6"),
+    ("mov-dr0-read", "        mov eax, 0x1234\n        mov dr0, eax", "mov ebx, dr0"),
+    ("lmsw", "        mov ax, 0xE", "lmsw ax"),
+    ("lmsw-no-clear-pe", "        xor eax, eax", "lmsw ax"),
+    ("clts", "        mov eax, cr0\n        or eax, 8\n        mov cr0, eax", "clts"),
+    ("clts-ring3", RING3, "clts"),
+    ("invlpg", "        mov eax, 0x1000", "invlpg [eax]"),
+    ("wbinvd", "", "wbinvd"),
+    ("invd-ring3", RING3, "invd"),
+    ("hlt", "", "hlt"),
+    ("hlt-ring3", RING3, "hlt"),
+    # privileged: IF and port I/O
+    ("cli", "        sti", "cli"),
+    ("sti", "", "sti"),
+    ("cli-ring3", RING3, "cli"),
+    ("sti-ring3-iopl3", IOPL3, "sti"),
+    ("in-dx", "        mov dx, 0x3FD", "in al, dx"),
+    ("in-imm", "        mov eax, 0xFFFFFFFF", "in ax, 0x21"),
+    ("out-dx", "        mov dx, 0x3F8\n        mov al, 'Q'", "out dx, al"),
+    ("out-exit", "        mov eax, 0x1234", "out 0xF4, al"),
+    ("out-ring3", RING3 + "        mov al, 'Q'\n        mov dx, 0x3F8", "out dx, al"),
+    ("out-ring3-iopl3", IOPL3 + "        mov al, 'Q'\n        mov dx, 0x3F8", "out dx, al"),
+    ("rep-outsb", "        mov esi, scratch\n        mov ecx, 3\n        mov dx, 0x3F8\n        mov dword ptr [scratch], 0x434241",
+     "rep outsb"),
+    ("outsw-backwards", "        std\n        mov esi, scratch + 2\n        mov dx, 0x3F8\n        mov dword ptr [scratch], 0x44434241",
+     "outsw"),
+    ("rep-insb", "        mov edi, scratch\n        mov ecx, 2\n        mov dx, 0x3FD", "rep insb"),
+    ("insd", "        mov edi, scratch\n        mov dx, 0x3FD", "insd"),
+    # privileged: MSRs
+    ("wrmsr", "        mov ecx, 0x174\n        mov eax, 0x1B\n        xor edx, edx", "wrmsr"),
+    ("rdmsr", "        mov ecx, 0x174\n        mov eax, 0x1B\n        xor edx, edx\n        wrmsr\n        xor eax, eax",
+     "rdmsr"),
+    ("rdmsr-ring3", RING3 + "        mov ecx, 0x174", "rdmsr"),
+    ("rdtsc-tsd-ring3", "        mov eax, 4\n        mov cr4, eax\n" + RING3, "rdtsc"),
+    # sensitive registers
+    ("sgdt", "", "sgdt [scratch]"),
+    ("sidt", "", "sidt [scratch + 1]"),
+    ("sldt-mem", "        mov ax, 0x48\n        lldt ax", "sldt [scratch]"),
+    ("sldt-r32", "        mov ax, 0x48\n        lldt ax\n        mov ecx, 0xFFFFFFFF", "sldt ecx"),
+    ("sldt-r16", "        mov ax, 0x48\n        lldt ax\n        mov ecx, 0xFFFFFFFF", "sldt cx"),
+    ("str-r16", "        mov ebx, 0xFFFFFFFF", "str bx"),
+    ("str-r32", "        mov ebx, 0xFFFFFFFF", "str ebx"),
+    ("smsw-r32", "        mov eax, cr0\n        or eax, 0x50022\n        mov cr0, eax", "smsw eax"),
+    ("smsw-r16", "        mov eax, 0xFFFFFFFF", "smsw ax"),
+    ("smsw-mem", "", "smsw [scratch]"),
+    ("sgdt-ring3", RING3, "sgdt [scratch]"),
+    ("pushfd", "        sti\n        stc", "pushfd"),
+    ("pushfw", "        stc", "pushfw"),
+    ("pushfd-ring3", IOPL3 + "        stc", "pushfd"),
+    ("popfd-ring0", "        push 0x3ED7", "popfd"),
+    ("popfd-ring0-all", "        push 0xFFFFFFFF", "popfd"),
+    ("popfw-ring0", "        push 0x3ED7", "popfw"),
+    ("popfd-ring3", RING3 + "        push 0x3ED7", "popfd"),
+    ("popfd-ring3-iopl3", IOPL3 + "        push 0x0CD6", "popfd"),
+    # segment registers
+    ("push-cs", "", "push cs"),
+    ("push-ss-ring3", RING3, "push ss"),
+    ("push-ds-16", "", ".byte 0x66, 0x1e"),
+    ("push-fs", "        mov ax, 0x23\n        mov fs, ax", "push fs"),
+    ("mov-r32-cs", "        mov eax, 0xFFFFFFFF", "mov eax, cs"),
+    ("mov-r16-ss", "        mov eax, 0xFFFFFFFF", "mov ax, ss"),
+    ("mov-mem-ds", "", "mov [scratch], ds"),
+    ("mov-ds", "        mov ax, 0x23", "mov ds, ax"),
+    ("mov-ds-null", "        xor eax, eax", "mov ds, ax"),
+    ("mov-ds-ldt", "        mov ax, 0x48\n        lldt ax\n        mov ax, 0x0F", "mov ds, ax"),
+    ("mov-ds-code-readable", "        mov ax, 0x58", "mov ds, ax"),
+    ("mov-ds-execute-only", "        mov ax, 0x68", "mov ds, ax"),
+    ("mov-ds-not-present", "        mov ax, 0x60", "mov ds, ax"),
+    ("mov-ds-beyond", "        mov ax, 0x400", "mov ds, ax"),
+    ("mov-ds-system", "        mov ax, 0x48", "mov ds, ax"),
+    ("mov-ds-ring3-dpl0", RING3 + "        mov ax, 0x10", "mov ds, ax"),
+    ("mov-ss", "        mov ax, 0x10", "mov ss, ax"),
+    ("mov-ss-rpl3", "        mov ax, 0x23", "mov ss, ax"),
+    ("mov-ss-null", "        xor eax, eax", "mov ss, ax"),
+    ("mov-ss-code", "        mov ax, 0x08", "mov ss, ax"),
+    ("mov-ss-not-present", "        mov ax, 0x60", "mov ss, ax"),
+    ("mov-ss-ring3", RING3 + "        mov ax, 0x23", "mov ss, ax"),
+    ("mov-cs", "        mov ax, 0x08", ".byte 0x8e, 0xc8"),
+    ("pop-es", "        push 0x23", "pop es"),
+    ("pop-ss-bad", "        push 0x13", "pop ss"),
+    ("pop-ds-16", "        .byte 0x66, 0x6a, 0x10", ".byte 0x66, 0x1f"),
+    # lar lsl verr verw
+    ("lar-code", "        mov bx, 0x08", "lar eax, bx"),
+    ("lar-tss", "        mov bx, 0x28", "lar eax, bx"),
+    ("lar-ldt-16", "        mov bx, 0x48\n        mov eax, 0xFFFFFFFF", "lar ax, bx"),
+    ("lar-null", "        xor ebx, ebx\n        mov eax, 0x1234", "lar eax, bx"),
+    ("lar-beyond", "        mov bx, 0x800", "lar eax, bx"),
+    ("lar-rpl3", "        mov bx, 0x0B", "lar eax, bx"),
+    ("lar-ring3-dpl0", RING3 + "        mov bx, 0x10", "lar eax, bx"),
+    ("lar-ring3-conforming", RING3 + "        mov bx, 0x58", "lar eax, bx"),
+    ("lar-gate", "        mov bx, 0x40", "lar eax, bx"),
+    ("lsl-data", "        mov bx, 0x78", "lsl eax, bx"),
+    ("lsl-page-granular", "        mov bx, 0x10", "lsl ecx, bx"),
+    ("lsl-gate", "        mov bx, 0x40\n        mov ecx, 7", "lsl ecx, bx"),
+    ("lsl-tss-mem", "        mov word ptr [scratch], 0x50", "lsl eax, [scratch]"),
+    ("verr-code", "        mov ax, 0x08", "verr ax"),
+    ("verr-execute-only", "        mov ax, 0x68", "verr ax"),
+    ("verw-code", "        mov ax, 0x08", "verw ax"),
+    ("verw-data", "        mov ax, 0x10", "verw ax"),
+    ("verw-ring3", RING3 + "        mov ax, 0x10", "verw ax"),
+    ("verr-ring3-user", RING3 + "        mov ax, 0x23", "verr ax"),
+    # far transfers
+    ("jmp-far", "", "jmp far KCODE:ring0_code"),
+    ("jmp-far-indirect", "", "jmp fword ptr [far_pointer]"),
+    ("jmp-far-conforming", "", "jmp far 0x58:ring0_code"),
+    ("jmp-far-to-ring3-code", "", "jmp far UCODE:ring3_code"),
+    ("jmp-far-to-data", "", "jmp far KDATA:ring0_code"),
+    ("jmp-far-gate", "", "jmp far 0x70:0"),
+    ("call-far", "", "call far KCODE:ring0_code"),
+    ("call-far-indirect", "", "call fword ptr [far_pointer]"),
+    ("call-far-gate-same", "", "call far 0x40:0"),
+    ("call-far-gate-from-ring3", RING3 + "        push 0x11111111\n        push 0x22222222", "call far 0x43:0"),
+    ("call-far-gate-dpl0-from-ring3", RING3, "call far 0x70:0"),
+    ("call-far-ring3-to-ring0", RING3, "call far KCODE:ring0_code"),
+    ("retf", "        push KCODE\n        push ring0_code", "retf"),
+    ("retf-imm", "        push KCODE\n        push ring0_code", "retf 8"),
+    ("retf-outer", "        push UDATA\n        push USTACK\n        push UCODE\n        push ring3_code", "retf"),
+    ("retf-outer-imm", "        push UDATA\n        push USTACK\n        push 1\n        push 2\n        push UCODE\n        push ring3_code",
+     "retf 8"),
+    ("retf-outer-nulls-ds", "        mov ax, KDATA\n        mov fs, ax\n        mov ax, UDATA\n        mov gs, ax\n        push UDATA\n        push USTACK\n        push UCODE\n        push ring3_code",
+     "retf"),
+    ("retf-inner", RING3 + "        push KCODE\n        push ring0_code", "retf"),
+    ("retf-bad-stack", "        push KDATA\n        push USTACK\n        push UCODE\n        push ring3_code", "retf"),
+    # interrupts
+    ("int-ring0", "", "int 0x80"),
+    ("int-ring3", RING3, "int 0x80"),
+    ("int-ring3-dpl0-gate", RING3, "int 0x81"),
+    ("int-16bit-gate", "", "int 0x82"),
+    ("int-not-present", "", "int 0x90"),
+    ("int-beyond-idt", "        mov word ptr [pm_idtr], 0x3FF\n        lidt [pm_idtr]", "int 0x90"),
+    ("int3", "        set_gate 3, stop, USERGATE", "int3"),
+    ("into-overflow", "        set_gate 4, stop, USERGATE\n        mov al, 0x7F\n        add al, 1", "into"),
+    ("into-no-overflow", "        set_gate 4, stop, USERGATE", "into"),
+    ("iret-same", "        pushfd\n        push KCODE\n        push ring0_code", "iretd"),
+    ("iret-same-flags", "        push 0x3ED7\n        push KCODE\n        push ring0_code", "iretd"),
+    ("iret-outer", "        push UDATA\n        push USTACK\n        push 0x3202\n        push UCODE\n        push ring3_code",
+     "iretd"),
+    ("iret-outer-nulls-ds", "        push UDATA\n        push USTACK\n        push 0x202\n        push UCODE\n        push ring3_code",
+     "iretd"),
+    ("iret-ring3-keeps-if", RING3 + "        push 0x3ED7\n        push UCODE\n        push ring3_code", "iretd"),
+    ("iret-inner", RING3 + "        push 0x2\n        push KCODE\n        push ring0_code", "iretd"),
+    ("iret-to-ring1", "        push R1DATA\n        push 0x50000\n        push 0x1002\n        push R1CODE\n        push ring3_code",
+     "iretd"),
+    ("iret-16", "        .byte 0x66, 0x68\n        .word 0x0ED7\n        .byte 0x66, 0x6a, KCODE\n        .byte 0x66, 0x68\n        .word ring0_code & 0xFFFF",
+     "iretw"),
+    ("iret-nt", "        pushfd\n        or dword ptr [esp], 0x4000\n        popfd\n        pushfd\n        push KCODE\n        push ring0_code",
+     "iretd"),
+]
+
+
+@pytest.mark.parametrize("setup, insn", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_routine_is_what_the_bare_machine_does(setup, insn):
+    native, emulated = differential(setup.format(n=0), insn)
+    assert_same(native, emulated)
+
+
+def test_every_routine_has_a_differential_case():
+    names = set()
+    for _id, setup, insn in CASES:
+        guest = build(HARNESS.format(setup=setup.format(n=0), insn=insn))
+        target = guest.symbols["target"]
+        image = dict(guest.segments)[0x100000]
+        names.add(decode(image[target - 0x100000:target - 0x100000 + 15], target).name)
+    assert set(TABLE) <= names, sorted(set(TABLE) - names)
+    assert PRIVILEGED | SENSITIVE == set(TABLE)

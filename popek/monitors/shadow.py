@@ -1,0 +1,223 @@
+"""The real descriptor tables, TSS and page directory a deprivileging monitor owns, derived from the guest's.
+
+All of them live in monitor memory (read-only to the guest, DESIGN §3.3), allocated once at attach:
+
+- **GDT** (64 KiB, real GDTR limit 0xFFFF): entry *i* is the guest's entry *i* with ring compression: a
+  code or data descriptor, or a call gate, of DPL *d* gets DPL ``max(d, ring)``, and its accessed bit is
+  set (the CPU cannot write it in read-only memory). The guest's TSS and LDT descriptors and task gates
+  become null: the real CPU only ever uses the monitor's, which sit at the top of the table
+  (``TSS_SELECTOR`` 0xFFF8, ``LDT_SELECTOR`` 0xFFF0); a guest GDT that reaches them loses those entries.
+  Entries past the guest's limit are null, so a selector past it faults with the same error code.
+  Rebuilt on lgdt; a write hook on the guest's GDT keeps each entry current when the guest edits it
+  (the way VMware traced guest descriptor tables), so a guest never loads a stale descriptor.
+- **LDT** (64 KiB): the same for the guest's LDT, loaded in the real LDTR through the monitor's own LDT
+  descriptor when the guest has one (so ``sldt`` shows 0xFFF0 instead of the guest's selector).
+- **IDT** (256 null gates): Unicorn never reads an IDT (REFERENCES): every event reaches the machine's hook
+  and the monitor. It exists so that the real IDTR, which ``sidt`` reveals, points where a real monitor's
+  would: into monitor memory.
+- **TSS** (104 bytes, no I/O bitmap: every port traps): the real TR. For ring 1 or 2 its ring-``ring``
+  stack is the guest's ring-0 stack (copied at ltr and whenever the guest writes its TSS), which Unicorn
+  uses for a call through a call gate into the guest kernel.
+- **Page directory**, while the guest pages: the guest's 1024 PDEs (accessed bits set; the page tables
+  are the guest's own) plus one PDE that maps monitor memory at its physical address, so that the real
+  CPU can reach the shadow tables through the guest's address space. Resynchronised on mov to CR0/CR3/
+  CR4, invlpg, and before a page fault is reflected (a "hidden" fault: the guest had changed a PDE without
+  telling the CPU, which real CPUs allow for not-present entries). Limits: 32-bit paging only (no PAE);
+  the 4 MiB of linear space around monitor memory is the monitor's; the guest kernel runs at a real user
+  ring, so under ``ring=3`` its supervisor-only pages fault (a real monitor would shadow the page tables
+  too and set U/S; ``ring=1`` is supervisor for paging and is not affected).
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import unicorn
+
+from popek.machine.descriptors import ACCESSED, segment
+from popek.machine.faults import GuestFault
+from popek.machine.memory import CR0_PG, CR0_WP, CR4_PSE
+
+if TYPE_CHECKING:
+    from popek.machine.machine import Machine
+    from popek.monitors.vcpu import VCpu
+
+TABLE_SIZE = 0x10000
+TSS_SELECTOR, LDT_SELECTOR = 0xFFF8, 0xFFF0
+TSS_LIMIT = 103
+CALL_GATES = (4, 12)
+# Real CR0: the monitor's PE | ET, plus what the guest's address space and FPU use (PG, WP, and TS/EM/MP,
+# whose #NM faults belong to the guest). NE, AM, CD and NW stay virtual: AM, for one, would make the
+# deprivileged kernel's unaligned accesses fault (#AC applies at CPL 3).
+CR0_PASS = CR0_PG | CR0_WP | 0x8 | 0x4 | 0x2
+CR0_MONITOR = 0x11
+# Real CR4: the guest's paging and feature bits that mean the same at any ring; not VME/PVI (no
+# virtual-8086 mode here) or PAE (the shadow page directory is 32-bit paging only).
+CR4_PASS = 0x4 | 0x8 | CR4_PSE | 0x80 | 0x100 | 0x200 | 0x400 | 0x800
+PDE_PRESENT, PDE_WRITE, PDE_USER, PDE_ACCESSED, PDE_DIRTY, PDE_LARGE = 1, 2, 4, 0x20, 0x40, 0x80
+
+
+def compress(raw: bytes, ring: int) -> bytes:
+    """One guest descriptor as the real CPU gets it (see the module docstring)."""
+    low, high = struct.unpack("<II", raw)
+    code_or_data = high & (1 << 12)
+    if not code_or_data and (high >> 8) & 0xF not in CALL_GATES:
+        return bytes(8)
+    dpl = (high >> 13) & 3
+    if dpl < ring:
+        high = (high & ~(3 << 13)) | (ring << 13)
+    if code_or_data:
+        high |= ACCESSED
+    return struct.pack("<II", low, high)
+
+
+class Shadow:
+    def __init__(self, machine: Machine, vcpu: VCpu):
+        self.m, self.v = machine, vcpu
+        memory = machine.memory
+        self.gdt = memory.alloc(TABLE_SIZE, 8)
+        self.ldt = memory.alloc(TABLE_SIZE, 8)
+        self.idt = memory.alloc(256 * 8, 8)
+        self.tss = memory.alloc(TSS_LIMIT + 1, 16)
+        self.pd = memory.alloc(0x1000, 0x1000)
+        self.pt = memory.alloc(0x1000, 0x1000)
+        self._hooks: dict[str, int] = {}            # table name -> write hook handle
+        self.edits = 0                              # guest writes into its GDT/LDT/TSS seen by the hooks
+        # TSS: I/O map base past the limit (no bitmap: every port traps). Its descriptor is busy.
+        tss = bytearray(TSS_LIMIT + 1)
+        struct.pack_into("<H", tss, 102, TSS_LIMIT + 1)
+        memory.monitor_write(self.tss, bytes(tss))
+        self._monitor_entry(TSS_SELECTOR, segment(self.tss, TSS_LIMIT, 0x8B, 0))
+        memory.monitor_write(self.idt, bytes(256 * 8))
+        self._map_monitor_memory()
+        self.gdt_changed()
+        self.ldt_changed()
+        machine.set_table("idtr", self.idt, 256 * 8 - 1)
+        machine.set_table("tr", self.tss, TSS_LIMIT, TSS_SELECTOR)
+
+    # --- descriptor tables ----------------------------------------------------------------------------
+    def _monitor_entry(self, selector: int, raw: bytes) -> None:
+        self.m.memory.monitor_write(self.gdt + selector, raw)
+
+    def _copy(self, shadow: int, base: int, limit: int) -> None:
+        """Compress the guest table at linear ``base`` (``limit`` + 1 bytes) into ``shadow``."""
+        size = min(limit + 1, TABLE_SIZE) & ~7
+        space = self.v.space(self.m)
+        try:
+            raw = space.read(base, size) if size else b""
+        except GuestFault:
+            raw = b"".join(self._read_or_null(space, base + i) for i in range(0, size, 8))
+        table = b"".join(compress(raw[i:i + 8], self.v.ring) for i in range(0, size, 8))
+        top = LDT_SELECTOR if shadow == self.gdt else TABLE_SIZE
+        self.m.memory.monitor_write(shadow, table[:top] + bytes(top - min(top, len(table))))
+
+    @staticmethod
+    def _read_or_null(space, at: int) -> bytes:
+        try:
+            return space.read(at, 8)
+        except GuestFault:
+            return bytes(8)
+
+    def gdt_changed(self) -> None:
+        base, limit = self.v.gdtr
+        self._copy(self.gdt, base, limit)
+        self.m.set_table("gdtr", self.gdt, TABLE_SIZE - 1)
+        self._trace("gdt", base, limit, self.gdt)
+
+    def ldt_changed(self) -> None:
+        selector, base, limit = self.v.ldtr
+        if selector & 0xFFFC == 0:
+            self._untrace("ldt")
+            self.m.set_table("ldtr", 0, 0, 0)
+            return
+        self._copy(self.ldt, base, limit)
+        self._monitor_entry(LDT_SELECTOR, segment(self.ldt, limit, 0x82, 0))
+        self.m.set_table("ldtr", self.ldt, limit, LDT_SELECTOR)
+        self._trace("ldt", base, limit, self.ldt)
+
+    def tss_changed(self) -> None:
+        """The guest's ring-0 stack becomes the real TSS's ring-``ring`` stack (for call gates)."""
+        ring = self.v.ring
+        _selector, base, limit = self.v.tr
+        if ring in (1, 2) and limit >= 9:
+            try:
+                esp, ss = struct.unpack("<IH", self.v.space(self.m).read(base + 4, 6))
+            except GuestFault:
+                return
+            self.m.memory.monitor_write(self.tss + 4 + 8 * ring, struct.pack("<II", esp, (ss & 0xFFFC) | ring))
+            self._trace("tss", base + 4, 5, None)
+
+    def _trace(self, name: str, base: int, limit: int, shadow: int | None) -> None:
+        """Follow guest stores into [base, base + limit] (linear) with a scoped write hook."""
+        self._untrace(name)
+        self._hooks[name] = self.m.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_write, (base, shadow),
+                                               base, base + limit)
+
+    def _untrace(self, name: str) -> None:
+        handle = self._hooks.pop(name, None)
+        if handle is not None:
+            self.m.uc.hook_del(handle)
+
+    def _on_write(self, uc, access: int, address: int, size: int, value: int, target) -> None:
+        # Called before the store lands: the new contents are memory plus the stored bytes.
+        base, shadow = target
+        self.edits += 1
+        step = 8 if shadow is not None else 6       # whole descriptors; the TSS's ESP0:SS0
+        first = (address - base) // step * step if shadow is not None else 0
+        last = (address + size - 1 - base) // step * step if shadow is not None else 0
+        try:
+            raw = bytearray(self.v.space(self.m).read(base + first, last - first + step))
+        except GuestFault:
+            return
+        for i in range(size):
+            at = address + i - base - first
+            if 0 <= at < len(raw):
+                raw[at] = (value >> (8 * i)) & 0xFF
+        if shadow is None:
+            esp, ss = struct.unpack("<IH", raw)
+            ring = self.v.ring
+            self.m.memory.monitor_write(self.tss + 4 + 8 * ring, struct.pack("<II", esp, (ss & 0xFFFC) | ring))
+            return
+        limit = LDT_SELECTOR if shadow == self.gdt else TABLE_SIZE
+        for i in range(0, len(raw), 8):
+            if first + i < limit:
+                self.m.memory.monitor_write(shadow + first + i, compress(bytes(raw[i:i + 8]), self.v.ring))
+        self.v.changed("descriptors")
+
+    # --- paging -------------------------------------------------------------------------------------------
+    def _map_monitor_memory(self) -> None:
+        memory = self.m.memory
+        entries = bytearray(0x1000)
+        start = memory.monitor_base & ~0x3FFFFF
+        for page in range(memory.monitor_base, memory.monitor_end, 0x1000):
+            struct.pack_into("<I", entries, ((page - start) >> 12) * 4,
+                             page | PDE_PRESENT | PDE_USER | PDE_ACCESSED | PDE_DIRTY)
+        memory.monitor_write(self.pt, bytes(entries))
+        self._monitor_pde = (memory.monitor_base >> 22, self.pt | PDE_PRESENT | PDE_USER | PDE_ACCESSED)
+
+    def paging_changed(self) -> bool:
+        """Make the real CR0/CR3/CR4 follow the guest's; True when the shadow page directory changed."""
+        v, m = self.v, self.m
+        changed = False
+        if v.cr0 & CR0_PG:
+            directory = bytearray(self._guest_directory())
+            for i in range(1024):
+                (pde,) = struct.unpack_from("<I", directory, i * 4)
+                if pde & PDE_PRESENT:
+                    pde |= PDE_ACCESSED | (PDE_DIRTY if pde & PDE_LARGE else 0)
+                struct.pack_into("<I", directory, i * 4, pde)
+            index, pde = self._monitor_pde
+            struct.pack_into("<I", directory, index * 4, pde)
+            changed = bytes(m.memory.read(self.pd, 0x1000)) != bytes(directory)
+            if changed:
+                m.memory.monitor_write(self.pd, bytes(directory))
+        m.set_reg("cr4", v.cr4 & CR4_PASS)
+        m.set_reg("cr0", CR0_MONITOR | (v.cr0 & CR0_PASS))
+        m.set_reg("cr3", self.pd if v.cr0 & CR0_PG else v.cr3)     # a CR3 write also flushes the TLB
+        return changed
+
+    def _guest_directory(self) -> bytes:
+        try:
+            return self.m.memory.read(self.v.cr3 & ~0xFFF, 0x1000)
+        except GuestFault:
+            return bytes(0x1000)

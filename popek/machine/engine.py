@@ -23,6 +23,12 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    crashing) from each pointer in ``uc_struct``, and keeps the copy that follows a register write made
    through the API; every ``Engine`` checks the pointer again the same way. Where this is not possible the
    context path is used.
+5. **Which addresses are counted.** ``emu_start(count=N)`` counts through a code hook that Unicorn creates
+   on the first such call and keeps (``uc->count_hook``), over every address. ``Engine.count_only`` narrows
+   that hook's range, so that code a monitor generates for itself (a binary translator's glue between
+   translated guest instructions) is not counted as guest instructions and never ends a chunk. Unicorn
+   reads the range when it translates a block: narrow it before the code outside is first run. The hook's
+   ``begin``/``end`` offsets and ``count_hook``'s place in ``uc_struct`` are found by calibration too.
 
 None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
 guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
@@ -63,6 +69,8 @@ class Layout:
     header: int = 0       # bytes of the context before the copy of env (context offsets - header = env offsets)
     env_pointer: int | None = None   # offset in uc_struct of a pointer to (env - env_delta); None: not found
     env_delta: int = 0
+    count_hook: int | None = None    # offset in uc_struct of uc->count_hook (a struct hook *); None: not found
+    hook_range: int = 0              # offset of uint64 begin (end follows) in struct hook
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -156,9 +164,38 @@ def layout() -> Layout:
     if _find_counter(uc, 1, _CAL_COUNT - 1) != counter:
         raise EngineError("calibration: uc->emu_counter moved between runs")
     header, pointer, delta = _find_live_state(uc)
+    count_hook, hook_range = _find_count_hook(uc)
     return Layout(counter=counter, error_code=found["error_code"], is_int=found["is_int"],
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
-                  env_pointer=pointer, env_delta=delta)
+                  env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range)
+
+
+_RANGE_MARKS = (0x13579BDF, 0x2468ACE0)
+
+
+def _find_count_hook(uc) -> tuple[int | None, int]:
+    """(offset of uc->count_hook in uc_struct, offset of begin in struct hook), after a counted run.
+
+    A hook added with a recognisable range shows where ``begin`` and ``end`` sit in ``struct hook`` (the
+    handle the API returns is the struct's address); the count hook is the one ``uc_struct`` field that
+    points to a code hook with Unicorn's "everywhere" range, begin 1 and end 0."""
+    handle = uc.hook_add(unicorn.UC_HOOK_CODE, lambda *a: None, None, *_RANGE_MARKS)
+    try:
+        raw = _pread(handle, 128) or b""
+        at = raw.find(struct.pack("<2Q", *_RANGE_MARKS))
+    finally:
+        uc.hook_del(handle)
+    words = _pread(uc._uch.value, 8192)
+    if at < 0 or words is None:
+        return None, 0
+    found = []
+    for offset, pointer in enumerate(struct.unpack("<1024Q", words)):
+        if pointer & 7 or pointer < 0x10000 or pointer == handle:
+            continue
+        hook = _pread(pointer + at, 16)
+        if hook is not None and len(hook) == 16 and struct.unpack("<2Q", hook) == (1, 0):
+            found.append(offset * 8)
+    return (found[0], at) if len(found) == 1 else (None, 0)
 
 
 _MARKS = (0x9E3779B1, 0x7F4A7C15, 0x85EBCA77, 0xC2B2AE3D)     # EAX ECX EDX EBX: unlikely anywhere else
@@ -292,6 +329,22 @@ class Engine:
     def counter(self) -> int:
         """Instructions counted so far by the current (or last) ``emu_start``."""
         return self._counter.value
+
+    def count_only(self, begin: int, end: int) -> bool:
+        """Count (and end ``count``-limited runs on) only instructions at addresses in [begin, end].
+
+        False when it cannot be done: Unicorn creates its count hook in the first ``emu_start`` with a
+        count (run one first), or calibration did not find it. Blocks already translated keep counting
+        as before: call this before the code outside the range runs."""
+        lay = self.layout
+        if lay.count_hook is None:
+            return False
+        hook = ctypes.c_uint64.from_address(self._uch.value + lay.count_hook).value
+        if not hook:
+            return False
+        ctypes.c_uint64.from_address(hook + lay.hook_range).value = begin
+        ctypes.c_uint64.from_address(hook + lay.hook_range + 8).value = end
+        return True
 
     def take_exception(self) -> tuple[bool, int]:
         """``(software, error_code)`` of the exception being reported to ``UC_HOOK_INTR``; clears

@@ -59,6 +59,9 @@ class Memory:
         self._uch = uc._uch
         self._buf = ctypes.create_string_buffer(64)     # raw uc_mem_read: 0.4 µs against the binding's 1.1
         uc.mem_map(0, ram_size, unicorn.UC_PROT_ALL)
+        # Called with (physical address, size) after every host write into guest RAM: Unicorn does not see
+        # host writes, and a monitor that keeps translations of guest code must drop the stale ones.
+        self.on_write = None
         self._monitor = ctypes.create_string_buffer(MONITOR_SIZE)     # kept alive as long as the mapping
         uc.mem_map_ptr(self.monitor_base, MONITOR_SIZE, unicorn.UC_PROT_READ, ctypes.addressof(self._monitor))
 
@@ -84,6 +87,8 @@ class Memory:
         if not self.in_ram(address, len(data)):
             raise GuestFault(GP, 0, f"write of {len(data)} bytes at {address:#x} outside guest RAM")
         self.uc.mem_write(address, bytes(data))
+        if self.on_write is not None:
+            self.on_write(address, len(data))
 
     def monitor_write(self, address: int, data: bytes) -> None:
         """Host write into monitor memory (boot GDT, shadow tables)."""

@@ -12,7 +12,7 @@ import sys
 
 from popek.errors import UsageError
 from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
-from popek.monitors import MONITORS, run_guest
+from popek.monitors import MONITORS, get_monitor, run_guest
 from popek.monitors.base import DEFAULT_BUDGET
 
 
@@ -33,6 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"guest RAM size (default {RAM_DEFAULT // MIB})")
     parser.add_argument("--umip", action="store_true",
                         help="model CR4.UMIP: sgdt/sidt/sldt/smsw/str fault with #GP(0) at CPL > 0")
+    parser.add_argument("--ring", type=int, default=None, metavar="N",
+                        help="the real ring a deprivileging monitor runs the guest kernel at (trap: 3 or 1; "
+                             "default 3)")
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
@@ -46,10 +49,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-instructions must not be negative")
     if args.monitor not in MONITORS:
         raise UsageError(f"unknown monitor {args.monitor!r} (known: {', '.join(MONITORS)})")
+    options = {} if args.ring is None else {"ring": args.ring}
+    if options:
+        try:
+            get_monitor(args.monitor, **options)         # a monitor without the option rejects it here
+        except TypeError:
+            raise UsageError(f"--ring does not apply to monitor {args.monitor!r}") from None
     ram = args.ram * MIB
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
-                       umip=args.umip)
+                       umip=args.umip, **options)
     if args.format == "json":
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

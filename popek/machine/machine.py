@@ -384,6 +384,9 @@ class Machine:
 
     # --- port I/O ---------------------------------------------------------------------------------------
     def _io_allowed(self, port: int, size: int) -> bool:
+        verdict = self.ops.io_allowed(self, port, size) if self.ops is not None else None
+        if verdict is not None:
+            return verdict                              # a monitor answers for its virtual CPU
         cpl = self.cpl()
         iopl = (self.reg("eflags") >> IOPL_SHIFT) & 3
         return cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size)

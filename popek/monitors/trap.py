@@ -55,6 +55,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from popek.errors import UsageError
+from popek.machine import ioperm
 from popek.machine.descriptors import Descriptor
 from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, GuestFault, Interrupt
 from popek.monitors.base import MonitorOps
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
 SEGMENTS = ("ds", "es", "fs", "gs")
+IN_OUT = frozenset({"in", "out"})
 
 
 class TrapAndEmulate(MonitorOps):
@@ -163,6 +165,25 @@ class TrapAndEmulate(MonitorOps):
         elif event.source == EXTERNAL:
             machine.events.count("inject", event.name)
         deliver(machine, v, event)
+        return True
+
+    def io_allowed(self, machine: Machine, port: int, size: int) -> bool:
+        """An in/out the real CPU would refuse (IOPL 0, no bitmap): trap and emulate it in the I/O hook,
+        with the virtual permission check. String I/O is refused here and emulated whole after its #GP, so
+        that a ``rep`` instruction is one trap, as on hardware."""
+        v = self.vcpu
+        _cpl, cs_base = self._code_segment(machine)
+        try:
+            recipe = self.recipes.get(machine, v, machine.reg("eip"), cs_base)
+        except GuestFault:
+            return False
+        if recipe is None or recipe.name not in IN_OUT:
+            return False
+        if v.cpl > v.iopl and not ioperm.bitmap_allows(v.space(machine), tuple(v.tr), port, size):
+            return False                            # the #GP path delivers the virtual #GP
+        events = machine.events
+        events.count("trap", recipe.name)
+        events.count("emulate", recipe.name)
         return True
 
     def _reflect(self, m: Machine, fault: GuestFault, eip: int) -> None:

@@ -673,3 +673,54 @@ def test_cli_ring_option(capsys):
     assert "--ring must be 1, 2 or 3" in capsys.readouterr().err
     assert main(["run", sample("hello"), "--ring", "1"]) == 2
     assert "does not apply to monitor 'native'" in capsys.readouterr().err
+
+
+def test_with_umip_the_table_stores_trap_and_are_emulated():
+    # CR4.UMIP makes sgdt/sidt/sldt/smsw/str fault at CPL > 0: the monitor then sees and emulates them,
+    # and the guest that exposes trap-and-emulate (store_tables.s) can no longer tell.
+    native = run_guest(sample("store_tables"), umip=True)
+    trapped = run_guest(sample("store_tables"), "trap", umip=True)
+    assert _comparable(trapped)["console"] == native.console and trapped.exit == native.exit
+    assert {name: trapped.events["emulate"][name] for name in ("sgdt", "sidt", "sldt", "smsw", "str")} == \
+        {"sgdt": 1, "sidt": 1, "sldt": 1, "smsw": 1, "str": 1}
+
+
+def test_an_interrupt_pending_behind_cli_waits_for_the_virtual_sti():
+    guest = build("""
+        pm_setup
+        set_gate 0x20, tick, INTGATE
+        mov al, 0x11
+        out 0x20, al
+        mov al, 0x20
+        out 0x21, al
+        mov al, 0x04
+        out 0x21, al
+        mov al, 0x01
+        out 0x21, al
+        mov al, 0xFE
+        out 0x21, al
+        mov al, 0x34
+        out 0x43, al
+        mov al, 100
+        out 0x40, al
+        mov al, 0
+        out 0x40, al
+        mov ecx, 1000
+busy:
+        loop busy                       ; ten periods pass with the virtual IF clear
+        sti
+        mov ecx, 1000
+busy2:
+        loop busy2                      ; no EOI: no second interrupt
+        mov eax, ebx
+        out EXIT, al
+tick:
+        inc ebx
+        iretd
+        pm_data
+""")
+    native = run_guest(guest)
+    for ring in (3, 1):
+        trapped = run_guest(guest, "trap", ring=ring)
+        assert _comparable(trapped) == _comparable(native)
+        assert trapped.events["inject"] == {"vector 0x20": 1}

@@ -105,11 +105,8 @@ class VCpu:
 
     def set_eflags(self, virtual: int) -> int:
         """Take IF and IOPL from a virtual EFLAGS value; return the real EFLAGS to load."""
-        if not self.ring:
-            self.iflag, self.iopl = (virtual >> 9) & 1, (virtual >> IOPL_SHIFT) & 3
-            return virtual
         self.iflag, self.iopl = (virtual >> 9) & 1, (virtual >> IOPL_SHIFT) & 3
-        return (virtual & ~IOPL) | IF
+        return virtual if not self.ring else (virtual & ~IOPL) | IF
 
     # --- the guest's view of memory and tables ------------------------------------------------------
     def space(self, machine: Machine) -> AddressSpace:

@@ -91,6 +91,8 @@ class Report:
     blamed: list[dict] = field(default_factory=list)          # sensitive instructions that read different state
     paths: str = ""                                           # where the runs' executions part, if they do
 
+    SHOWN = 20
+
     @property
     def equivalent(self) -> bool:
         return not self.differences
@@ -110,9 +112,17 @@ class Report:
             lines += [f"  - {d}" for d in self.differences]
         if self.blamed:
             lines.append("\nsensitive-unprivileged instructions that saw different state than on the bare machine:")
-            for b in self.blamed:
-                lines.append(f"  {b['name']} at {b['address']} ({b['text']}, execution {b['occurrence']}): "
-                             f"read {b['saw']}; the bare machine gave {b['native']}")
+            groups: dict[tuple[str, str, str], list[dict]] = {}
+            for b in self.blamed:  # the same leak at several sites reads as one line
+                groups.setdefault((b["name"], b["saw"], b["native"]), []).append(b)
+            for (name, saw, native), sites in list(groups.items())[:self.SHOWN]:
+                first = sites[0]
+                where = f"{first['address']} ({first['text']})"
+                if len(sites) > 1:
+                    where += f" and {len(sites) - 1} more execution{'s' * (len(sites) > 2)}"
+                lines.append(f"  {name} at {where}: read {saw}; the bare machine gave {native}")
+            if len(groups) > self.SHOWN:
+                lines.append(f"  ... {len(groups) - self.SHOWN} more (--format json lists every one)")
         elif not self.equivalent:
             lines.append("\nno sensitive-unprivileged instruction of the loaded image read different state")
         if self.paths:

@@ -46,11 +46,18 @@ class Events:
             counter = self._kinds[kind] = Counter()
         counter[name] += n
 
+    def counter(self, kind: str) -> Counter:
+        """The live counts of one kind, for a hook that counts on every event (``counter[name] += 1``)."""
+        counter = self._kinds.get(kind)
+        if counter is None:
+            counter = self._kinds[kind] = Counter()
+        return counter
+
     def get(self, kind: str, name: str) -> int:
         return self._kinds.get(kind, Counter())[name]
 
     def to_dict(self) -> dict[str, dict[str, int]]:
-        return {kind: dict(sorted(c.items())) for kind, c in sorted(self._kinds.items())}
+        return {kind: dict(sorted(c.items())) for kind, c in sorted(self._kinds.items()) if c}
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,11 @@ _SREGS = frozenset({"cs", "ds", "es", "fs", "gs", "ss"})
 
 
 class Recipes:
-    """Recipes by guest address, checked against the guest's bytes on every use (one raw read)."""
+    """Recipes by EIP, checked against the guest's bytes at CS:EIP on every use (one raw read)."""
 
     def __init__(self):
-        self._by_eip: dict[int, Recipe | bytes] = {}   # a recipe, or the bytes that decoded to none
+        # EIP -> (bytes, their length, the recipe or None when they decode to no named instruction)
+        self._by_eip: dict[int, tuple[bytes, int, Recipe | None]] = {}
         self._buf = ctypes.create_string_buffer(16)
         self.decoded = 0
 
@@ -146,22 +147,24 @@ class Recipes:
         """The recipe for the instruction at CS:EIP now (``cs_base``: the base of CS), or None (not
         decodable, or not one the ISA description names)."""
         linear = (cs_base + eip) & 0xFFFFFFFF
-        known = self._by_eip.get(linear)
+        known = self._by_eip.get(eip)
         if known is not None:
-            raw = known if isinstance(known, bytes) else known.raw
-            # The hot path: one raw read (0.5 µs; through Memory.read 1 µs) while paging is off.
-            if not v.cr0 & CR0_PG and not uclib.uc_mem_read(m.uc._uch, linear, self._buf, len(raw)):
-                same = self._buf.raw[:len(raw)] == raw
-            else:
-                same = _fetch(m, v, linear, len(raw)) == raw
-            if same:
-                return None if isinstance(known, bytes) else known
+            raw, size, recipe = known
+            if v.cr0 & CR0_PG:
+                if _fetch(m, v, linear, size) == raw:
+                    return recipe
+            elif not _mem_read(m.uc._uch, linear, self._buf, size) and self._buf.raw[:size] == raw:
+                return recipe           # the hot path: one raw read, 0.5 µs (through Memory.read, 1 µs)
         code = _fetch(m, v, linear, 15)
         recipe = decode(code, eip) if code else None
         if code:
-            self._by_eip[linear] = code if recipe is None else recipe
+            raw = recipe.raw if recipe is not None else code
+            self._by_eip[eip] = (raw, len(raw), recipe)
         self.decoded += 1
         return recipe
+
+
+_mem_read = uclib.uc_mem_read
 
 
 def _fetch(m: Machine, v: VCpu, linear: int, size: int) -> bytes:

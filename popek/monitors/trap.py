@@ -54,6 +54,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from unicorn.x86_const import UC_X86_REG_CS as UC_CS, UC_X86_REG_EIP as UC_EIP
+
 from popek.errors import UsageError
 from popek.machine import ioperm
 from popek.machine.descriptors import Descriptor
@@ -81,6 +83,7 @@ class TrapAndEmulate(MonitorOps):
         self._code: dict[int, tuple[int, int]] = {}     # real CS -> (virtual CPL, base)
 
     def attach(self, machine: Machine) -> None:
+        self._traps, self._emulated = machine.events.counter("trap"), machine.events.counter("emulate")
         v = self.vcpu = VCpu.from_machine(machine, self.ring)
         self.shadow = Shadow(machine, v)
         v.on_change = self._changed
@@ -108,29 +111,27 @@ class TrapAndEmulate(MonitorOps):
             self._code.clear()
 
     # --- the virtual CPL ----------------------------------------------------------------------------------
-    def _code_segment(self, m: Machine) -> tuple[int, int]:
-        """(virtual CPL, base) for the code segment in the real CS; updates the vcpu's CPL."""
-        cs = m.reg("cs")
+    def _code_segment(self, m: Machine) -> int:
+        """Bring the vcpu's CPL up to date from the real CS; the base of that code segment."""
+        cs = m.engine.read(UC_CS) & 0xFFFF
         known = self._code.get(cs)
         if known is None:
             known = self._code[cs] = self._derive(m, cs)
         v = self.vcpu
         if known[0] >= 0:
             v.cpl = known[0]
-        elif v.real_cpl(v.cpl) != cs & 3:       # conforming code keeps the caller's CPL
+        elif v.real_cpl(v.cpl) != cs & 3:       # conforming code keeps the caller's CPL, if it can
             v.cpl = cs & 3
-        return v.cpl, known[1]
+        return known[1]
 
     def _derive(self, m: Machine, cs: int) -> tuple[int, int]:
+        """(virtual CPL or -1 for "the caller's", base) of the code segment the real CS selects."""
         v = self.vcpu
-        if cs & 3 > v.ring:
-            cpl = cs & 3                            # rings above the compressed ones are exact
-        else:
-            cpl = -1
+        cpl = cs & 3 if cs & 3 > v.ring else -1     # rings above the compressed ones are exact
         try:
             desc: Descriptor = v.space(m).descriptor(cs, GP, 0)
         except GuestFault:
-            return (cpl if cpl >= 0 else v.cpl), 0
+            return cpl, 0
         if cpl < 0 and desc.is_code and not desc.conforming:
             cpl = desc.dpl
         return cpl, desc.base
@@ -138,7 +139,7 @@ class TrapAndEmulate(MonitorOps):
     # --- events --------------------------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:
         v = self.vcpu
-        _cpl, cs_base = self._code_segment(machine)
+        cs_base = self._code_segment(machine)
         if event.vector == GP and event.source == EXCEPTION:
             try:
                 recipe = self.recipes.get(machine, v, event.eip, cs_base)
@@ -146,14 +147,14 @@ class TrapAndEmulate(MonitorOps):
                 recipe = None
             routine = TABLE.get(recipe.name) if recipe is not None else None
             if routine is not None:
-                machine.events.count("trap", recipe.name)
+                self._traps[recipe.name] += 1
                 try:
                     eip = routine(machine, v, recipe)
                 except GuestFault as fault:
                     self._reflect(machine, fault, event.eip)
                     return True
-                machine.events.count("emulate", recipe.name)
-                machine.set_reg("eip", eip)
+                self._emulated[recipe.name] += 1
+                machine.engine.write(UC_EIP, eip)
                 return True
         elif event.vector == PF and event.source == EXCEPTION:
             if self.shadow.paging_changed():
@@ -172,18 +173,17 @@ class TrapAndEmulate(MonitorOps):
         with the virtual permission check. String I/O is refused here and emulated whole after its #GP, so
         that a ``rep`` instruction is one trap, as on hardware."""
         v = self.vcpu
-        _cpl, cs_base = self._code_segment(machine)
+        cs_base = self._code_segment(machine)
         try:
-            recipe = self.recipes.get(machine, v, machine.reg("eip"), cs_base)
+            recipe = self.recipes.get(machine, v, machine.engine.read(UC_EIP), cs_base)
         except GuestFault:
             return False
         if recipe is None or recipe.name not in IN_OUT:
             return False
         if v.cpl > v.iopl and not ioperm.bitmap_allows(v.space(machine), tuple(v.tr), port, size):
             return False                            # the #GP path delivers the virtual #GP
-        events = machine.events
-        events.count("trap", recipe.name)
-        events.count("emulate", recipe.name)
+        self._traps[recipe.name] += 1
+        self._emulated[recipe.name] += 1
         return True
 
     def _reflect(self, m: Machine, fault: GuestFault, eip: int) -> None:

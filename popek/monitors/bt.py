@@ -1,0 +1,493 @@
+"""``bt``: full virtualization by binary translation (VMware-style: Adams & Agesen, ASPLOS 2006).
+
+The guest never executes its own code: it executes translations of it, made on demand into a translation
+cache outside guest RAM (find: ``bt_cache``; translate: ``bt_translate``; execute: this module). Innocuous
+instructions are copied unchanged; every instruction with an emulation routine (the privileged and I/O ones
+and the sensitive-unprivileged ones: popek.monitors.emulation) becomes a *callout*; branches are rewritten
+so that execution stays in the cache (chained exits, inline lookups for returns and indirect branches).
+
+**Privilege.** The guest kernel runs at real ring 0 (``VCpu(ring=0)``): real and virtual CPL coincide, and
+so do the real and virtual IF and IOPL. What the monitor owns, like a real VMM, is the rest of the machine's
+system state: the real GDTR, IDTR, LDTR and TR point at the monitor's shadow tables in monitor memory
+(popek.monitors.shadow, the same ones ``trap`` uses), and CR0/CR3/CR4 follow the guest through them. The
+guest cannot see that, because every instruction that reads it is a callout: ``sgdt`` stores the virtual
+GDTR, ``str`` the guest's TR, ``smsw`` the virtual CR0, and so on (popek.monitors.vcpu holds the values).
+
+**Callouts.** A callout is the 2-byte ``syscall`` instruction in the cache. Unicorn gives ``syscall`` to an
+instruction hook and then ends its translated block and continues at EIP + 2, whatever the hook did
+(measured on 2.1.4: 0.25 µs for a hook that does nothing; ``cpuid`` would be as cheap but cannot redirect
+EIP, ``int n`` can but costs 1.6 µs through the machine's exception path). So a callout can write
+registers, flags, segments or EIP. The hook finds the *site* by EIP: the recipe decoded at translation
+time, and the routine to run. Guest faults a routine raises are delivered at the guest instruction through
+the guest's virtual IDT (``vcpu.deliver``); a guest's own ``syscall`` in translated code is no site, and
+stays what Unicorn makes of it natively, a no-op.
+
+**Instruction counts and interrupts.** The machine's clock is its instruction counter. Each guest
+instruction is exactly one counted instruction in the cache (popek.monitors.bt_translate), and glue is not
+counted (``Engine.count_only``), so timer interrupts arrive after the same guest instruction as natively.
+A chunk can only stop before a counted instruction, which is always a guest instruction boundary: the
+monitor maps that cache address back to the guest EIP and delivers there. Interrupts are therefore taken
+only between translated instructions, at the points where a unit can be entered (every instruction start
+is indexed; a return from the interrupt enters the translation in the middle).
+
+**Precise faults.** A fault in translated code is reported to the guest at the guest address of the
+faulting instruction (every cache instruction, and every glue sequence, maps back to one), with the state
+before it: the glue's first instruction is the only one that can fault, and it has no side effect then.
+Interrupt frames, pushed return addresses and registers only ever hold guest addresses.
+
+**Self-modifying code.** Guest stores into code with translations are caught by write hooks scoped to the
+byte ranges translations were made from (merged to a few ranges); host writes (the emulation routines, the
+frames of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units are
+invalidated (popek.monitors.bt_cache); a store inside the running unit ends the chunk before the next
+guest instruction, which then runs from a fresh translation. Guest reads of code read guest memory, never
+the cache.
+
+**Resource control.** The cache is mapped execute-only outside guest RAM: stores fault like stores to any
+address outside RAM. A read hook on the cache range turns a guest read of it into the same #GP(0) the bare
+machine gives for that unmapped address (the bytes the instruction would read are blanked first, so that
+nothing of the cache reaches the guest; registers are put back). The guest cannot jump into the cache: every
+guest branch target is a guest address, looked up or translated.
+
+**Bounded cache.** ``cache_size`` bytes of translated code (and a quarter of that for glue); when a
+translation does not fit, the whole cache is flushed and translation starts again.
+
+**User code.** Translated too (``direct_user=False``, the default), so that user-mode sgdt/sidt/sldt/str/
+smsw and pushf see virtual values. With ``direct_user=True`` guest code at virtual CPL 3 runs untranslated,
+as VMware ran it: then its sensitive instructions read the real, monitor-owned state (``popek diff GUEST
+--monitor bt --direct-user`` names them).
+
+Events (``machine.events``): ``translation`` (runs, units, instructions, cache-bytes, glue-bytes),
+``callout`` (by canonical name; ``exit``, ``lookup``, ``continue``, ``poison``), ``chain`` (patched
+same-page branches) and ``lookup`` (``filled``: cross-page exits and inline lookup ways; ``hit``/``miss``:
+the monitor's own guest-to-cache index), ``invalidation`` (units, by guest and host writes), ``flush``
+(cache-full, address-space), ``resource`` (cache reads refused), plus what the guest's IDT receives, as for
+every monitor.
+"""
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import unicorn
+from unicorn import x86_const as X
+
+from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, PF, SOFTWARE, UD, GuestFault, Interrupt
+from popek.machine.memory import CR0_PG, PAGE
+from popek.monitors import bt_emit as emit
+from popek.monitors.base import MonitorOps
+from popek.monitors.bt_cache import CodeCache, Unit
+from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
+from popek.monitors.emulation import peek, push
+from popek.monitors.shadow import Shadow
+from popek.monitors.vcpu import VCpu, deliver
+
+if TYPE_CHECKING:
+    from popek.machine.machine import Machine
+
+EIP = X.UC_X86_REG_EIP
+GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+SEGMENTS = ("ds", "es", "fs", "gs")
+MAX_WATCHED = 8          # write hooks for SMC: each one costs every guest store a range check (measured)
+WATCH_GAP = 256          # code ranges closer than this share a hook
+
+
+class BinaryTranslation(MonitorOps):
+    name = "bt"
+
+    def __init__(self, direct_user: bool = False, cache_size: int = 2 << 20, cap: int = 12, ways: int = 4,
+                 max_run: int = 1024, paranoid: bool = False):
+        if cache_size < 0x4000:
+            raise ValueError("cache_size must be at least 16 KiB")
+        self.direct_user = direct_user
+        self.cache_size, self.cap, self.ways, self.max_run = cache_size, cap, ways, max_run
+        self.paranoid = paranoid            # tests: look for cache addresses the guest could see, at every callout
+        self.callouts: Counter = Counter()
+        self.counts: Counter = Counter()    # everything else, by (kind, name)
+        self._cs: dict[int, tuple[int, bool]] = {}      # real CS selector -> (base, 32-bit)
+        self._watched: list[tuple[int, int, int]] = []  # (start, end, hook handle)
+        self._blanked: list[tuple[int, bytes]] = []
+        self._flush_wanted: str | None = None
+
+    # --- MonitorOps ---------------------------------------------------------------------------------------
+    def attach(self, machine: Machine) -> None:
+        self.m = m = machine
+        v = self.vcpu = VCpu.from_machine(m, 0)
+        self.shadow = Shadow(m, v)
+        v.on_change = self._changed
+        self.shadow.paging_changed()
+        for sreg in SEGMENTS + ("ss",):             # reload the descriptor caches from the shadow GDT
+            selector = m.reg(sreg)
+            m.set_reg(sreg, selector if selector & 0xFFFC or sreg == "ss" else 0)
+        self.cache = CodeCache(m, self.cache_size, max(self.cache_size // 4, 0x4000))
+        self._map_for_paging()
+        self.translator = Translator(m, v, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
+        self._count_guest_only()
+        uc, cache = m.uc, self.cache
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_syscall, None, cache.base, cache.end - 1, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_cache_read, None, cache.base, cache.end - 1)
+        m.memory.on_write = self._on_host_write
+        self._goto(m.reg("eip"), callout=False)
+
+    def _count_guest_only(self) -> None:
+        """Make the machine's counter count guest instructions only: everything below the glue region.
+        Unicorn creates its count hook in the first counted run, so run one ``hlt`` of the cache first."""
+        m, cache = self.m, self.cache
+        eip = m.reg("eip")
+        cache.write(cache.units_start, emit.HLT)
+        m.uc.emu_start(cache.units_start, 0, count=1)
+        if not m.engine.count_only(0, cache.glue_start - 1):
+            raise RuntimeError("bt: cannot narrow Unicorn's instruction counter (popek.machine.engine)")
+        m.set_reg("eip", eip)
+
+    def _map_for_paging(self) -> None:
+        """Map the cache into the monitor's page table (shadow.pt), which the shadow page directory puts in
+        every guest address space: a guest that pages still reaches its translations. Only the part of the
+        cache inside the 4 MiB around monitor memory can be mapped; the cache is sized to fit by default."""
+        cache, shadow, memory = self.cache, self.shadow, self.m.memory
+        start = memory.monitor_base & ~0x3FFFFF
+        entries = b"".join(struct.pack("<I", page | 0x1 | 0x4 | 0x20)       # present, user, accessed
+                           for page in range(cache.base, min(cache.end, start + 0x400000), PAGE))
+        memory.monitor_write(shadow.pt + ((cache.base - start) >> 12) * 4, entries)
+
+    def interrupts_enabled(self, machine: Machine) -> bool:
+        return bool(self.vcpu.iflag)
+
+    def state(self, machine: Machine) -> dict:
+        s = self.vcpu.state(machine)
+        if self.cache.contains(s["eip"]):
+            s["eip"] = self._guest_of(s["eip"])
+        if self.paranoid:
+            self._check_invisible()
+        return s
+
+    def detach(self, machine: Machine) -> None:
+        ev = machine.events
+        units, glue = self.cache.used()
+        ev.count("translation", "runs", self.translator.runs)
+        ev.count("translation", "instructions", self.translator.instructions)
+        ev.count("translation", "cache-bytes", units)
+        ev.count("translation", "glue-bytes", glue)
+        for name, n in self.callouts.items():
+            ev.count("callout", name, n)
+        for (kind, name), n in self.counts.items():
+            ev.count(kind, name, n)
+        if self.shadow.edits:
+            ev.count("shadow", "guest-table-writes", self.shadow.edits)
+
+    # --- the virtual CPU follows the guest ----------------------------------------------------------------
+    def _changed(self, what: str) -> None:
+        shadow = self.shadow
+        if what == "gdtr":
+            shadow.gdt_changed()
+        elif what == "ldtr":
+            shadow.ldt_changed()
+        elif what == "tr":
+            shadow.tss_changed()
+        elif what in ("cr0", "cr3", "cr4", "tlb"):
+            paging = bool(self.m.reg("cr0") & CR0_PG)
+            shadow.paging_changed()
+            if paging or self.vcpu.cr0 & CR0_PG:
+                self._flush_wanted = "address-space"    # linear addresses may mean other bytes now
+        if what in ("gdtr", "ldtr", "descriptors"):
+            self._cs.clear()
+
+    def _key(self) -> tuple[int, int, bool]:
+        """(virtual CPL, CS base, 32-bit code): what a translation depends on besides the guest bytes."""
+        cs = self.m.reg("cs")
+        info = self._cs.get(cs)
+        if info is None:
+            try:
+                desc = self.vcpu.space(self.m).descriptor(cs, GP, 0)
+                info = (desc.base, desc.big)
+            except GuestFault:
+                info = (0, True)
+            self._cs[cs] = info
+        return self.vcpu.cpl, info[0], info[1]
+
+    # --- finding translations -----------------------------------------------------------------------------
+    def _find(self, eip: int, key: tuple) -> int:
+        """The cache address of guest ``eip`` (linear) under ``key``, translating on a miss. Raises
+        GuestFault when the code cannot be fetched."""
+        cache = self.cache
+        found = cache.index.get((eip, key))
+        if found is not None:
+            self.counts["lookup", "hit"] += 1
+            return found
+        self.counts["lookup", "miss"] += 1
+        try:
+            _run, found = self.translator.translate(eip, key)
+        except CacheFull:
+            self._flush("cache-full")
+            _run, found = self.translator.translate(eip, key)
+        self._watch()
+        return found
+
+    def _flush(self, why: str) -> None:
+        self.cache.flush()
+        self.counts["flush", why] += 1
+        self._unwatch()
+
+    def _goto(self, eip: int, callout: bool) -> None:
+        """Continue the guest at guest ``eip`` (CS-relative), in its translation. ``callout``: called from the
+        syscall hook, which adds 2 to EIP afterwards."""
+        m = self.m
+        if m.end is not None:
+            return
+        if self._flush_wanted is not None:
+            self._flush(self._flush_wanted)
+            self._flush_wanted = None
+        key = self._key()
+        linear = (eip + key[1]) & 0xFFFFFFFF
+        if self.direct_user and key[0] == 3:
+            m.set_reg("eip", (eip - 2) & 0xFFFFFFFF if callout else eip)
+            return
+        try:
+            found = self._find(linear, key)
+        except GuestFault as fault:         # the target cannot be fetched: the guest's fault, at the target
+            self._deliver(Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE
+                                    else None, eip=eip, insn=eip, why=fault.why), fault, callout)
+            return
+        except Untranslatable as exc:
+            m.triple_fault(f"bt: {exc} at {eip:#x} is not translated")
+            return
+        real = (found - key[1]) & 0xFFFFFFFF
+        m.engine.write(EIP, (real - 2) & 0xFFFFFFFF if callout else real)
+
+    def _deliver(self, event: Interrupt, fault: GuestFault | None, callout: bool) -> None:
+        """Deliver ``event`` through the guest's virtual IDT and continue in the handler's translation."""
+        if fault is not None and fault.vector == PF and fault.address is not None:
+            self.vcpu.cr2 = fault.address
+        deliver(self.m, self.vcpu, event)
+        self._goto(self.m.reg("eip"), callout)
+
+    def _guest_of(self, address: int) -> int:
+        guest = self.cache.guest_address(address)
+        if guest is None:
+            raise AssertionError(f"bt: EIP {address:#x} in the cache maps to no guest instruction")
+        return (guest - self._key()[1]) & 0xFFFFFFFF
+
+    # --- callouts -----------------------------------------------------------------------------------------
+    def _on_syscall(self, uc, _user) -> None:
+        m = self.m
+        at = m.engine.read(EIP)
+        site = self.cache.sites.get(at)
+        if site is None:
+            return                          # a guest syscall copied unchanged: a no-op, as natively
+        if self.paranoid:
+            self._check_invisible()
+        kind = site.kind
+        if kind == "emulate":
+            self._emulate(site, False)
+        elif kind == "emulate-last":
+            self._emulate(site, True)
+        elif kind == "exit":
+            self._exit(site)
+        elif kind == "lookup":
+            self._lookup(site)
+        elif kind == "continue":
+            self.callouts["continue"] += 1
+            self._uncount()
+            self._goto(site.next - self._key()[1], callout=True)
+        elif kind == "branch16":
+            self.callouts["branch16"] += 1
+            self._fault_at(site, GuestFault(UD, None, "16-bit near branches are not translated"))
+
+    def _uncount(self) -> None:
+        """The callout just counted is not a guest instruction (``continue``, ``poison``)."""
+        self.m.instructions -= 1
+        self.m.time -= 1
+
+    def _emulate(self, site, last: bool) -> None:
+        """Run the routine; continue in the cache after the callout unless it transferred control (or the
+        callout closes its run: ``last``)."""
+        m, v = self.m, self.vcpu
+        recipe = site.recipe
+        self.callouts[recipe.name] += 1
+        cpl, cs = v.cpl, m.reg("cs")
+        base = self._key()[1]
+        try:
+            eip = site.routine(m, v, recipe)
+        except GuestFault as fault:
+            self._fault_at(site, fault)
+            return
+        if last or self._flush_wanted is not None or v.cpl != cpl or m.reg("cs") != cs \
+                or eip != (site.next - base) & 0xFFFFFFFF:
+            self._goto(eip, callout=True)
+
+    def _fault_at(self, site, fault: GuestFault) -> None:
+        eip = (site.guest - self._key()[1]) & 0xFFFFFFFF
+        code = fault.error_code if fault.vector in ERROR_CODE else None
+        self._deliver(Interrupt(fault.vector, EXCEPTION, code, eip=eip, insn=eip, why=fault.why), fault, True)
+
+    def _exit(self, site) -> None:
+        """A direct branch reached its stub: translate the target and link the branch to it."""
+        self.callouts["exit"] += 1
+        exit = site.exit
+        key = exit.owner.key
+        base = key[1]
+        try:
+            found = self._find(exit.target, key)
+        except GuestFault as fault:
+            self._fault_at_target(exit.target - base, fault)
+            return
+        except Untranslatable as exc:
+            self.m.triple_fault(f"bt: {exc}")
+            return
+        target = self.cache.unit_at(found)
+        if exit.owner.alive and target is not None and target.alive and site is self.cache.sites.get(exit.stub):
+            if self.cache.link(exit, target, found):
+                self.counts["chain", "patched"] += 1
+            else:
+                self.counts["lookup", "filled"] += 1
+        self.m.engine.write(EIP, (found - base - 2) & 0xFFFFFFFF)
+
+    def _fault_at_target(self, eip: int, fault: GuestFault) -> None:
+        code = fault.error_code if fault.vector in ERROR_CODE else None
+        self._deliver(Interrupt(fault.vector, EXCEPTION, code, eip=eip & 0xFFFFFFFF, insn=eip & 0xFFFFFFFF,
+                                why=fault.why), fault, True)
+
+    def _lookup(self, site) -> None:
+        """An inline lookup missed: carry out the return or indirect branch, then add its target."""
+        self.callouts["lookup"] += 1
+        m, v = self.m, self.vcpu
+        lookup = site.lookup
+        layout = lookup.layout
+        space = v.space(m)
+        (target,) = peek(m, v, space, 1, 4)        # the glue left the target on top of the stack
+        esp = m.reg("esp")
+        if layout.kind == "ret":
+            m.set_reg("esp", (esp + 4 + layout.release) & 0xFFFFFFFF)
+        elif layout.kind == "jmp":
+            m.set_reg("esp", (esp + 4) & 0xFFFFFFFF)
+        else:                                       # call: the return address replaces the target
+            m.set_reg("esp", (esp + 4) & 0xFFFFFFFF)
+            push(m, v, space, [layout.ret_to], 4)
+        key = lookup.owner.key
+        linear = (target + key[1]) & 0xFFFFFFFF
+        try:
+            found = self._find(linear, key)
+        except GuestFault as fault:
+            self._fault_at_target(target, fault)
+            return
+        except Untranslatable as exc:
+            m.triple_fault(f"bt: {exc}")
+            return
+        unit = self.cache.unit_at(found)
+        if lookup.owner.alive and unit is not None and unit.alive and site is self.cache.sites.get(
+                lookup.at + layout.callout_at):
+            self.cache.fill(lookup, linear, unit, found)
+            self.counts["lookup", "filled"] += 1
+        m.engine.write(EIP, (found - key[1] - 2) & 0xFFFFFFFF)
+
+    # --- events from the machine --------------------------------------------------------------------------
+    def intercept(self, machine: Machine, event: Interrupt) -> bool:
+        cache = self.cache
+        if self._blanked:
+            self._unblank()
+        if event.source == SOFTWARE and event.vector == BP and cache.contains(event.eip - 1):
+            unit = cache.unit_at(event.eip - 1)
+            if unit is not None and not unit.alive and (event.eip - 1) in cache.guest_of:
+                # An instruction start of an invalidated unit: translate again from its guest address.
+                self.callouts["poison"] += 1
+                self._uncount()
+                self._goto(self._guest_of(event.eip - 1), callout=False)
+                return True
+        if cache.contains(event.eip):
+            address = event.eip - 1 if event.source == SOFTWARE and event.vector == BP else event.eip
+            guest = self._guest_of(address)
+            event.eip = event.insn = guest
+            if event.source == SOFTWARE:        # int3 copied unchanged: the frame holds the next instruction
+                event.eip = guest + 1
+        if event.vector == PF and event.source == EXCEPTION:
+            self.vcpu.cr2 = machine.reg("cr2")
+        deliver(machine, self.vcpu, event)
+        self._goto(machine.reg("eip"), callout=False)
+        return True
+
+    # --- self-modifying code ------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Write hooks over the guest bytes live translations came from (few hooks: see MAX_WATCHED)."""
+        ranges = self.cache.code_ranges()
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            if merged and start - merged[-1][1] <= WATCH_GAP:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        while len(merged) > MAX_WATCHED:
+            i = min(range(len(merged) - 1), key=lambda j: merged[j + 1][0] - merged[j][1])
+            merged[i:i + 2] = [[merged[i][0], merged[i + 1][1]]]
+        if all(any(h0 <= s and e <= h1 for h0, h1, _h in self._watched) for s, e in merged):
+            return
+        self._unwatch()
+        uc = self.m.uc
+        for start, end in merged:
+            handle = uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_guest_write, None, start, end - 1)
+            self._watched.append((start, end, handle))
+
+    def _unwatch(self) -> None:
+        for _s, _e, handle in self._watched:
+            self.m.uc.hook_del(handle)
+        self._watched = []
+
+    def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
+        if self._invalidate(address, size, "guest-write"):
+            self.m.stop_chunk()             # the rest of the running translation may be stale: stop before it
+
+    def _on_host_write(self, physical: int, size: int) -> None:
+        if self.vcpu.cr0 & CR0_PG:
+            self._flush_wanted = self._flush_wanted or "host-write-while-paging"
+            return
+        self._invalidate(physical, size, "host-write")
+
+    def _invalidate(self, address: int, size: int, why: str) -> bool:
+        units = self.cache.units_overlapping(address, address + size)
+        for unit in units:
+            self.cache.invalidate(unit)
+        if units:
+            self.counts["invalidation", why] += len(units)
+        return bool(units)
+
+    # --- resource control ---------------------------------------------------------------------------------
+    def _on_cache_read(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
+        """A guest instruction reads the cache: it gets #GP(0) as for any address outside memory; the bytes
+        it would read are blanked until the fault is delivered, its register effects are undone."""
+        m, cache = self.m, self.cache
+        start, end = max(address, cache.base), min(address + size, cache.end)
+        if end <= start:
+            return
+        self.counts["resource", "cache-reads"] += 1
+        self._blanked.append((start, cache.read(start, end - start)))
+        cache.write(start, bytes(end - start))
+        eip = m.engine.read(EIP)
+        saved = m.registers(GPRS + ("eflags",))
+        m.stop_chunk(Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"read of {address:#x} (outside memory)"),
+                     saved)
+
+    def _unblank(self) -> None:
+        for start, data in reversed(self._blanked):
+            self.cache.patch(start, data)
+        self._blanked = []
+
+    # --- tests: nothing the guest can see holds a cache address ------------------------------------------
+    def _check_invisible(self) -> None:
+        m, cache = self.m, self.cache
+        regs = m.registers(GPRS)
+        for name, value in regs.items():
+            if cache.contains(value):
+                raise AssertionError(f"bt: guest register {name} holds cache address {value:#x}")
+        try:
+            stack = self.vcpu.space(m).read(regs["esp"], 64)
+        except GuestFault:
+            return
+        for i, (value,) in enumerate(struct.iter_unpack("<I", stack)):
+            if cache.contains(value):
+                raise AssertionError(f"bt: guest stack [esp+{4 * i}] holds cache address {value:#x}")
+
+    # exposed for tests and the benchmark
+    def cache_address(self, guest: int) -> int | None:
+        return self.cache.index.get((guest, self._key()))
+
+
+__all__ = ["BinaryTranslation", "Unit"]

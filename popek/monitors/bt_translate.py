@@ -1,0 +1,369 @@
+"""Translate: guest code at (EIP, key) into the translation cache (QEMU's translator loop, for ``bt``).
+
+**Counting.** The machine's clock is its instruction counter, so each guest instruction must be exactly one
+counted cache instruction: glue (popek.monitors.bt_emit) goes to the region the counter skips, and no
+guest instruction may be followed by a jump that is not its own. Hence the layout:
+
+- A *run* is one translation: up to ``max_run`` guest instructions from one guest address, in one guest
+  page, laid out back to back as *units* of at most ``cap`` instructions (12, as VMware's translation
+  units). A unit ends at a conditional branch (its taken exit is the branch itself, the fall-through the
+  next unit), at a callout, at a call or loop instruction (their glue has the exits) or at ``cap``; the
+  run goes on with the next unit, which execution reaches by falling through.
+- The run ends at an unconditional transfer (jmp, ret, indirect jmp, iret, far jmp/ret), at the end of the
+  page, at ``max_run``, or before code that cannot be fetched or decoded. Where execution would fall out of
+  the run, its last guest instruction is moved into glue and followed there by an exit: the unit holds a
+  counted ``jmp`` that stands for that instruction (a copied instruction runs the same anywhere: IA-32 has
+  no EIP-relative data addressing; a conditional branch becomes ``jcc``/``jmp`` with two exits). A callout
+  at the end of a run continues through the monitor; a ``rep`` string instruction (counted once per
+  iteration, so it must stay counted) is followed by a ``continue`` callout the monitor does not count.
+
+Per guest instruction (decoded by popek.decode, classified by popek.isa.classify through the classifier the
+emulation routines use):
+
+| guest instruction                    | cache (counted)    | glue (not counted)                                |
+|--------------------------------------|--------------------|---------------------------------------------------|
+| innocuous, cpuid, rdpmc, int1,       | the same bytes     |                                                   |
+| sysenter/syscall (Unicorn: no-ops)   | (IDENT)            |                                                   |
+| one with an emulation routine        | ``syscall``        | (a callout; its recipe decoded now, once)         |
+| ins/outs at virtual CPL 0            | IDENT              | (the machine's port hooks: exact per-iteration    |
+|                                      |                    | counts; real CPL 0 is allowed every port)         |
+| jmp rel                              | jmp rel32 -> exit  | exit stub                                         |
+| jcc rel                              | jcc rel32 -> exit  | exit stub; the fall-through is the next unit      |
+| call rel                             | jmp -> glue        | push guest return address; jmp -> exit            |
+| ret, ret n, jmp r/m, call r/m        | jmp -> glue        | inline lookup (popek.monitors.bt_emit.Lookup)     |
+| loop, loope, loopne, jecxz           | jmp -> glue        | lea ecx,[ecx-1]; jecxz; jcc/jmp -> two exits      |
+| near branch with a 16-bit operand or | ``syscall``        | (the monitor reports #UD: not translated)         |
+| address size                         |                    |                                                   |
+
+Addresses: units, exits and the index are keyed by *linear* guest addresses; what the guest sees (pushed
+return addresses, recipes) is EIP = linear - CS base.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from popek.decode import LEGACY_PREFIXES, decode_at
+from popek.machine.faults import GP, GuestFault
+from popek.machine.memory import CR0_PG
+from popek.monitors import bt_emit as emit
+from popek.monitors import emulation
+from popek.monitors.bt_cache import PAGE, CodeCache, Exit, LookupSite, Site, Unit
+
+JCC = {"jo": 0, "jno": 1, "jb": 2, "jae": 3, "je": 4, "jne": 5, "jbe": 6, "ja": 7, "js": 8, "jns": 9,
+       "jp": 10, "jnp": 11, "jl": 12, "jge": 13, "jle": 14, "jg": 15}
+LOOPS = frozenset({"loop", "loope", "loopne", "jecxz", "jcxz"})
+ENDS_RUN = frozenset({"iret", "ret_far", "jmp_far"})    # callouts that never continue at the next instruction
+STRING_IO = frozenset({"ins", "outs"})
+STRING_OPS = frozenset(b"\xa4\xa5\xa6\xa7\xaa\xab\xac\xad\xae\xaf\x6c\x6d\x6e\x6f")
+UD2 = b"\x0f\x0b"
+
+
+class CacheFull(Exception):
+    """The run does not fit: the caller flushes the cache and translates again."""
+
+
+class Untranslatable(Exception):
+    """Code the translator does not handle (16-bit code segments): the caller ends the run."""
+
+
+@dataclass
+class Run:
+    """One translation, built in local buffers and installed at the end (nothing is registered before)."""
+
+    start: int                               # cache address of the first unit
+    code: bytearray = field(default_factory=bytearray)
+    units: list = field(default_factory=list)
+    glue: list = field(default_factory=list)     # [address, bytes, guest address of the instruction]
+    sites: dict = field(default_factory=dict)
+    tail: tuple | None = None                # (cache address, guest address) of a closing ``continue``
+    instructions: int = 0
+
+    @property
+    def here(self) -> int:
+        return self.start + len(self.code)
+
+
+@dataclass
+class Pending:
+    """The last instruction decoded: emitted in place if the run goes on, moved to glue if it ends there."""
+
+    insn: object
+    unit: Unit
+    name: str | None                         # canonical name, if the ISA description lists it
+    prefixes: int                            # number of legacy prefix bytes
+
+
+class Translator:
+    def __init__(self, machine, vcpu, cache: CodeCache, *, cap: int = 12, ways: int = 4, max_run: int = 48):
+        assert cap >= 1 and max_run >= 1
+        self.m, self.v, self.cache = machine, vcpu, cache
+        self.cap, self.ways, self.max_run = cap, ways, max_run
+        self.classifier = emulation.classifier()
+        self.instructions = 0               # guest instructions translated, in total
+        self.runs = 0
+        self._glue_next = 0
+
+    # --- reading guest code -----------------------------------------------------------------------------
+    def _fetch(self, linear: int, size: int) -> bytes:
+        """Up to ``size`` bytes of guest code at ``linear`` (fewer where it stops being fetchable: only guest
+        RAM holds code; monitor memory is not executable on the bare machine either)."""
+        m, v = self.m, self.v
+        while size:
+            try:
+                if v.cr0 & CR0_PG:
+                    space = v.space(m)
+                    if m.memory.in_ram(space.physical(linear, size), size):
+                        return space.read(linear, size)
+                elif m.memory.in_ram(linear, size):
+                    return m.memory.read(linear, size)
+            except GuestFault:
+                pass
+            size = size // 2 if size > 16 else size - 1
+        return b""
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def translate(self, eip: int, key: tuple) -> tuple[Run, int]:
+        """Translate from linear ``eip``; returns the installed run and the cache address of ``eip``.
+
+        Raises GuestFault when not even the first instruction can be fetched (the guest gets the fault the
+        fetch raises natively), CacheFull when the run does not fit, Untranslatable for 16-bit code."""
+        if not key[2]:
+            raise Untranslatable("16-bit code segment")
+        cache = self.cache
+        self._glue_next = cache.glue_next
+        window = self._fetch(eip, PAGE - eip % PAGE + 15)
+        if not window:
+            raise GuestFault(GP, 0, f"fetch at {eip:#x} outside guest RAM")
+        run = Run(cache.unit_next)
+        pos, unit, in_unit, pending = eip, None, 0, None
+        while True:
+            off = pos - eip
+            insn = decode_at(window, off, eip, 32) if off < len(window) else None
+            if insn is not None and off + insn.size > len(window):
+                insn = None                         # runs into memory that cannot be fetched
+            if pending is None and insn is None:    # the first instruction: #UD here, as natively
+                unit = self._unit(run, key, pos)
+                self._emit(run, unit, pos, UD2, pos + 1)
+                break
+            if insn is None or run.instructions >= self.max_run or pos // PAGE != eip // PAGE:
+                self._close(run, pending, key, pos)
+                break
+            if pending is not None:
+                self._inline(run, pending, key)
+                if self._ends_unit(pending) or in_unit >= self.cap:
+                    unit, in_unit = None, 0
+            if unit is None:
+                unit = self._unit(run, key, pos)
+            run.instructions += 1
+            in_unit += 1
+            pending = self._classify(insn, unit)
+            pos = (pos + insn.size) & 0xFFFFFFFF
+            unit.guest_end = pos
+            if self._transfer(pending):
+                self._final(run, pending, key)
+                break
+        for u in run.units:
+            if not u.cache_end:
+                u.cache_end = run.here
+        if not cache.room(len(run.code), self._glue_next - cache.glue_next):
+            raise CacheFull()
+        self._install(run)
+        self.instructions += run.instructions
+        self.runs += 1
+        return run, cache.index[(eip, key)]
+
+    def _unit(self, run: Run, key: tuple, pos: int) -> Unit:
+        if run.units:
+            run.units[-1].cache_end = run.here
+        unit = Unit(key, pos, pos, run.here)
+        run.units.append(unit)
+        return unit
+
+    def _classify(self, insn, unit: Unit) -> Pending:
+        raw = insn.raw
+        prefixes = 0
+        while prefixes < len(raw) and raw[prefixes] in LEGACY_PREFIXES:
+            prefixes += 1
+        entry = self.classifier.lookup(raw, 0, 32, insn.mnemonic, insn.op_str)
+        return Pending(insn, unit, entry.name if entry is not None else None, prefixes)
+
+    def _callout(self, p: Pending, key: tuple) -> bool:
+        return p.name is not None and p.name in emulation.TABLE and not (p.name in STRING_IO and key[0] == 0)
+
+    @staticmethod
+    def _branch16(p: Pending) -> bool:
+        mnemonic, head = p.insn.mnemonic, p.insn.raw[:p.prefixes]
+        branch = mnemonic in JCC or mnemonic in LOOPS or mnemonic in ("jmp", "call", "ret")
+        return branch and (0x66 in head or (0x67 in head and mnemonic in LOOPS))
+
+    def _transfer(self, p: Pending) -> bool:
+        """Instructions translated at once, with their own exits (nothing falls through them in the cache)."""
+        mnemonic = p.insn.mnemonic
+        if p.name is not None and p.name in emulation.TABLE:
+            return p.name in ENDS_RUN
+        return mnemonic in ("jmp", "call", "ret") or mnemonic in LOOPS or self._branch16(p)
+
+    def _ends_unit(self, p: Pending) -> bool:
+        return p.insn.mnemonic in JCC or (p.name is not None and p.name in emulation.TABLE)
+
+    # --- emitting -----------------------------------------------------------------------------------------
+    def _emit(self, run: Run, unit: Unit, guest: int, code: bytes, guest_end: int) -> int:
+        at = run.here
+        unit.insns.append((at, guest))
+        run.code += code
+        if unit.guest_end < guest_end:
+            unit.guest_end = guest_end
+        return at
+
+    def _glue(self, run: Run, code: bytes, guest: int) -> int:
+        at = self._glue_next
+        self._glue_next += len(code)
+        run.glue.append([at, code, guest])
+        return at
+
+    def _exit(self, run: Run, unit: Unit, insn_address: int, target: int, slot: int) -> int:
+        """An exit of ``unit`` to linear ``target`` through the rel32 at ``slot``; returns its stub."""
+        stub = self._glue(run, emit.stub(), insn_address)
+        exit = Exit(unit, target & 0xFFFFFFFF, slot, stub)
+        unit.exits.append(exit)
+        run.sites[stub] = Site("exit", insn_address, target & 0xFFFFFFFF, unit, exit=exit)
+        return stub
+
+    def _site(self, run: Run, at: int, p: Pending, key: tuple, kind: str = "emulate") -> None:
+        insn = p.insn
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        if kind == "emulate":
+            recipe = emulation.decode(insn.raw, (insn.address - key[1]) & 0xFFFFFFFF)
+            run.sites[at] = Site(kind, insn.address, next_ip, p.unit, recipe=recipe,
+                                 routine=emulation.TABLE[recipe.name])
+        else:
+            run.sites[at] = Site(kind, insn.address, next_ip, p.unit)
+
+    def _inline(self, run: Run, p: Pending, key: tuple) -> None:
+        """``p`` in place, execution going on to the next instruction in the run."""
+        insn, unit = p.insn, p.unit
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        if self._callout(p, key):
+            at = self._emit(run, unit, insn.address, emit.SYSCALL, next_ip)
+            self._site(run, at, p, key)
+        elif insn.mnemonic in JCC:
+            at = self._emit(run, unit, insn.address, bytes(6), next_ip)
+            stub = self._exit(run, unit, insn.address, int(insn.op_str, 0), at + 2)
+            run.code[at - run.start:at - run.start + 6] = emit.jcc(at, JCC[insn.mnemonic], stub)
+        else:
+            self._emit(run, unit, insn.address, insn.raw, next_ip)
+
+    def _close(self, run: Run, p: Pending, key: tuple, pos: int) -> None:
+        """The run ends after ``p`` without a transfer of its own: execution continues at guest ``pos``."""
+        insn, unit = p.insn, p.unit
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        if self._callout(p, key):                       # the monitor continues it at ``pos``
+            at = self._emit(run, unit, insn.address, emit.SYSCALL, next_ip)
+            self._site(run, at, p, key)
+            run.sites[at].kind = "emulate-last"
+            return
+        if insn.mnemonic in JCC:                        # jcc taken / not taken: two exits, in glue
+            glue = self._reserve(11)
+            code = bytearray(11)
+            taken = self._exit(run, unit, insn.address, int(insn.op_str, 0), glue + 2)
+            fall = self._exit(run, unit, insn.address, pos, glue + 7)
+            code[:6] = emit.jcc(glue, JCC[insn.mnemonic], taken)
+            code[6:] = emit.jmp(glue + 6, fall)
+            self._glue_at(run, glue, bytes(code), insn.address)
+            self._emit(run, unit, insn.address, emit.jmp(run.here, glue), next_ip)
+            return
+        if p.insn.raw[p.prefixes] in STRING_OPS and any(b in (0xF2, 0xF3) for b in insn.raw[:p.prefixes]):
+            self._emit(run, unit, insn.address, insn.raw, next_ip)      # counted per iteration: stays
+            at = run.here
+            run.code += emit.SYSCALL
+            run.sites[at] = Site("continue", pos, pos, unit)
+            run.tail = (at, pos)
+            return
+        glue = self._reserve(len(insn.raw) + 5)         # moved: counted jmp here, the copy and the exit there
+        fall = self._exit(run, unit, insn.address, pos, glue + len(insn.raw) + 1)
+        self._glue_at(run, glue, insn.raw + emit.jmp(glue + len(insn.raw), fall), insn.address)
+        self._emit(run, unit, insn.address, emit.jmp(run.here, glue), next_ip)
+
+    def _reserve(self, size: int) -> int:
+        at = self._glue_next
+        self._glue_next += size
+        return at
+
+    def _glue_at(self, run: Run, at: int, code: bytes, guest: int) -> None:
+        """Glue reserved (``_reserve``) before the stubs of its exits were allocated behind it."""
+        run.glue.append([at, code, guest])
+
+    def _final(self, run: Run, p: Pending, key: tuple) -> None:
+        """A transfer, with its own exits; the run ends with it (a call's return address is translated when
+        the return gets there)."""
+        insn, unit = p.insn, p.unit
+        raw, address, mnemonic = insn.raw, insn.address, insn.mnemonic
+        next_ip = (address + insn.size) & 0xFFFFFFFF
+        base = key[1]
+        if self._callout(p, key):
+            at = self._emit(run, unit, address, emit.SYSCALL, next_ip)
+            self._site(run, at, p, key)
+            run.sites[at].kind = "emulate-last"
+        elif self._branch16(p):
+            at = self._emit(run, unit, address, emit.SYSCALL, next_ip)
+            self._site(run, at, p, key, "branch16")
+        elif mnemonic == "jmp" and raw[p.prefixes] != 0xFF:
+            at = self._emit(run, unit, address, bytes(5), next_ip)
+            stub = self._exit(run, unit, address, int(insn.op_str, 0), at + 1)
+            run.code[at - run.start:at - run.start + 5] = emit.jmp(at, stub)
+        elif mnemonic == "call" and raw[p.prefixes] != 0xFF:
+            glue = self._reserve(10)
+            stub = self._exit(run, unit, address, int(insn.op_str, 0), glue + 6)
+            self._glue_at(run, glue, emit.push_imm(next_ip - base) + emit.jmp(glue + 5, stub), address)
+            self._emit(run, unit, address, emit.jmp(run.here, glue), next_ip)
+        elif mnemonic in LOOPS:
+            self._loop(run, unit, insn, next_ip)
+        else:                                           # ret, ret n, jmp r/m32, call r/m32
+            if mnemonic == "ret":
+                layout = emit.Lookup("ret", self.ways, release=int(insn.op_str, 0) if insn.op_str else 0)
+            else:
+                layout = emit.Lookup(mnemonic, self.ways, prologue=emit.push_rm(raw, p.prefixes),
+                                     ret_to=(next_ip - base) & 0xFFFFFFFF)
+            at = self._glue_next
+            glue = self._glue(run, layout.code(at, []), address)
+            lookup = LookupSite(unit, glue, layout, address)
+            unit.lookups.append(lookup)
+            run.sites[glue + layout.callout_at] = Site("lookup", address, next_ip, unit, lookup=lookup)
+            self._emit(run, unit, address, emit.jmp(run.here, glue), next_ip)
+
+    def _loop(self, run: Run, unit: Unit, insn, next_ip: int) -> None:
+        """loop/loope/loopne/jecxz through glue, with two exits (taken, fall-through)."""
+        address, mnemonic = insn.address, insn.mnemonic
+        target = int(insn.op_str, 0)
+        code = bytearray()
+        if mnemonic == "jecxz":                         # jecxz T; jmp F; T: jmp T
+            glue = self._reserve(12)
+            code += emit.jecxz(glue, glue + 7)
+            code += emit.jmp(glue + 2, self._exit(run, unit, address, next_ip, glue + 3))
+            code += emit.jmp(glue + 7, self._exit(run, unit, address, target, glue + 8))
+        else:                                           # lea ecx,[ecx-1]; jecxz F; jmp/jz/jnz T; F: jmp F
+            jump = 5 if mnemonic == "loop" else 6
+            glue = self._reserve(3 + 2 + jump + 5)
+            fall = glue + 5 + jump
+            code += emit.DEC_ECX + emit.jecxz(glue + 3, fall)
+            taken = self._exit(run, unit, address, target, glue + 5 + jump - 4)
+            code += emit.jmp(glue + 5, taken) if mnemonic == "loop" else \
+                emit.jcc(glue + 5, 4 if mnemonic == "loope" else 5, taken)
+            code += emit.jmp(fall, self._exit(run, unit, address, next_ip, fall + 1))
+        self._glue_at(run, glue, bytes(code), address)
+        self._emit(run, unit, address, emit.jmp(run.here, glue), next_ip)
+
+    # --- installing ---------------------------------------------------------------------------------------
+    def _install(self, run: Run) -> None:
+        cache = self.cache
+        cache.write(run.start, bytes(run.code))
+        cache.unit_next = run.start + len(run.code)
+        for at, code, guest in sorted(run.glue):
+            cache.write(at, code)
+            cache.add_glue(at, at + len(code), guest)
+        cache.glue_next = self._glue_next
+        for unit in run.units:
+            cache.add_unit(unit)
+        if run.tail is not None:
+            cache.guest_of[run.tail[0]] = run.tail[1]
+        cache.sites.update(run.sites)

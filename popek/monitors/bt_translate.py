@@ -76,6 +76,7 @@ class Run:
     glue: list = field(default_factory=list)     # [address, bytes, guest address of the instruction]
     sites: dict = field(default_factory=dict)
     tail: tuple | None = None                # (cache address, guest address) of a closing ``continue``
+    fills: list = field(default_factory=list)   # (LookupSite, guest target, cache target) known in advance
     instructions: int = 0
 
     @property
@@ -131,21 +132,20 @@ class Translator:
             raise Untranslatable("16-bit code segment")
         cache = self.cache
         self._glue_next = cache.glue_next
-        window = self._fetch(eip, PAGE - eip % PAGE + 15)
-        if not window:
+        self._window, self._window_at = b"", eip
+        if self._decode(eip) is None and not self._window:
             raise GuestFault(GP, 0, f"fetch at {eip:#x} outside guest RAM")
         run = Run(cache.unit_next)
         pos, unit, in_unit, pending = eip, None, 0, None
+        page = eip // PAGE                          # the page straight-line code must stay in
+        returns: list[int] = []                     # guest return addresses of the calls traced into
         while True:
-            off = pos - eip
-            insn = decode_at(window, off, eip, 32) if off < len(window) else None
-            if insn is not None and off + insn.size > len(window):
-                insn = None                         # runs into memory that cannot be fetched
+            insn = self._decode(pos)
             if pending is None and insn is None:    # the first instruction: #UD here, as natively
                 unit = self._unit(run, key, pos)
                 self._emit(run, unit, pos, UD2, pos + 1)
                 break
-            if insn is None or run.instructions >= self.max_run or pos // PAGE != eip // PAGE:
+            if insn is None or run.instructions >= self.max_run or pos // PAGE != page:
                 self._close(run, pending, key, pos)
                 break
             if pending is not None:
@@ -159,9 +159,13 @@ class Translator:
             pending = self._classify(insn, unit)
             pos = (pos + insn.size) & 0xFFFFFFFF
             unit.guest_end = pos
-            if self._transfer(pending):
+            if not self._transfer(pending):
+                continue
+            traced = self._trace(run, pending, key, returns) if run.instructions < self.max_run else None
+            if traced is None:
                 self._final(run, pending, key)
                 break
+            pos, page, unit, in_unit, pending = traced, traced // PAGE, None, 0, None
         for u in run.units:
             if not u.cache_end:
                 u.cache_end = run.here
@@ -171,6 +175,48 @@ class Translator:
         self.instructions += run.instructions
         self.runs += 1
         return run, cache.index[(eip, key)]
+
+    def _decode(self, pos: int):
+        """The instruction at linear ``pos``, or None where it cannot be fetched whole or decoded."""
+        off = pos - self._window_at
+        if off < 0 or off + 15 > len(self._window):
+            self._window, self._window_at, off = self._fetch(pos, PAGE - pos % PAGE + 15), pos, 0
+        if off >= len(self._window):
+            return None
+        insn = decode_at(self._window, off, self._window_at, 32)
+        if insn is None or off + insn.size > len(self._window):
+            return None
+        return insn
+
+    def _trace(self, run: Run, p: Pending, key: tuple, returns: list[int]) -> int | None:
+        """Follow a direct call into its target, and a plain return back to the call it came from, so that
+        a loop calling a small function is one run. Returns where the run goes on, or None (the transfer
+        gets its ordinary translation and the run ends)."""
+        insn, unit = p.insn, p.unit
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        head = insn.raw[p.prefixes]
+        if insn.mnemonic == "call" and head == 0xE8 and not self._branch16(p):
+            target = int(insn.op_str, 0)
+            if self._decode(target) is None:
+                return None
+            self._emit(run, unit, insn.address, emit.push_imm(next_ip - key[1]), next_ip)
+            returns.append(next_ip)
+            return target
+        if insn.mnemonic == "ret" and returns and not self._branch16(p) and self._decode(returns[-1]) is not None:
+            back = returns.pop()
+            layout = emit.Lookup("ret", self.ways, release=int(insn.op_str, 0) if insn.op_str else 0)
+            lookup = self._lookup(run, unit, layout, insn.address, next_ip)
+            run.fills.append((lookup, back, run.here + 5))
+            self._emit(run, unit, insn.address, emit.jmp(run.here, lookup.at), next_ip)
+            return back
+        return None
+
+    def _lookup(self, run: Run, unit: Unit, layout: emit.Lookup, address: int, next_ip: int) -> LookupSite:
+        glue = self._glue(run, layout.code(self._glue_next, []), address)
+        lookup = LookupSite(unit, glue, layout, address)
+        unit.lookups.append(lookup)
+        run.sites[glue + layout.callout_at] = Site("lookup", address, next_ip, unit, lookup=lookup)
+        return lookup
 
     def _unit(self, run: Run, key: tuple, pos: int) -> Unit:
         if run.units:
@@ -324,12 +370,8 @@ class Translator:
             else:
                 layout = emit.Lookup(mnemonic, self.ways, prologue=emit.push_rm(raw, p.prefixes),
                                      ret_to=(next_ip - base) & 0xFFFFFFFF)
-            at = self._glue_next
-            glue = self._glue(run, layout.code(at, []), address)
-            lookup = LookupSite(unit, glue, layout, address)
-            unit.lookups.append(lookup)
-            run.sites[glue + layout.callout_at] = Site("lookup", address, next_ip, unit, lookup=lookup)
-            self._emit(run, unit, address, emit.jmp(run.here, glue), next_ip)
+            lookup = self._lookup(run, unit, layout, address, next_ip)
+            self._emit(run, unit, address, emit.jmp(run.here, lookup.at), next_ip)
 
     def _loop(self, run: Run, unit: Unit, insn, next_ip: int) -> None:
         """loop/loope/loopne/jecxz through glue, with two exits (taken, fall-through)."""
@@ -367,3 +409,7 @@ class Translator:
         if run.tail is not None:
             cache.guest_of[run.tail[0]] = run.tail[1]
         cache.sites.update(run.sites)
+        for lookup, guest, at in run.fills:        # a traced return: its way back is known already
+            target = cache.unit_at(at)
+            if target is not None:
+                cache.fill(lookup, guest, target, at)

@@ -272,6 +272,7 @@ class Engine:
         self._ctx = uc.context_save()          # reused by settle(): context_update allocates nothing
         self._ctx_address = _context_address(self._ctx)
         self._counter = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter)
+        self._count_limit = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter + 8)
         self._batches: dict[tuple[int, ...], tuple] = {}
         self._mmr = UcRegMMR()
         self._live = self._live_fields()
@@ -329,6 +330,12 @@ class Engine:
     def counter(self) -> int:
         """Instructions counted so far by the current (or last) ``emu_start``."""
         return self._counter.value
+
+    def stop_at_next(self) -> None:
+        """End the current ``emu_start`` before the next counted instruction, letting the current one
+        finish: its count limit becomes what has been counted (Unicorn's count hook stops the run when
+        the counter passes the limit, before the instruction it is counting)."""
+        self._count_limit.value = self._counter.value
 
     def count_only(self, begin: int, end: int) -> bool:
         """Count (and end ``count``-limited runs on) only instructions at addresses in [begin, end].

@@ -311,16 +311,30 @@ class Machine:
             return Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"{kind} at {address:#x} ({where})")
         raise error                                    # anything else is not the guest's doing
 
-    def stop_chunk(self, pending: Interrupt | None = None, restore: dict[str, int] | None = None) -> None:
+    def stop_chunk(self, pending: Interrupt | None = None, restore: dict[str, int] | None = None,
+                   finish: bool = False) -> None:
         """From a hook: end the chunk after the current instruction (before it, from a code or block hook)
         and then raise ``pending``. Hooks must not redirect EIP themselves: except in UC_HOOK_INTR, Unicorn
-        finishes the current translated block after an EIP write (measured)."""
+        finishes the current translated block after an EIP write (measured).
+
+        From a memory hook, Unicorn's stop abandons the instruction right after that access: the access is
+        made, the rest of the instruction is not, and EIP stays at it (measured). ``finish=True`` lets the
+        instruction complete and stops before the next counted one instead (``Engine.stop_at_next``).
+        A pending event already set is not replaced by ``None``."""
         if self._stop_at is None:
             self._stop_at = self.engine.counter()
         if pending is not None:
             self._pending = pending
             self._saved = restore or {}
-        self.uc.emu_stop()
+        if finish:
+            self.engine.stop_at_next()
+        else:
+            self.uc.emu_stop()
+
+    @property
+    def event_pending(self) -> bool:
+        """A hook already asked for an event at the end of this chunk (``stop_chunk(pending)``)."""
+        return self._pending is not None
 
     def halt(self) -> None:
         """Halt the CPU until an interrupt (for a monitor emulating hlt): the run loop waits or ends."""

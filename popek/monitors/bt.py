@@ -88,6 +88,12 @@ if TYPE_CHECKING:
 EIP = X.UC_X86_REG_EIP
 GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 SEGMENTS = ("ds", "es", "fs", "gs")
+# Loads after which the guest's descriptor gets its accessed bit (below): what native runs write.
+DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
+DELIVERIES = frozenset({"int", "int3", "into"})
+ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
+# Not an event: what the SMC write hook leaves pending to get control back between two chunks.
+RESYNC = Interrupt(-1, why="bt: translations invalidated by a guest store")
 MAX_WATCHED = 8          # write hooks for SMC: each one costs every guest store a range check (measured)
 WATCH_GAP = 256          # code ranges closer than this share a hook
 
@@ -108,6 +114,8 @@ class BinaryTranslation(MonitorOps):
         self._watched: list[tuple[int, int, int]] = []  # (start, end, hook handle)
         self._blanked: list[tuple[int, bytes]] = []
         self._flush_wanted: str | None = None
+        self._accessed_known: set[tuple[int, int]] = set()
+        self._base = 0                      # CS base of the translation running now (set by _goto)
 
     # --- MonitorOps ---------------------------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
@@ -124,7 +132,9 @@ class BinaryTranslation(MonitorOps):
         self.translator = Translator(m, v, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
         self._count_guest_only()
         uc, cache = m.uc, self.cache
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_syscall, None, cache.base, cache.end - 1, X.UC_X86_INS_SYSCALL)
+        # Unicorn checks an instruction hook's range against EIP, which is CS-relative: watch every EIP
+        # (a syscall outside the cache is the guest's own, a no-op as natively).
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_cache_read, None, cache.base, cache.end - 1)
         m.memory.on_write = self._on_host_write
         self._goto(m.reg("eip"), callout=False)
@@ -155,8 +165,9 @@ class BinaryTranslation(MonitorOps):
 
     def state(self, machine: Machine) -> dict:
         s = self.vcpu.state(machine)
-        if self.cache.contains(s["eip"]):
-            s["eip"] = self._guest_of(s["eip"])
+        base = self._key()[1]
+        if self.cache.contains((s["eip"] + base) & 0xFFFFFFFF):
+            s["eip"] = self._guest_of((s["eip"] + base) & 0xFFFFFFFF)
         if self.paranoid:
             self._check_invisible()
         return s
@@ -191,6 +202,7 @@ class BinaryTranslation(MonitorOps):
                 self._flush_wanted = "address-space"    # linear addresses may mean other bytes now
         if what in ("gdtr", "ldtr", "descriptors"):
             self._cs.clear()
+            self._accessed_known.clear()
 
     def _key(self) -> tuple[int, int, bool]:
         """(virtual CPL, CS base, 32-bit code): what a translation depends on besides the guest bytes."""
@@ -251,6 +263,7 @@ class BinaryTranslation(MonitorOps):
         except Untranslatable as exc:
             m.triple_fault(f"bt: {exc} at {eip:#x} is not translated")
             return
+        self._base = key[1]
         real = (found - key[1]) & 0xFFFFFFFF
         m.engine.write(EIP, (real - 2) & 0xFFFFFFFF if callout else real)
 
@@ -258,8 +271,35 @@ class BinaryTranslation(MonitorOps):
         """Deliver ``event`` through the guest's virtual IDT and continue in the handler's translation."""
         if fault is not None and fault.vector == PF and fault.address is not None:
             self.vcpu.cr2 = fault.address
+        cpl = self.vcpu.cpl
         deliver(self.m, self.vcpu, event)
+        self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
         self._goto(self.m.reg("eip"), callout)
+
+    def _accessed(self, sregs: tuple[str, ...]) -> None:
+        """Set the accessed bit of the guest's descriptors just loaded into ``sregs``, where a native run
+        sets it: QEMU's segment loads (mov, pop, lss...) and the machine's interrupt delivery write it into
+        the guest's table; QEMU's far jmp/call/ret and iret do not. Here the real loads read the shadow GDT,
+        where the bit is preset, so without this the guest's own table would keep it clear."""
+        m, v = self.m, self.vcpu
+        for selector in m.registers(sregs).values():
+            if selector & 0xFFFC == 0:
+                continue
+            base, limit = (v.ldtr.base, v.ldtr.limit) if selector & 4 else v.gdtr
+            known = (selector & 0xFFFC, base)
+            if known in self._accessed_known:
+                continue
+            self._accessed_known.add(known)
+            at = base + (selector & 0xFFF8) + 4
+            if (selector & 0xFFF8) + 7 > limit:
+                continue
+            try:
+                space = v.space(m)
+                (high,) = struct.unpack("<I", space.read(at, 4))
+                if high & CODE_OR_DATA and not high & ACCESSED_BIT:
+                    space.write(at, struct.pack("<I", high | ACCESSED_BIT))
+            except GuestFault:
+                pass
 
     def _guest_of(self, address: int) -> int:
         guest = self.cache.guest_address(address)
@@ -270,7 +310,7 @@ class BinaryTranslation(MonitorOps):
     # --- callouts -----------------------------------------------------------------------------------------
     def _on_syscall(self, uc, _user) -> None:
         m = self.m
-        at = m.engine.read(EIP)
+        at = (m.engine.read(EIP) + self._base) & 0xFFFFFFFF     # EIP is CS-relative; sites are linear
         site = self.cache.sites.get(at)
         if site is None:
             return                          # a guest syscall copied unchanged: a no-op, as natively
@@ -311,6 +351,10 @@ class BinaryTranslation(MonitorOps):
         except GuestFault as fault:
             self._fault_at(site, fault)
             return
+        if recipe.name in DATA_LOADS:
+            self._accessed((recipe.operands[0].reg,))
+        elif recipe.name in DELIVERIES and eip != (site.next - base) & 0xFFFFFFFF:
+            self._accessed(("cs", "ss") if v.cpl != cpl else ("cs",))
         if last or self._flush_wanted is not None or v.cpl != cpl or m.reg("cs") != cs \
                 or eip != (site.next - base) & 0xFFFFFFFF:
             self._goto(eip, callout=True)
@@ -376,32 +420,45 @@ class BinaryTranslation(MonitorOps):
         unit = self.cache.unit_at(found)
         if lookup.owner.alive and unit is not None and unit.alive and site is self.cache.sites.get(
                 lookup.at + layout.callout_at):
-            self.cache.fill(lookup, linear, unit, found)
+            self.cache.fill(lookup, target, unit, found)     # the glue compares EIPs
             self.counts["lookup", "filled"] += 1
         m.engine.write(EIP, (found - key[1] - 2) & 0xFFFFFFFF)
 
     # --- events from the machine --------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:
         cache = self.cache
+        if cache.stale:
+            cache.settle()
         if self._blanked:
             self._unblank()
-        if event.source == SOFTWARE and event.vector == BP and cache.contains(event.eip - 1):
-            unit = cache.unit_at(event.eip - 1)
-            if unit is not None and not unit.alive and (event.eip - 1) in cache.guest_of:
+        if event is RESYNC:
+            base = self._key()[1]
+            linear = (machine.reg("eip") + base) & 0xFFFFFFFF
+            unit = cache.unit_at(linear)
+            if unit is not None and not unit.alive:
+                self._goto(self._guest_of(linear), callout=False)
+            return True
+        base = self._key()[1]
+        linear = (event.eip + base) & 0xFFFFFFFF            # Unicorn reports EIP, CS-relative
+        if event.source == SOFTWARE and event.vector == BP and cache.contains(linear - 1):
+            unit = cache.unit_at(linear - 1)
+            if unit is not None and not unit.alive and (linear - 1) in cache.guest_of:
                 # An instruction start of an invalidated unit: translate again from its guest address.
                 self.callouts["poison"] += 1
                 self._uncount()
-                self._goto(self._guest_of(event.eip - 1), callout=False)
+                self._goto(self._guest_of(linear - 1), callout=False)
                 return True
-        if cache.contains(event.eip):
-            address = event.eip - 1 if event.source == SOFTWARE and event.vector == BP else event.eip
+        if cache.contains(linear):
+            address = linear - 1 if event.source == SOFTWARE and event.vector == BP else linear
             guest = self._guest_of(address)
             event.eip = event.insn = guest
             if event.source == SOFTWARE:        # int3 copied unchanged: the frame holds the next instruction
                 event.eip = guest + 1
         if event.vector == PF and event.source == EXCEPTION:
             self.vcpu.cr2 = machine.reg("cr2")
+        cpl = self.vcpu.cpl
         deliver(machine, self.vcpu, event)
+        self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
         self._goto(machine.reg("eip"), callout=False)
         return True
 
@@ -432,8 +489,18 @@ class BinaryTranslation(MonitorOps):
         self._watched = []
 
     def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
-        if self._invalidate(address, size, "guest-write"):
-            self.m.stop_chunk()             # the rest of the running translation may be stale: stop before it
+        cache = self.cache
+        cache.deferring = True
+        try:
+            hit = self._invalidate(address, size, "guest-write")
+        finally:
+            cache.deferring = False
+        if hit:
+            # Stop before the next guest instruction: what runs next may be stale, and Unicorn's copies of
+            # the patched cache bytes are dropped at the stop (``_resync``), outside this hook. A pending
+            # guest event already set in this chunk gets there the same way; it is not replaced.
+            m = self.m
+            m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
 
     def _on_host_write(self, physical: int, size: int) -> None:
         if self.vcpu.cr0 & CR0_PG:

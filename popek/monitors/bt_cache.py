@@ -116,6 +116,8 @@ class CodeCache:
         self.uc.mem_map_ptr(self.base, self.end - self.base, unicorn.UC_PROT_EXEC, self._host)
         self.flushes = 0
         self.bytes_written = 0
+        self.deferring = False              # inside a memory hook: see ``drop``
+        self.stale: list[tuple[int, int]] = []
         self._reset_records()
         self.unit_next = self.units_start + 16     # the first bytes hold the count-hook bootstrap (bt.attach)
         self.glue_next = self.glue_start
@@ -144,7 +146,22 @@ class CodeCache:
     def patch(self, address: int, data: bytes) -> None:
         """Bytes Unicorn may have translated: write them and drop its translation."""
         self.write(address, data)
-        self.uc.ctl_remove_cache(address, address + len(data))
+        self.drop(address, address + len(data))
+
+    def drop(self, begin: int, end: int) -> None:
+        """Drop Unicorn's translations of [begin, end), now or, inside a memory hook, at ``settle``:
+        ``ctl_remove_cache`` looks the page up in Unicorn's TLB and may refill it, under the store that
+        is being made (a crash, measured)."""
+        if self.deferring:
+            self.stale.append((begin, end))
+        else:
+            self.uc.ctl_remove_cache(begin, end)
+
+    def settle(self) -> None:
+        """Apply the drops deferred inside a memory hook (precondition: not inside one)."""
+        stale, self.stale = self.stale, []
+        for begin, end in stale:
+            self.uc.ctl_remove_cache(begin, end)
 
     def room(self, unit_bytes: int, glue_bytes: int) -> bool:
         return self.unit_next + unit_bytes <= self.units_end and self.glue_next + glue_bytes <= self.glue_end
@@ -162,6 +179,7 @@ class CodeCache:
         self._reset_records()
         self.unit_next = self.units_start + 16
         self.glue_next = self.glue_start
+        self.stale = []
         self.uc.ctl_remove_cache(self.base, self.end)
         self.flushes += 1
 
@@ -296,4 +314,4 @@ class CodeCache:
             site.filled = []
         for cache, _guest in unit.insns:
             self.write(cache, emit.INT3)
-        self.uc.ctl_remove_cache(unit.cache, unit.cache_end)
+        self.drop(unit.cache, unit.cache_end)

@@ -76,7 +76,7 @@ class Run:
     glue: list = field(default_factory=list)     # [address, bytes, guest address of the instruction]
     sites: dict = field(default_factory=dict)
     tail: tuple | None = None                # (cache address, guest address) of a closing ``continue``
-    fills: list = field(default_factory=list)   # (LookupSite, guest target, cache target) known in advance
+    fills: list = field(default_factory=list)   # (LookupSite, guest EIP, cache target) known in advance
     instructions: int = 0
 
     @property
@@ -206,7 +206,7 @@ class Translator:
             back = returns.pop()
             layout = emit.Lookup("ret", self.ways, release=int(insn.op_str, 0) if insn.op_str else 0)
             lookup = self._lookup(run, unit, layout, insn.address, next_ip)
-            run.fills.append((lookup, back, run.here + 5))
+            run.fills.append((lookup, (back - key[1]) & 0xFFFFFFFF, run.here + 5))   # glue compares EIPs
             self._emit(run, unit, insn.address, emit.jmp(run.here, lookup.at), next_ip)
             return back
         return None

@@ -205,6 +205,7 @@ def configure(p) -> None:
     p.add_argument("guest", metavar="GUEST", help="flat image, ELF32 or popek asm source")
     p.add_argument("--monitor", default="trap", help="the monitor to compare with native (default trap)")
     p.add_argument("--ring", type=int, choices=(1, 3), help="trap: the ring the guest kernel runs at")
+    p.add_argument("--direct-user", action="store_true", help="bt: run guest user code untranslated")
     p.add_argument("--max-instructions", type=int, default=10_000_000)
     p.add_argument("--format", choices=("text", "json"), default="text")
 
@@ -213,6 +214,8 @@ def run(args) -> int:
     from popek.textout import emit
 
     options = {"ring": args.ring} if args.ring else {}
+    if args.direct_user:
+        options["direct_user"] = True
     report = diff(args.guest, args.monitor, max_instructions=args.max_instructions, options=options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
     return 0 if report.equivalent else 1

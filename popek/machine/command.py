@@ -36,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ring", type=int, default=None, metavar="N",
                         help="the real ring a deprivileging monitor runs the guest kernel at (trap: 3 or 1; "
                              "default 3)")
+    parser.add_argument("--direct-user", action="store_true",
+                        help="bt: run guest user code (CPL 3) untranslated, as VMware did")
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
@@ -50,11 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if args.monitor not in MONITORS:
         raise UsageError(f"unknown monitor {args.monitor!r} (known: {', '.join(MONITORS)})")
     options = {} if args.ring is None else {"ring": args.ring}
+    if args.direct_user:
+        options["direct_user"] = True
     if options:
         try:
             get_monitor(args.monitor, **options)         # a monitor without the option rejects it here
         except TypeError:
-            raise UsageError(f"--ring does not apply to monitor {args.monitor!r}") from None
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in options)
+            raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
     ram = args.ram * MIB
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,

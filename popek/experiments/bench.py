@@ -57,6 +57,67 @@ def _scan(args: argparse.Namespace) -> str:
     ])
 
 
+def _differential(args: argparse.Namespace) -> str:
+    """Generated guests under native and --monitor: examples run, divergences (the first few shrunk), rate."""
+    from popek.experiments.differential import fuzz
+    return fuzz(args.monitor, args.examples, reference=args.reference, seed=args.seed, jobs=args.jobs,
+                shrink_first=args.shrink).render()
+
+
+def _differential_arguments(b: argparse.ArgumentParser) -> None:
+    import os
+    b.add_argument("--monitor", default="emulate", help="the monitor compared with the reference (default emulate)")
+    b.add_argument("--reference", default="native", help="the reference monitor (default native)")
+    b.add_argument("--examples", type=int, default=100_000, help="generated guests to run (default 100000)")
+    b.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0: the same guests every run)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+    b.add_argument("--shrink", type=int, default=3, help="kinds of divergence to shrink and print (default 3)")
+
+
+def _emulate(args: argparse.Namespace) -> str:
+    """The interpreter's cost: one compute-bound guest under native and under emulate, wall time ratio."""
+    from popek.asm import assemble_text
+    from popek.machine.guest import Guest
+    from popek.monitors import run_guest
+
+    # ALU, loads and stores on a small array, a branch: the instruction mix of an ordinary inner loop.
+    program = assemble_text(f"""
+_start: mov ecx, {args.iterations}
+        xor eax, eax
+        mov esi, 0x200000
+again:  add eax, ecx
+        xor ebx, eax
+        rol ebx, 3
+        mov edx, ecx
+        and edx, 0xfc
+        add dword ptr [esi + edx], ebx
+        mov edi, dword ptr [esi + edx]
+        imul edi, edi, 33
+        sub eax, edi
+        dec ecx
+        jnz again
+        out 0xf4, al
+""", name="compute")
+    guest = Guest("compute.s", ((program.origin, program.image),), program.entry, "asm")
+    native = run_guest(guest, "native")
+    emulated = run_guest(guest, "emulate")
+    same = (native.state, native.console, native.guest_instructions) == \
+        (emulated.state, emulated.console, emulated.guest_instructions)
+    n = native.guest_instructions
+    return "\n".join([
+        f"popek bench emulate: a compute-bound guest, {n:,} instructions ({args.iterations:,} iterations of 11)",
+        f"  native    {native.wall_seconds:8.3f} s   {n / native.wall_seconds / 1e6:9.1f} M instructions/s",
+        f"  emulate   {emulated.wall_seconds:8.3f} s   {n / emulated.wall_seconds / 1e6:9.1f} M instructions/s",
+        f"  ratio emulate / native   {emulated.wall_seconds / native.wall_seconds:8.1f}",
+        f"  same result: {'yes' if same else 'NO'}; emulate interpreted "
+        f"{emulated.events.get('interpret', {}).get('instructions', 0):,} instructions",
+    ])
+
+
+def _emulate_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--iterations", type=int, default=200_000, help="loop iterations (default 200000)")
+
+
 def _trap(args: argparse.Namespace) -> str:
     """Classic trap-and-emulate: native speed on a compute-bound guest, and what one trap costs."""
     import os
@@ -133,18 +194,25 @@ def _round_trip() -> float:
     return (time.perf_counter() - t0) / count * 1e6
 
 
+# name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
+    "differential": (_differential, "run generated guests under native and a monitor; count divergences",
+                     _differential_arguments),
+    "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",
+                _emulate_arguments),
     "trap": (_trap, "native speed and the cost of one trapped-and-emulated privileged instruction under trap"),
 }
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (fn, help_text) in BENCHMARKS.items():
+    for name, (fn, help_text, *arguments) in BENCHMARKS.items():
         b = sub.add_parser(name, help=help_text, description=help_text)
         if name == "scan":
             b.add_argument("file", metavar="FILE")
+        for add in arguments:
+            add(b)
         b.set_defaults(_bench=fn)
 
 

@@ -1,0 +1,13 @@
+; why: machine bug. A store that rewrites an instruction of the translation block it is executing in
+;      (here the immediate of the next instruction) is counted twice in guest_instructions: Unicorn 2.1.4
+;      invalidates the block, restores the CPU to the start of the store and executes it again (the store
+;      takes effect once, so the guest computes the right thing; only the count is off, and with it the
+;      PIT, which ticks on counted instructions). Stores to code in other blocks count once.
+; expect: exit exit-port 6
+; expect: guest_instructions 4
+; xfail: machine counts a store into its own translation block twice (native gives 5 instructions, not 4)
+_start:
+        xor eax, eax
+        add byte ptr [imm + 1], 1       ; the immediate of the next instruction: 5 becomes 6
+imm:    mov al, 5
+        out 0xf4, al

@@ -102,7 +102,7 @@ class BinaryTranslation(MonitorOps):
     name = "bt"
 
     def __init__(self, direct_user: bool = False, cache_size: int = 2 << 20, cap: int = 12, ways: int = 4,
-                 max_run: int = 1024, paranoid: bool = False):
+                 max_run: int = 48, paranoid: bool = False):
         if cache_size < 0x4000:
             raise ValueError("cache_size must be at least 16 KiB")
         self.direct_user = direct_user
@@ -325,10 +325,6 @@ class BinaryTranslation(MonitorOps):
             self._exit(site)
         elif kind == "lookup":
             self._lookup(site)
-        elif kind == "continue":
-            self.callouts["continue"] += 1
-            self._uncount()
-            self._goto(site.next - self._key()[1], callout=True)
         elif kind == "branch16":
             self.callouts["branch16"] += 1
             self._fault_at(site, GuestFault(UD, None, "16-bit near branches are not translated"))
@@ -447,6 +443,13 @@ class BinaryTranslation(MonitorOps):
                 self.callouts["poison"] += 1
                 self._uncount()
                 self._goto(self._guest_of(linear - 1), callout=False)
+                return True
+        if event.source == SOFTWARE and event.vector == emit.CONTINUE_VECTOR:
+            site = cache.sites.get(linear)
+            if site is not None and site.kind == "continue":
+                self.callouts["continue"] += 1
+                self._uncount()
+                self._goto((site.next - base) & 0xFFFFFFFF, callout=False)
                 return True
         if cache.contains(linear):
             address = linear - 1 if event.source == SOFTWARE and event.vector == BP else linear

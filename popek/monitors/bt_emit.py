@@ -3,10 +3,15 @@
 Everything here is bytes at a known cache address (relative branches need it). Every encoding is checked
 against Capstone by tests/test_bt.py. What the generated code may use, and why:
 
-- **Guest instructions** are copied unchanged (IDENT) or replaced by one 2-byte ``syscall`` (a *callout*,
-  see popek.monitors.bt): Unicorn hands ``syscall`` to an instruction hook, then ends the translated block
-  and continues at whatever EIP the hook left (+2), so a callout can emulate anything, change flags, segments
-  or control flow, and costs about 0.25 µs plus its work. Unicorn's ``syscall`` does nothing else.
+- **Guest instructions** are copied unchanged (IDENT) or become a *callout* (see popek.monitors.bt): a
+  2-byte ``syscall``, which Unicorn hands to an instruction hook before it ends the translated block and
+  continues at whatever EIP the hook left (+2): a callout can emulate anything, change flags, segments or
+  control flow, for about 0.25 µs plus its work. Unicorn's ``syscall`` does nothing else. One flaw
+  (Unicorn 2.1.4, measured): with an instruction hook installed, a ``syscall`` (or ``cpuid``) that follows
+  an add, sub, cmp, neg or shift *in the same translated block* leaves wrong OF/CF/AF behind, before the
+  hook even runs. So a callout always starts a block: it sits at the start of a glue block, reached by a
+  counted ``jmp`` that stands for the guest instruction. The one callout that must stay in the unit (after
+  a ``rep`` string instruction, see bt_translate) is ``int`` instead, whose exception path keeps the flags.
 - **Glue** (call, return and indirect-branch sequences, exit stubs) lives in a region the machine's
   instruction counter does not count (``Engine.count_only``): a guest instruction is one counted cache
   instruction, so timer interrupts land where they land natively. Glue must not change the guest's flags
@@ -21,6 +26,8 @@ from __future__ import annotations
 import struct
 
 SYSCALL = b"\x0f\x05"
+CONTINUE_VECTOR = 0xE7
+INT_CONTINUE = bytes((0xCD, CONTINUE_VECTOR))
 INT3 = b"\xcc"
 HLT = b"\xf4"
 XCHG_ECX_TOP = b"\x87\x0c\x24"          # xchg ecx, [esp]

@@ -46,7 +46,7 @@ from popek.decode import LEGACY_PREFIXES, decode_at
 from popek.machine.faults import GP, GuestFault
 from popek.machine.memory import CR0_PG
 from popek.monitors import bt_emit as emit
-from popek.monitors import emulation
+from popek.monitors import bt_routines, emulation
 from popek.monitors.bt_cache import PAGE, CodeCache, Exit, LookupSite, Site, Unit
 
 JCC = {"jo": 0, "jno": 1, "jb": 2, "jae": 3, "je": 4, "jne": 5, "jbe": 6, "ja": 7, "js": 8, "jns": 9,
@@ -281,7 +281,7 @@ class Translator:
         if kind == "emulate":
             recipe = emulation.decode(insn.raw, (insn.address - key[1]) & 0xFFFFFFFF)
             run.sites[at] = Site(kind, insn.address, next_ip, p.unit, recipe=recipe,
-                                 routine=emulation.TABLE[recipe.name])
+                                 routine=bt_routines.routine(recipe.name))
         else:
             run.sites[at] = Site(kind, insn.address, next_ip, p.unit)
 
@@ -290,8 +290,7 @@ class Translator:
         insn, unit = p.insn, p.unit
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if self._callout(p, key):
-            at = self._emit(run, unit, insn.address, emit.SYSCALL, next_ip)
-            self._site(run, at, p, key)
+            self._callout_glue(run, p, key, back=True)
         elif insn.mnemonic in JCC:
             at = self._emit(run, unit, insn.address, bytes(6), next_ip)
             stub = self._exit(run, unit, insn.address, int(insn.op_str, 0), at + 2)
@@ -304,9 +303,7 @@ class Translator:
         insn, unit = p.insn, p.unit
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if self._callout(p, key):                       # the monitor continues it at ``pos``
-            at = self._emit(run, unit, insn.address, emit.SYSCALL, next_ip)
-            self._site(run, at, p, key)
-            run.sites[at].kind = "emulate-last"
+            self._callout_glue(run, p, key, back=False)
             return
         if insn.mnemonic in JCC:                        # jcc taken / not taken: two exits, in glue
             glue = self._reserve(11)
@@ -321,14 +318,31 @@ class Translator:
         if p.insn.raw[p.prefixes] in STRING_OPS and any(b in (0xF2, 0xF3) for b in insn.raw[:p.prefixes]):
             self._emit(run, unit, insn.address, insn.raw, next_ip)      # counted per iteration: stays
             at = run.here
-            run.code += emit.SYSCALL
-            run.sites[at] = Site("continue", pos, pos, unit)
+            run.code += emit.INT_CONTINUE             # in the unit, after a flag-setting rep: see bt_emit
+            run.sites[at + len(emit.INT_CONTINUE)] = Site("continue", pos, pos, unit)
             run.tail = (at, pos)
             return
         glue = self._reserve(len(insn.raw) + 5)         # moved: counted jmp here, the copy and the exit there
         fall = self._exit(run, unit, insn.address, pos, glue + len(insn.raw) + 1)
         self._glue_at(run, glue, insn.raw + emit.jmp(glue + len(insn.raw), fall), insn.address)
         self._emit(run, unit, insn.address, emit.jmp(run.here, glue), next_ip)
+
+    def _callout_glue(self, run: Run, p: Pending, key: tuple, back: bool, kind: str = "emulate") -> None:
+        """A callout: a counted ``jmp`` in the unit stands for the instruction; the ``syscall`` starts a
+        glue block (see bt_emit: a block start is where Unicorn keeps the guest's flags intact), followed,
+        when execution may go on in this run (``back``), by a jump to the next unit."""
+        insn = p.insn
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        at = self._emit(run, p.unit, insn.address, bytes(5), next_ip)
+        glue = self._reserve(len(emit.SYSCALL) + 5)
+        self._glue_at(run, glue, emit.SYSCALL, insn.address)
+        # After the callout, EIP (a chunk may stop there) stands for the next guest instruction.
+        after = glue + len(emit.SYSCALL)
+        self._glue_at(run, after, emit.jmp(after, at + 5) if back else emit.INT3 * 5, next_ip)
+        run.code[at - run.start:at - run.start + 5] = emit.jmp(at, glue)
+        self._site(run, glue, p, key, kind)
+        if not back and kind == "emulate":
+            run.sites[glue].kind = "emulate-last"
 
     def _reserve(self, size: int) -> int:
         at = self._glue_next
@@ -347,12 +361,9 @@ class Translator:
         next_ip = (address + insn.size) & 0xFFFFFFFF
         base = key[1]
         if self._callout(p, key):
-            at = self._emit(run, unit, address, emit.SYSCALL, next_ip)
-            self._site(run, at, p, key)
-            run.sites[at].kind = "emulate-last"
+            self._callout_glue(run, p, key, back=False)
         elif self._branch16(p):
-            at = self._emit(run, unit, address, emit.SYSCALL, next_ip)
-            self._site(run, at, p, key, "branch16")
+            self._callout_glue(run, p, key, back=False, kind="branch16")
         elif mnemonic == "jmp" and raw[p.prefixes] != 0xFF:
             at = self._emit(run, unit, address, bytes(5), next_ip)
             stub = self._exit(run, unit, address, int(insn.op_str, 0), at + 1)

@@ -467,7 +467,8 @@ class BinaryTranslation(MonitorOps):
 
     # --- self-modifying code ------------------------------------------------------------------------------
     def _watch(self) -> None:
-        """Write hooks over the guest bytes live translations came from (few hooks: see MAX_WATCHED)."""
+        """Write hooks over the guest bytes live translations came from (few hooks: see MAX_WATCHED).
+        Physical addresses: that is what Unicorn's memory hooks see while the guest pages."""
         ranges = self.cache.code_ranges()
         merged: list[list[int]] = []
         for start, end in ranges:
@@ -506,9 +507,6 @@ class BinaryTranslation(MonitorOps):
             m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
 
     def _on_host_write(self, physical: int, size: int) -> None:
-        if self.vcpu.cr0 & CR0_PG:
-            self._flush_wanted = self._flush_wanted or "host-write-while-paging"
-            return
         self._invalidate(physical, size, "host-write")
 
     def _invalidate(self, address: int, size: int, why: str) -> bool:

@@ -61,10 +61,20 @@ class Unit:
     lookups: list = field(default_factory=list)    # LookupSites it owns
     incoming: list = field(default_factory=list)   # Exits and (LookupSite, guest) pairs that lead into it
     alive: bool = True
+    phys: tuple = ()                        # (linear page, physical page) of each page its bytes are in
 
     @property
     def pages(self) -> range:
+        """Linear pages."""
         return range(self.guest // PAGE, (self.guest_end - 1) // PAGE + 1)
+
+    def physical_spans(self):
+        """Its guest bytes as physical ranges: stores are seen at physical addresses (Unicorn's memory
+        hooks and the machine's host writes both report them)."""
+        for lp, pp in self.phys:
+            lo, hi = max(self.guest, lp * PAGE), min(self.guest_end, (lp + 1) * PAGE)
+            if lo < hi:
+                yield pp * PAGE + lo - lp * PAGE, pp * PAGE + hi - lp * PAGE
 
 
 @dataclass(eq=False, slots=True)
@@ -131,7 +141,7 @@ class CodeCache:
         self.guest_of: dict[int, int] = {}          # cache address of an instruction start -> guest address
         self.after_int: dict[int, tuple[int, int]] = {}   # cache EIP after an IDENT int n -> (insn, next)
         self.sites: dict[int, Site] = {}
-        self.pages: dict[int, list[Unit]] = {}
+        self.pages: dict[int, list[Unit]] = {}      # physical page -> units made from bytes in it
 
     # --- memory ---------------------------------------------------------------------------------------
     def contains(self, address: int) -> bool:
@@ -190,8 +200,8 @@ class CodeCache:
         for cache, guest in unit.insns:
             self.guest_of[cache] = guest
             self.index[(guest, unit.key)] = cache
-        for page in unit.pages:
-            self.pages.setdefault(page, []).append(unit)
+        for _lp, pp in unit.phys:
+            self.pages.setdefault(pp, []).append(unit)
 
     def add_glue(self, start: int, end: int, guest: int) -> None:
         self.glue.append((start, end, guest))
@@ -216,16 +226,18 @@ class CodeCache:
         return None
 
     def units_overlapping(self, start: int, end: int) -> list[Unit]:
+        """Live units made from bytes in the physical range [start, end)."""
         found = []
         for page in range(start // PAGE, (end - 1) // PAGE + 1):
             for unit in self.pages.get(page, ()):
-                if unit.alive and unit.guest < end and start < unit.guest_end and unit not in found:
+                if unit.alive and unit not in found and any(s < end and start < e for s, e in unit.physical_spans()):
                     found.append(unit)
         return found
 
     def code_ranges(self) -> list[tuple[int, int]]:
-        """The guest byte ranges live translations were made from, merged, sorted."""
-        spans = sorted((u.guest, u.guest_end) for units in self.pages.values() for u in units if u.alive)
+        """The physical byte ranges live translations were made from, merged, sorted."""
+        spans = sorted({span for units in self.pages.values() for u in units if u.alive
+                        for span in u.physical_spans()})
         merged: list[list[int]] = []
         for start, end in spans:
             if merged and start <= merged[-1][1]:
@@ -290,12 +302,12 @@ class CodeCache:
         for cache, guest in unit.insns:
             if self.index.get((guest, unit.key)) == cache:
                 del self.index[(guest, unit.key)]
-        for page in unit.pages:
-            units = self.pages.get(page)
-            if units is not None:
+        for _lp, pp in unit.phys:
+            units = self.pages.get(pp)
+            if units is not None and unit in units:
                 units.remove(unit)
                 if not units:
-                    del self.pages[page]
+                    del self.pages[pp]
         for ref in list(unit.incoming):
             if isinstance(ref, Exit):
                 self.unlink(ref)

@@ -169,12 +169,21 @@ class Translator:
         for u in run.units:
             if not u.cache_end:
                 u.cache_end = run.here
+            u.phys = tuple((lp, self._physical_page(lp)) for lp in u.pages)
         if not cache.room(len(run.code), self._glue_next - cache.glue_next):
             raise CacheFull()
         self._install(run)
         self.instructions += run.instructions
         self.runs += 1
         return run, cache.index[(eip, key)]
+
+    def _physical_page(self, linear_page: int) -> int:
+        if not self.v.cr0 & CR0_PG:
+            return linear_page
+        try:
+            return self.v.space(self.m).physical(linear_page * PAGE, 1) // PAGE
+        except GuestFault:
+            return linear_page              # not mapped: nothing can write it through this address either
 
     def _decode(self, pos: int):
         """The instruction at linear ``pos``, or None where it cannot be fetched whole or decoded."""

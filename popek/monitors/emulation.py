@@ -53,7 +53,6 @@ REG, SREG, CR, DR, MEM, IMM = "reg", "sreg", "cr", "dr", "mem", "imm"
 ZF, AC, ID, VIF, VIP = 1 << 6, 1 << 18, 1 << 21, 1 << 19, 1 << 20
 CR0_PE, CR0_MP, CR0_EM, CR0_TS, CR0_ET, CR0_NE, CR0_NW, CR0_CD = 1, 2, 4, 8, 0x10, 0x20, 1 << 29, 1 << 30
 CR4_TSD, CR4_DE, CR4_UMIP = 1 << 2, 1 << 3, 1 << 11
-MSR_TSC = 0x10
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,9 +460,11 @@ def wrmsr(m: Machine, v: VCpu, r: Recipe) -> int:
 
 
 def rdtsc(m: Machine, v: VCpu, r: Recipe) -> int:
+    """Traps only when the guest sets CR4.TSD. The count is the machine's time (one tick per guest
+    instruction, as the PIT counts), deterministic where Unicorn's own TSC follows the host clock."""
     if v.cr4 & CR4_TSD:
         _cpl0(v, r)
-    value = _msr_value(m, v, MSR_TSC)
+    value = m.now() & 0xFFFFFFFFFFFFFFFF
     m.set_reg("eax", value & 0xFFFFFFFF)
     m.set_reg("edx", (value >> 32) & 0xFFFFFFFF)
     return r.next
@@ -851,9 +852,11 @@ def call_far(m: Machine, v: VCpu, r: Recipe) -> int:
     width = 4 if desc.type == 12 else 2
     new_cpl = code.dpl
     new_ss, new_esp = v.tss_stack(space, new_cpl, 0)
-    stack = space.descriptor(new_ss, GP, new_ss & 0xFFFC) if new_ss & 0xFFFC else None
-    if stack is None or new_ss & 3 != new_cpl or stack.dpl != new_cpl or not stack.writable_data:
-        raise GuestFault(GP, new_ss & 0xFFFC, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
+    if new_ss & 0xFFFC == 0:
+        raise GuestFault(TS, 0, f"null ring-{new_cpl} stack selector in the TSS")
+    stack = space.descriptor(new_ss, TS, new_ss & 0xFFFC)
+    if new_ss & 3 != new_cpl or stack.dpl != new_cpl or not stack.writable_data:
+        raise GuestFault(TS, new_ss & 0xFFFC, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
     if not stack.present:
         raise GuestFault(SS, new_ss & 0xFFFC, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
     count = desc.high & 0x1F
@@ -900,7 +903,11 @@ def _null_data_segments(m: Machine, v: VCpu, space: AddressSpace, cpl: int) -> N
         selector = m.reg(sreg)
         if selector & 0xFFFC == 0:
             continue
-        desc = space.descriptor(selector, GP, 0)
+        try:
+            desc = space.descriptor(selector, GP, 0)
+        except GuestFault:
+            m.set_reg(sreg, 0)                  # no longer a valid selector
+            continue
         if (not desc.is_code or not desc.conforming) and desc.dpl < cpl:
             m.set_reg(sreg, 0)
 

@@ -45,10 +45,21 @@ the monitor never sees them):
 Memory the CPU writes by itself: accessed bits and the busy bit go to the shadow tables, which have them
 preset; the guest's own tables keep them as the guest wrote them (``ltr`` sets busy, as the CPU would).
 
-Events (``machine.events``): ``trap`` (every #GP at an instruction with a routine, by canonical name),
-``emulate`` (those carried out), ``inject`` (external interrupts given to the guest), and what the guest's
-virtual IDT receives under the machine's names (``exception``, ``software-interrupt``,
-``external-interrupt``, ``delivery-fault``); ``shadow`` counts table rebuilds and traced guest edits.
+Port I/O. ``in``/``out`` are decided inside the machine's I/O hook (``io_allowed``): the virtual
+permission check (virtual CPL and IOPL, else the guest's own TSS bitmap), then the access completes, which
+is what trap, emulate and resume would do without leaving Unicorn. ``ins``/``outs`` take the #GP path and
+are emulated whole, so a ``rep`` instruction is one trap, as on hardware.
+
+Events (``machine.events``): ``trap`` (every trap, by canonical name: a #GP at an instruction with a
+routine, or a port access the real CPU refused), ``emulate`` (those carried out; the rest became a fault for
+the guest), ``inject`` (external interrupts given to the guest), what the guest's virtual IDT receives
+under the machine's names (``exception``, ``software-interrupt``, ``external-interrupt``,
+``delivery-fault``), and ``shadow``: rebuilds (``gdt``, ``ldt``, ``tss``, ``paging``), ``hidden-page-fault``
+and ``guest-table-writes`` (stores into the guest's GDT, LDT or TSS stack fields, traced).
+
+Not modelled: real mode (a guest clearing CR0.PE keeps running in protected mode), virtual-8086 mode, task
+switches, PAE paging; see ``popek.monitors.shadow`` for the paging limits and ``popek.monitors.emulation``
+for the routines'.
 """
 from __future__ import annotations
 
@@ -69,6 +80,9 @@ if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
 SEGMENTS = ("ds", "es", "fs", "gs")
+# What the shadow structures redo when the vcpu changes (VCpu.on_change): event name and Shadow method.
+_SHADOW_WORK = {"gdtr": "gdt", "ldtr": "ldt", "tr": "tss", "cr0": "paging", "cr3": "paging", "cr4": "paging",
+                "tlb": "paging"}
 IN_OUT = frozenset({"in", "out"})
 
 
@@ -97,18 +111,14 @@ class TrapAndEmulate(MonitorOps):
             machine.set_reg(sreg, selector if selector & 0xFFFC else 0)
 
     def _changed(self, what: str) -> None:
+        """The vcpu changed something the real machine follows (see VCpu.on_change)."""
         shadow = self.shadow
-        shadow.m.events.count("shadow", what)
-        if what == "gdtr":
-            shadow.gdt_changed()
-        elif what == "ldtr":
-            shadow.ldt_changed()
-        elif what == "tr":
-            shadow.tss_changed()
-        elif what in ("cr0", "cr3", "cr4", "tlb"):
-            shadow.paging_changed()
+        work = _SHADOW_WORK.get(what)
+        if work is not None:
+            shadow.m.events.count("shadow", work)
+            getattr(shadow, f"{work}_changed")()
         if what in ("gdtr", "ldtr", "descriptors"):
-            self._code.clear()
+            self._code.clear()                      # the virtual CPL of a code selector may differ now
 
     # --- the virtual CPL ----------------------------------------------------------------------------------
     def _code_segment(self, m: Machine) -> int:

@@ -16,8 +16,9 @@ Fields of ``VCpu``:
   The guest's ring-n stacks (``tss_stack``) are read from guest memory through the virtual TR.
 - ``cr0``, ``cr2``, ``cr3``, ``cr4``; ``dr`` (DR0-DR7); ``msr`` (values the guest wrote; others read
   through to Unicorn's MSRs, which is what the bare machine would return).
-- ``on_change(what)``: the monitor's callback when a routine changed something the real machine must
-  follow ("gdtr", "idtr", "ldtr", "tr", "cr0", "cr3", "cr4", "tlb"). None: nothing follows.
+- ``on_change(what)``: the monitor's callback when a routine changed something the real machine may have
+  to follow: "gdtr", "idtr", "ldtr", "tr", "cr0", "cr2", "cr3", "cr4", "tlb" (invlpg), and "descriptors"
+  (a traced guest descriptor-table store). None: nothing follows.
 - ``entry``: the last delivery through the virtual IDT, for the machine's handler-fault rule.
 
 Selectors: the guest's selectors keep their meaning; only the RPL of the real CS and SS differs

@@ -62,6 +62,7 @@ class Memory:
         # Called with (physical address, size) after every host write into guest RAM: Unicorn does not see
         # host writes, and a monitor that keeps translations of guest code must drop the stale ones.
         self.on_write = None
+        self.runs_ram = True                # Unicorn executes guest RAM (False: only a monitor's own code)
         self._monitor = ctypes.create_string_buffer(MONITOR_SIZE)     # kept alive as long as the mapping
         uc.mem_map_ptr(self.monitor_base, MONITOR_SIZE, unicorn.UC_PROT_READ, ctypes.addressof(self._monitor))
 
@@ -176,8 +177,10 @@ class AddressSpace:
             raise GuestFault(fault[0], fault[1], f"write at {linear:#x} outside guest RAM")
         self.memory.write(physical, data)
         # Unicorn notices guest stores into translated code, not host writes from a hook: a frame pushed
-        # onto a stack that overlaps code must drop that code's translations (REFERENCES). 1.5 µs.
-        self.memory.uc.ctl_remove_cache(linear, linear + len(data))
+        # onto a stack that overlaps code must drop that code's translations (REFERENCES). 1.5-3 µs; not
+        # needed when Unicorn never runs guest RAM itself (a binary translator's guest: Memory.runs_ram).
+        if self.memory.runs_ram:
+            self.memory.uc.ctl_remove_cache(linear, linear + len(data))
 
     def descriptor_address(self, selector: int, vector: int, error_code: int) -> int:
         """Linear address of the GDT/LDT entry of ``selector``; ``GuestFault(vector, error_code)`` past the

@@ -22,7 +22,9 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    the process's own memory through ``/proc/self/mem`` (an unmapped address fails with EIO instead of
    crashing) from each pointer in ``uc_struct``, and keeps the copy that follows a register write made
    through the API; every ``Engine`` checks the pointer again the same way. Where this is not possible the
-   context path is used.
+   context path is used. The eight general registers are read and written there too (``read``/``write``:
+   0.1 µs instead of 0.4; Unicorn's own reg_read/reg_write of them are plain loads and stores of those
+   slots, which TCG has stored before calling any hook and reloads after a helper returns).
 5. **Which addresses are counted.** ``emu_start(count=N)`` counts through a code hook that Unicorn creates
    on the first such call and keeps (``uc->count_hook``), over every address. ``Engine.count_only`` narrows
    that hook's range, so that code a monitor generates for itself (a binary translator's glue between
@@ -198,6 +200,8 @@ def _find_count_hook(uc) -> tuple[int | None, int]:
     return (found[0], at) if len(found) == 1 else (None, 0)
 
 
+_GPRS = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX, X.UC_X86_REG_ESP,
+         X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)       # env->regs[] order (R_EAX ... R_EDI)
 _MARKS = (0x9E3779B1, 0x7F4A7C15, 0x85EBCA77, 0xC2B2AE3D)     # EAX ECX EDX EBX: unlikely anywhere else
 _MARK_REGS = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX)
 _SCAN = 0x10000                                               # bytes read after each candidate pointer
@@ -275,6 +279,7 @@ class Engine:
         self._count_limit = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter + 8)
         self._batches: dict[tuple[int, ...], tuple] = {}
         self._mmr = UcRegMMR()
+        self._gprs: dict[int, ctypes.c_uint64] = {}
         self._live = self._live_fields()
 
     def _live_fields(self) -> tuple | None:
@@ -288,17 +293,40 @@ class Engine:
         self.write(X.UC_X86_REG_EAX, saved)
         if not ok:
             return None
+        self._gprs = self._live_gprs(env)
         at = env - lay.header
         return (ctypes.c_int32.from_address(at + lay.is_int), ctypes.c_int32.from_address(at + lay.error_code),
                 ctypes.c_int32.from_address(at + lay.old_exception))
 
+    def _live_gprs(self, env: int) -> dict[int, ctypes.c_uint64]:
+        """The eight general registers as views of the live env (``regs[]``, in encoding order, 64-bit
+        slots), each checked by a write through the API; {} if one does not follow."""
+        views = {}
+        for i, reg in enumerate(_GPRS):
+            saved = self.read(reg)
+            view = ctypes.c_uint64.from_address(env + 8 * i)
+            self.write(reg, 0x5A5A0000 + i)
+            ok = view.value == 0x5A5A0000 + i
+            self.write(reg, saved)
+            if not ok:
+                return {}
+            views[reg] = view
+        return views
+
     def read(self, reg: int) -> int:
+        view = self._gprs.get(reg)
+        if view is not None:                   # 0.1 µs instead of 0.4: Unicorn's reg_read is this load
+            return view.value & 0xFFFFFFFF
         self._buf.value = 0                    # segment registers fill 2 bytes, GPRs 4
         if self._read_fn(self._uch, reg, self._ref):
             raise EngineError(f"uc_reg_read({reg}) failed")
         return self._buf.value
 
     def write(self, reg: int, value: int) -> None:
+        view = self._gprs.get(reg)
+        if view is not None:                   # Unicorn's reg_write is this store (EIP and the others do more)
+            view.value = value & 0xFFFFFFFF
+            return
         self._buf.value = value & 0xFFFFFFFF
         if self._write_fn(self._uch, reg, self._ref):
             # Segment loads are validated by the machine first; a refusal here is a machine bug. Not a

@@ -168,13 +168,20 @@ def diff(guest_path: str, monitor: str, *, max_instructions: int = 10_000_000, o
     return report
 
 
+CONSOLE_LINES = 12  # differing console lines listed one by one
+
+
 def _differences(a: dict, b: dict) -> list[str]:
     out = []
     if a["console"] != b["console"]:
         la, lb = a["console"].splitlines(), b["console"].splitlines()
-        i = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
-        out.append(f"console line {i + 1}: native {la[i] if i < len(la) else '<end>'!r}, "
-                   f"monitored {lb[i] if i < len(lb) else '<end>'!r}")
+        differing = [i for i in range(max(len(la), len(lb)))
+                     if (la[i] if i < len(la) else None) != (lb[i] if i < len(lb) else None)]
+        for i in differing[:CONSOLE_LINES]:
+            out.append(f"console line {i + 1}: native {la[i] if i < len(la) else '<end>'!r}, "
+                       f"monitored {lb[i] if i < len(lb) else '<end>'!r}")
+        if len(differing) > CONSOLE_LINES:
+            out.append(f"console: {len(differing) - CONSOLE_LINES} more lines differ")
     if a["exit"] != b["exit"]:
         out.append(f"exit: native {a['exit']['reason']} {a['exit']['code']}, "
                    f"monitored {b['exit']['reason']} {b['exit']['code']}")

@@ -277,6 +277,7 @@ CASES = [
     ("str-r32", "        mov ebx, 0xFFFFFFFF", "str ebx"),
     ("smsw-r32", "        mov eax, cr0\n        or eax, 0x50022\n        mov cr0, eax", "smsw eax"),
     ("smsw-r16", "        mov eax, 0xFFFFFFFF", "smsw ax"),
+    ("smsw-r32-upper-half", "        mov eax, 0xFFFFFFFF", "smsw eax"),
     ("smsw-mem", "", "smsw [scratch]"),
     ("sgdt-ring3", RING3, "sgdt [scratch]"),
     ("pushfd", "        sti\n        stc", "pushfd"),

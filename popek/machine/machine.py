@@ -171,10 +171,14 @@ class Machine:
     def idtr(self) -> tuple[int, int]:
         return self.table("idtr")[1:]
 
-    def set_table(self, name: str, base: int, limit: int, selector: int = 0) -> None:
+    def set_table(self, name: str, base: int, limit: int, selector: int = 0, flags: int = 0) -> None:
         """Point GDTR/IDTR (base, limit) at a table, e.g. a monitor's shadow table in monitor memory. For
-        LDTR and TR this sets the descriptor cache directly, as a monitor that owns the real tables may."""
-        self.uc.reg_write(TABLE_REG[name], (selector, base, limit, 0))
+        LDTR and TR this sets the descriptor cache directly, as a monitor that owns the real tables may;
+        ``flags`` are the cache's attribute bits as in the descriptor's high dword (present, DPL, type).
+        TR needs them: Unicorn reads the ring-n stack from the TSS on a call through a call gate to an inner
+        ring and aborts the whole process ("invalid tss") unless the cached TR is present with the type ltr
+        caches (9, an available 32-bit TSS: the busy bit is set in memory only). Measured."""
+        self.uc.reg_write(TABLE_REG[name], (selector, base, limit, flags))
 
     def set_cr2(self, address: int) -> None:
         self.engine.write(X.UC_X86_REG_CR2, address)

@@ -725,3 +725,18 @@ tick:
         trapped = run_guest(guest, "trap", ring=ring)
         assert _comparable(trapped) == _comparable(native)
         assert trapped.events["inject"] == {"vector 0x20": 1}
+
+
+def test_a_call_gate_into_the_kernel_switches_stacks_at_ring1_but_not_at_ring3():
+    # User code calls the guest kernel through a DPL-3 call gate with two parameters. At ring 1 the CPU
+    # switches to the ring-1 stack of the monitor's TSS, which holds the guest's ring-0 stack; at ring 3 the
+    # target's DPL is compressed to 3, so it is a same-ring call on the user stack.
+    guest = build(HARNESS.format(setup=RING3.format(n=0) + "        push 0x11111111\n        push 0x22222222",
+                                 insn="call far 0x43:0"))
+    native = run_guest(guest)
+    ring1, ring3 = run_guest(guest, "trap", ring=1), run_guest(guest, "trap", ring=3)
+    assert native.state["edi"] == 0x40 and native.state["esp"] == 0x80000 - 24
+    assert _comparable(ring1) == _comparable(native)
+    # At ring 3 the user code already runs on the kernel stack (enter_ring3's iret was a same-ring one, at
+    # KSTACK - 8), and the call pushes only CS and EIP below its two parameters: no stack switch, no SS:ESP.
+    assert ring3.state["esp"] == 0x80000 - 8 - 16 and ring3.state["edi"] == 0x40

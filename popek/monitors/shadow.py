@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from popek.monitors.vcpu import VCpu
 
 TABLE_SIZE = 0x10000
+PRESENT = 1 << 15                   # in a descriptor's high dword, and in Unicorn's descriptor caches
 TSS_SELECTOR, LDT_SELECTOR = 0xFFF8, 0xFFF0
 TSS_LIMIT = 103
 CALL_GATES = (4, 12)
@@ -97,7 +98,7 @@ class Shadow:
         self.gdt_changed()
         self.ldt_changed()
         machine.set_table("idtr", self.idt, 256 * 8 - 1)
-        machine.set_table("tr", self.tss, TSS_LIMIT, TSS_SELECTOR)
+        machine.set_table("tr", self.tss, TSS_LIMIT, TSS_SELECTOR, PRESENT | 0x9 << 8)    # 32-bit TSS, as ltr caches it
 
     # --- descriptor tables ----------------------------------------------------------------------------
     def _monitor_entry(self, selector: int, raw: bytes) -> None:
@@ -136,7 +137,7 @@ class Shadow:
             return
         self._copy(self.ldt, base, limit)
         self._monitor_entry(LDT_SELECTOR, segment(self.ldt, limit, 0x82, 0))
-        self.m.set_table("ldtr", self.ldt, limit, LDT_SELECTOR)
+        self.m.set_table("ldtr", self.ldt, limit, LDT_SELECTOR, PRESENT | 0x2 << 8)
         self._trace("ldt", base, limit, self.ldt)
 
     def tss_changed(self) -> None:

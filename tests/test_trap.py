@@ -203,6 +203,12 @@ def assert_same(native: dict, emulated: dict) -> None:
 
 
 RING3 = "        enter_ring3 user_{n}\nuser_{n}:\n"
+
+
+def S(*statements: str) -> str:
+    """Setup lines for a case, one statement each."""
+    return "\n".join(f"        {statement}" for statement in statements)
+
 IOPL3 = "        enter_ring3 user_{n}, 0x3202\nuser_{n}:\n"
 
 # (case id, setup lines, the instruction). Setup runs natively before it; ring-3 cases end in ring 3.
@@ -255,15 +261,15 @@ CASES = [
     ("out-exit", "        mov eax, 0x1234", "out 0xF4, al"),
     ("out-ring3", RING3 + "        mov al, 'Q'\n        mov dx, 0x3F8", "out dx, al"),
     ("out-ring3-iopl3", IOPL3 + "        mov al, 'Q'\n        mov dx, 0x3F8", "out dx, al"),
-    ("rep-outsb", "        mov esi, scratch\n        mov ecx, 3\n        mov dx, 0x3F8\n        mov dword ptr [scratch], 0x434241",
+    ("rep-outsb", S("mov esi, scratch", "mov ecx, 3", "mov dx, 0x3F8", "mov dword ptr [scratch], 0x434241"),
      "rep outsb"),
-    ("outsw-backwards", "        std\n        mov esi, scratch + 2\n        mov dx, 0x3F8\n        mov dword ptr [scratch], 0x44434241",
+    ("outsw-backwards", S("std", "mov esi, scratch + 2", "mov dx, 0x3F8", "mov dword ptr [scratch], 0x44434241"),
      "outsw"),
     ("rep-insb", "        mov edi, scratch\n        mov ecx, 2\n        mov dx, 0x3FD", "rep insb"),
     ("insd", "        mov edi, scratch\n        mov dx, 0x3FD", "insd"),
     # privileged: MSRs
     ("wrmsr", "        mov ecx, 0x174\n        mov eax, 0x1B\n        xor edx, edx", "wrmsr"),
-    ("rdmsr", "        mov ecx, 0x174\n        mov eax, 0x1B\n        xor edx, edx\n        wrmsr\n        xor eax, eax",
+    ("rdmsr", S("mov ecx, 0x174", "mov eax, 0x1B", "xor edx, edx", "wrmsr", "xor eax, eax"),
      "rdmsr"),
     ("rdmsr-ring3", RING3 + "        mov ecx, 0x174", "rdmsr"),
     ("rdtsc-tsd-ring3", "        mov eax, 4\n        mov cr4, eax\n" + RING3, "rdtsc"),
@@ -351,9 +357,10 @@ CASES = [
     ("retf", "        push KCODE\n        push ring0_code", "retf"),
     ("retf-imm", "        push KCODE\n        push ring0_code", "retf 8"),
     ("retf-outer", "        push UDATA\n        push USTACK\n        push UCODE\n        push ring3_code", "retf"),
-    ("retf-outer-imm", "        push UDATA\n        push USTACK\n        push 1\n        push 2\n        push UCODE\n        push ring3_code",
+    ("retf-outer-imm", S("push UDATA", "push USTACK", "push 1", "push 2", "push UCODE", "push ring3_code"),
      "retf 8"),
-    ("retf-outer-nulls-ds", "        mov ax, KDATA\n        mov fs, ax\n        mov ax, UDATA\n        mov gs, ax\n        push UDATA\n        push USTACK\n        push UCODE\n        push ring3_code",
+    ("retf-outer-nulls-ds", S("mov ax, KDATA", "mov fs, ax", "mov ax, UDATA", "mov gs, ax", "push UDATA",
+            "push USTACK", "push UCODE", "push ring3_code"),
      "retf"),
     ("retf-inner", RING3 + "        push KCODE\n        push ring0_code", "retf"),
     ("retf-bad-stack", "        push KDATA\n        push USTACK\n        push UCODE\n        push ring3_code", "retf"),
@@ -369,17 +376,18 @@ CASES = [
     ("into-no-overflow", "        set_gate 4, stop, USERGATE", "into"),
     ("iret-same", "        pushfd\n        push KCODE\n        push ring0_code", "iretd"),
     ("iret-same-flags", "        push 0x3ED7\n        push KCODE\n        push ring0_code", "iretd"),
-    ("iret-outer", "        push UDATA\n        push USTACK\n        push 0x3202\n        push UCODE\n        push ring3_code",
+    ("iret-outer", S("push UDATA", "push USTACK", "push 0x3202", "push UCODE", "push ring3_code"),
      "iretd"),
-    ("iret-outer-nulls-ds", "        push UDATA\n        push USTACK\n        push 0x202\n        push UCODE\n        push ring3_code",
+    ("iret-outer-nulls-ds", S("push UDATA", "push USTACK", "push 0x202", "push UCODE", "push ring3_code"),
      "iretd"),
     ("iret-ring3-keeps-if", RING3 + "        push 0x3ED7\n        push UCODE\n        push ring3_code", "iretd"),
     ("iret-inner", RING3 + "        push 0x2\n        push KCODE\n        push ring0_code", "iretd"),
-    ("iret-to-ring1", "        push R1DATA\n        push 0x50000\n        push 0x1002\n        push R1CODE\n        push ring3_code",
+    ("iret-to-ring1", S("push R1DATA", "push 0x50000", "push 0x1002", "push R1CODE", "push ring3_code"),
      "iretd"),
-    ("iret-16", "        .byte 0x66, 0x68\n        .word 0x0ED7\n        .byte 0x66, 0x6a, KCODE\n        .byte 0x66, 0x68\n        .word ring0_code & 0xFFFF",
+    ("iret-16", S(".byte 0x66, 0x68", ".word 0x0ED7", ".byte 0x66, 0x6a, KCODE", ".byte 0x66, 0x68",
+            ".word ring0_code & 0xFFFF"),
      "iretw"),
-    ("iret-nt", "        pushfd\n        or dword ptr [esp], 0x4000\n        popfd\n        pushfd\n        push KCODE\n        push ring0_code",
+    ("iret-nt", S("pushfd", "or dword ptr [esp], 0x4000", "popfd", "pushfd", "push KCODE", "push ring0_code"),
      "iretd"),
 ]
 

@@ -206,6 +206,7 @@ class TrapAndEmulate(MonitorOps):
         return bool(self.vcpu.iflag)
 
     def state(self, machine: Machine) -> dict:
+        self._code_segment(machine)                 # the guest may have changed rings since the last trap
         return self.vcpu.state(machine)
 
     def detach(self, machine: Machine) -> None:

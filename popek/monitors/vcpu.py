@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 IF, IOPL_SHIFT = 1 << 9, 12
 IOPL = 3 << IOPL_SHIFT
 TF, NT, RF, VM = 1 << 8, 1 << 14, 1 << 16, 1 << 17
-CR0_TS = 1 << 3
 # DR6 and DR7 after reset, as Unicorn reads them (measured): the reserved bits that read as ones.
 DR_RESET = (0, 0, 0, 0, 0xFFFF0FF0, 0x400, 0xFFFF0FF0, 0x400)
 _DRS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3, X.UC_X86_REG_DR6,
@@ -81,7 +80,8 @@ class VCpu:
         """The machine's current real state as the guest's virtual state (before deprivileging it)."""
         s = machine.state()
         dr = machine.engine.read_many(_DRS)
-        return cls(ring=ring, dr=[dr[0], dr[1], dr[2], dr[3], dr[4], dr[5], dr[4], dr[5]], cpl=s["cpl"], iflag=(s["eflags"] >> 9) & 1, iopl=(s["eflags"] >> IOPL_SHIFT) & 3,
+        return cls(ring=ring, cpl=s["cpl"], iflag=(s["eflags"] >> 9) & 1, iopl=(s["eflags"] >> IOPL_SHIFT) & 3,
+                   dr=[dr[0], dr[1], dr[2], dr[3], dr[4], dr[5], dr[4], dr[5]],     # DR4/DR5 alias DR6/DR7
                    gdtr=(s["gdtr"]["base"], s["gdtr"]["limit"]), idtr=(s["idtr"]["base"], s["idtr"]["limit"]),
                    ldtr=Table(*machine.table("ldtr")), tr=Table(*machine.table("tr")),
                    cr0=s["cr0"], cr2=s["cr2"], cr3=s["cr3"], cr4=s["cr4"])

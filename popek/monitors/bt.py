@@ -80,10 +80,11 @@ from popek.machine.memory import CR0_PG, PAGE
 from popek.monitors import bt_emit as emit
 from popek.monitors.base import MonitorOps
 from popek.monitors.bt_cache import CodeCache, Unit
+from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
 from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
-from popek.monitors.emulation import peek, push
+from popek.monitors.bt_routines import peek, push
 from popek.monitors.shadow import Shadow
-from popek.monitors.vcpu import VCpu, deliver
+from popek.monitors.vcpu import deliver
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
@@ -94,6 +95,8 @@ SEGMENTS = ("ds", "es", "fs", "gs")
 # Loads after which the guest's descriptor gets its accessed bit (below): what native runs write.
 DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
+# Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
+TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
 # Not an event: what the SMC write hook leaves pending to get control back between two chunks.
 RESYNC = Interrupt(-1, why="bt: translations invalidated by a guest store")
@@ -123,7 +126,7 @@ class BinaryTranslation(MonitorOps):
     # --- MonitorOps ---------------------------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
         self.m = m = machine
-        v = self.vcpu = VCpu.from_machine(m, 0)
+        v = self.vcpu = CachedSegments.from_machine(m, 0)
         self.shadow = Shadow(m, v)
         v.on_change = self._changed
         self.shadow.paging_changed()
@@ -137,7 +140,9 @@ class BinaryTranslation(MonitorOps):
         uc, cache = m.uc, self.cache
         # Unicorn checks an instruction hook's range against EIP, which is CS-relative: watch every EIP
         # (a syscall outside the cache is the guest's own, a no-op as natively).
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        self._syscall_hook = hook_syscall(uc, self._on_syscall)
+        self._eip = live_eip(m)
+        m.memory.runs_ram = self.direct_user            # only direct user code runs from guest RAM
         uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_cache_read, None, cache.base, cache.end - 1)
         m.memory.on_write = self._on_host_write
         self._goto(m.reg("eip"), callout=False)
@@ -211,6 +216,7 @@ class BinaryTranslation(MonitorOps):
         if what in ("gdtr", "ldtr", "descriptors"):
             self._cs.clear()
             self._accessed_known.clear()
+            self.vcpu.forget()
 
     def _key(self) -> tuple[int, int, bool]:
         """(virtual CPL, CS base, 32-bit code): what a translation depends on besides the guest bytes."""
@@ -318,9 +324,10 @@ class BinaryTranslation(MonitorOps):
         return (guest - self._key()[1]) & 0xFFFFFFFF
 
     # --- callouts -----------------------------------------------------------------------------------------
-    def _on_syscall(self, uc, _user) -> None:
+    def _on_syscall(self) -> None:
         m = self.m
-        at = (m.engine.read(EIP) + self._base) & 0xFFFFFFFF     # EIP is CS-relative; sites are linear
+        eip = self._eip.value if self._eip is not None else m.engine.read(EIP)
+        at = (eip + self._base) & 0xFFFFFFFF                    # EIP is CS-relative; sites are linear
         site = self.cache.sites.get(at)
         if site is None:
             return                          # a guest syscall copied unchanged: a no-op, as natively
@@ -346,24 +353,34 @@ class BinaryTranslation(MonitorOps):
 
     def _emulate(self, site, last: bool) -> None:
         """Run the routine; continue in the cache after the callout unless it transferred control (or the
-        callout closes its run: ``last``)."""
+        callout closes its run: ``last``). The hot path reads no register of its own: only routines that
+        transfer control can change CS or the CPL."""
         m, v = self.m, self.vcpu
         recipe = site.recipe
-        self.callouts[recipe.name] += 1
-        cpl, cs = v.cpl, m.reg("cs")
-        base = self._key()[1]
+        name = recipe.name
+        self.callouts[name] += 1
+        if name not in TRANSFERS:
+            try:
+                eip = site.routine(m, v, recipe)
+            except GuestFault as fault:
+                self._fault_at(site, fault)
+                return
+            if name in DATA_LOADS:
+                self._accessed((recipe.operands[0].reg,))
+            if last or self._flush_wanted is not None or eip != (site.next - site.owner.key[1]) & 0xFFFFFFFF:
+                self._goto(eip, callout=True)
+            return
+        cpl, entry = v.cpl, v.entry
         try:
             eip = site.routine(m, v, recipe)
         except GuestFault as fault:
             self._fault_at(site, fault)
             return
-        if recipe.name in DATA_LOADS:
-            self._accessed((recipe.operands[0].reg,))
-        elif recipe.name in DELIVERIES and eip != (site.next - base) & 0xFFFFFFFF:
+        if v.entry is not entry:                # delivered through the IDT (int n, int3, into with OF)
             self._accessed(("cs", "ss") if v.cpl != cpl else ("cs",))
-        if last or self._flush_wanted is not None or v.cpl != cpl or m.reg("cs") != cs \
-                or eip != (site.next - base) & 0xFFFFFFFF:
-            self._goto(eip, callout=True)
+        # Always through the monitor: the new EIP may even be the next instruction's (an interrupt handler
+        # right after its int n), but at another CPL or in another code segment, so in another translation.
+        self._goto(eip, callout=True)
 
     def _fault_at(self, site, fault: GuestFault) -> None:
         eip = (site.guest - self._key()[1]) & 0xFFFFFFFF
@@ -519,7 +536,9 @@ class BinaryTranslation(MonitorOps):
             m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
 
     def _on_host_write(self, physical: int, size: int) -> None:
-        self._invalidate(physical, size, "host-write")
+        pages = self.cache.pages
+        if physical >> 12 in pages or (physical + size - 1) >> 12 in pages:
+            self._invalidate(physical, size, "host-write")
 
     def _invalidate(self, address: int, size: int, why: str) -> bool:
         units = self.cache.units_overlapping(address, address + size)

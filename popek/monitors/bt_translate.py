@@ -46,7 +46,8 @@ from popek.decode import LEGACY_PREFIXES, decode_at
 from popek.machine.faults import GP, GuestFault
 from popek.machine.memory import CR0_PG
 from popek.monitors import bt_emit as emit
-from popek.monitors import bt_routines, emulation
+from popek.monitors import bt_routines
+from popek.monitors.bt_routines import TABLE
 from popek.monitors.bt_cache import PAGE, CodeCache, Exit, LookupSite, Site, Unit
 
 JCC = {"jo": 0, "jno": 1, "jb": 2, "jae": 3, "je": 4, "jne": 5, "jbe": 6, "ja": 7, "js": 8, "jns": 9,
@@ -99,7 +100,7 @@ class Translator:
         assert cap >= 1 and max_run >= 1
         self.m, self.v, self.cache = machine, vcpu, cache
         self.cap, self.ways, self.max_run = cap, ways, max_run
-        self.classifier = emulation.classifier()
+        self.classifier = bt_routines.classifier()
         self.instructions = 0               # guest instructions translated, in total
         self.runs = 0
         self._glue_next = 0
@@ -243,7 +244,7 @@ class Translator:
         return Pending(insn, unit, entry.name if entry is not None else None, prefixes)
 
     def _callout(self, p: Pending, key: tuple) -> bool:
-        return p.name is not None and p.name in emulation.TABLE and not (p.name in STRING_IO and key[0] == 0)
+        return p.name is not None and p.name in TABLE and not (p.name in STRING_IO and key[0] == 0)
 
     @staticmethod
     def _branch16(p: Pending) -> bool:
@@ -254,12 +255,12 @@ class Translator:
     def _transfer(self, p: Pending) -> bool:
         """Instructions translated at once, with their own exits (nothing falls through them in the cache)."""
         mnemonic = p.insn.mnemonic
-        if p.name is not None and p.name in emulation.TABLE:
+        if p.name is not None and p.name in TABLE:
             return p.name in ENDS_RUN
         return mnemonic in ("jmp", "call", "ret") or mnemonic in LOOPS or self._branch16(p)
 
     def _ends_unit(self, p: Pending) -> bool:
-        return p.insn.mnemonic in JCC or (p.name is not None and p.name in emulation.TABLE)
+        return p.insn.mnemonic in JCC or (p.name is not None and p.name in TABLE)
 
     # --- emitting -----------------------------------------------------------------------------------------
     def _emit(self, run: Run, unit: Unit, guest: int, code: bytes, guest_end: int) -> int:
@@ -288,7 +289,7 @@ class Translator:
         insn = p.insn
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if kind == "emulate":
-            recipe = emulation.decode(insn.raw, (insn.address - key[1]) & 0xFFFFFFFF)
+            recipe = bt_routines.decode(insn.raw, (insn.address - key[1]) & 0xFFFFFFFF)
             run.sites[at] = Site(kind, insn.address, next_ip, p.unit, recipe=recipe,
                                  routine=bt_routines.routine(recipe.name))
         else:

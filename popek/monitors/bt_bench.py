@@ -1,0 +1,180 @@
+"""``popek bench bt``: binary translation measured against native and the interpreter, in one process.
+
+1. A compute-bound guest (the mix of ``popek bench emulate``: ALU, loads and stores on a small array, a
+   branch; plus a call and a return per iteration) under native and bt: wall time ratio (target <= 1.3).
+2. The same guest, fewer iterations, under emulate and bt: the interpreter's wall time over bt's
+   (target >= 30).
+3. One callout: loops of an emulated sensitive instruction against the same loop with a ``nop`` in its
+   place, both under bt: (difference) / executions (target <= 3 µs).
+4. Translation speed: guest instructions translated per second of translating (target >= 50,000), on a
+   guest of straight-line code in many small functions.
+5. Bounded memory: a guest calling functions on many code pages for ``--instructions`` guest instructions
+   (10^8 for the full experiment) with a 64 KiB cache: flushes, cache high-water mark, peak RSS.
+Wall times are the run loop's (``wall_seconds``), best of three where it says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+
+COMPUTE = """
+_start: mov esp, 0x90000
+        mov ecx, {n}
+        xor eax, eax
+        mov esi, 0x200000
+again:  add eax, ecx
+        xor ebx, eax
+        rol ebx, 3
+        mov edx, ecx
+        and edx, 0xfc
+        add dword ptr [esi + edx], ebx
+        mov edi, dword ptr [esi + edx]
+        imul edi, edi, 33
+        call mix
+        sub eax, edi
+        dec ecx
+        jnz again
+        out 0xf4, al
+mix:    xor edi, ecx
+        ret
+"""
+
+CALLOUT = """
+_start: mov ecx, {n}
+again:  {insn}
+        dec ecx
+        jnz again
+        out 0xf4, al
+table:  .space 8
+"""
+
+
+def arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--iterations", type=int, default=2_000_000,
+                   help="iterations of the compute-bound loop (default 2000000, 15 instructions each)")
+    b.add_argument("--instructions", type=int, default=10_000_000,
+                   help="guest instructions of the many-pages run (default 10^7; the experiment: 10^8)")
+
+
+def _guest(text: str, name: str):
+    from popek.asm import assemble_text
+    from popek.machine import Guest
+    program = assemble_text(text, name=name)
+    return Guest(name, ((program.origin, program.image),), program.entry, "asm")
+
+
+def _best(guest, monitor: str, runs: int = 3, **options):
+    from popek.monitors import run_guest
+    results = [run_guest(guest, monitor, max_instructions=10**10, **options) for _ in range(runs)]
+    return min(results, key=lambda r: r.wall_seconds)
+
+
+def _callout_cost(insn: str, n: int) -> tuple[float, int]:
+    """µs per execution of ``insn`` as a callout: (its loop - the nop loop) / n, best of three each."""
+    with_insn = _best(_guest(CALLOUT.format(n=n, insn=insn), "callout.s"), "bt")
+    with_nop = _best(_guest(CALLOUT.format(n=n, insn="nop"), "nop.s"), "bt")
+    callouts = sum(with_insn.events.get("callout", {}).values())
+    return (with_insn.wall_seconds - with_nop.wall_seconds) / n * 1e6, callouts
+
+
+def _translation_speed() -> tuple[float, int]:
+    """Guest instructions translated per second of translating, over 400 functions of 40 instructions."""
+    from popek.machine import Machine
+    from popek.monitors import get_monitor
+    from popek.monitors.base import run
+    body = "".join(f"f{i}:\n" + "".join(f"        add eax, {j}\n        xor ebx, eax\n" for j in range(20))
+                   + "        ret\n" for i in range(400))
+    calls = "".join(f"        call f{i}\n" for i in range(400))
+    guest = _guest(f"_start: mov esp, 0x90000\n{calls}        out 0xf4, al\n{body}", "straight.s")
+    machine = Machine()
+    machine.load(guest)
+    ops = get_monitor("bt")
+    spent = [0.0]
+    run(machine, _Timed(ops, spent))
+    return ops.translator.instructions / spent[0], ops.translator.instructions
+
+
+class _Timed:
+    """The bt ops with the translator's time accumulated (attach builds the translator)."""
+
+    def __init__(self, ops, spent: list[float]):
+        self._ops, self._spent = ops, spent
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def attach(self, machine) -> None:
+        self._ops.attach(machine)
+        translator = self._ops.translator
+        inner, spent = translator.translate, self._spent
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        translator.translate = timed
+
+
+def _many_pages(instructions: int, pages: int = 256) -> str:
+    """Calls into ``pages`` functions, each on a page of its own, until about ``instructions`` have run."""
+    calls = "".join(f"        call f{i}\n" for i in range(pages))
+    funcs = "".join(f"        .align 4096\nf{i}:\n" + "        add eax, ecx\n        rol eax, 3\n" * 8
+                    + "        ret\n" for i in range(pages))
+    rounds = max(1, instructions // (pages * 19 + 2))
+    return (f"_start: mov esp, 0x90000\n        mov ecx, {rounds}\nround:\n{calls}        dec ecx\n"
+            f"        jnz round\n        out 0xf4, al\n{funcs}")
+
+
+def run(args: argparse.Namespace) -> str:
+    import unicorn
+    compute = _guest(COMPUTE.format(n=args.iterations), "compute.s")
+    _best(_guest(COMPUTE.format(n=1000), "warm.s"), "bt", runs=1)       # classifier, decoder, engine layout
+    native, bt = _best(compute, "native"), _best(compute, "bt")
+    same = (native.state, native.console, native.guest_instructions) == (bt.state, bt.console, bt.guest_instructions)
+    k = native.guest_instructions
+
+    small = _guest(COMPUTE.format(n=args.iterations // 20), "compute-small.s")
+    emulated, bt_small = _best(small, "emulate", runs=1), _best(small, "bt")
+
+    costs = [(insn, *_callout_cost(insn, 100_000)) for insn in
+             ("smsw eax", "sgdt [table]", "pushfd", "cli", "mov eax, cs", "lar eax, ecx")]
+    speed, translated = _translation_speed()
+
+    pages = _guest(_many_pages(args.instructions), "pages.s")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wide = _best(pages, "bt", runs=1, cache_size=0x10000)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flushes = wide.events.get("flush", {}).get("cache-full", 0)
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    lines = [
+        f"popek bench bt: measured on {cpu}, {os.cpu_count()} CPUs, CPython {platform.python_version()}, "
+        f"unicorn {unicorn.__version__}",
+        f"  compute-bound guest, {k:,} instructions ({args.iterations:,} iterations of 15, a call and a return "
+        f"each), best of 3",
+        f"    native   {native.wall_seconds:8.3f} s   {k / native.wall_seconds / 1e6:7.1f} M instructions/s",
+        f"    bt       {bt.wall_seconds:8.3f} s   {k / bt.wall_seconds / 1e6:7.1f} M instructions/s   "
+        f"same result and count: {'yes' if same else 'NO'}",
+        f"    ratio bt / native        {bt.wall_seconds / native.wall_seconds:6.2f}   (target <= 1.3)",
+        f"  the same guest, {small.name} ({bt_small.guest_instructions:,} instructions)",
+        f"    emulate  {emulated.wall_seconds:8.3f} s   bt {bt_small.wall_seconds:.3f} s",
+        f"    ratio emulate / bt     {emulated.wall_seconds / bt_small.wall_seconds:8.1f}   (target >= 30)",
+        "  one callout (an emulated sensitive instruction), µs over the same loop with a nop (best of 3):",
+    ]
+    lines += [f"    {insn:14s} {cost:6.2f} µs   ({n:,} callouts)" for insn, cost, n in costs]
+    lines += [
+        "    (target <= 3 µs; registers through the machine's raw ctypes accessors)",
+        f"  translation: {speed:,.0f} guest instructions/s ({translated:,} translated)   (target >= 50,000)",
+        f"  many code pages: {wide.guest_instructions:,} instructions over 256 pages with a 64 KiB cache in "
+        f"{wide.wall_seconds:.2f} s: {flushes:,} flushes, {wide.events['translation']['runs']:,} translation "
+        f"runs; peak RSS {after / 1024:.0f} MiB (+{(after - before) / 1024:.0f} MiB during the run)",
+    ]
+    return "\n".join(lines)

@@ -194,6 +194,17 @@ def _round_trip() -> float:
     return (time.perf_counter() - t0) / count * 1e6
 
 
+def _bt(args: argparse.Namespace) -> str:
+    """Binary translation against native and the interpreter (popek.monitors.bt_bench)."""
+    from popek.monitors import bt_bench
+    return bt_bench.run(args)
+
+
+def _bt_arguments(b: argparse.ArgumentParser) -> None:
+    from popek.monitors import bt_bench
+    bt_bench.arguments(b)
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
@@ -202,6 +213,8 @@ BENCHMARKS = {
     "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",
                 _emulate_arguments),
     "trap": (_trap, "native speed and the cost of one trapped-and-emulated privileged instruction under trap"),
+    "bt": (_bt, "binary translation: compute-bound ratio to native and emulate, one callout, translation speed, "
+                "bounded cache", _bt_arguments),
 }
 
 

@@ -167,15 +167,19 @@ def _trap(args: argparse.Namespace) -> str:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    floor = _round_trip()
     return "\n".join([
-        f"popek bench trap: measured on {cpu}, {os.cpu_count()} CPUs, CPython {platform.python_version()}, "
-        f"unicorn {unicorn.__version__}",
+        f"popek bench trap: measured on {cpu}, {os.cpu_count()} CPUs (load average {load:.1f}), "
+        f"CPython {platform.python_version()}, unicorn {unicorn.__version__}",
         f"  native, compute-bound guest            {k / native.wall_seconds / 1e6:8.1f} M guest instructions/s "
         f"({k:,} in {native.wall_seconds:.2f} s)",
-        f"  one trapped-and-emulated cli or sti    {cli_cost:8.2f} µs   (#GP to the INTR hook; target <= 5)",
+        f"  one trapped-and-emulated cli or sti    {cli_cost:8.2f} µs   (#GP to the INTR hook; target <= 5; "
+        f"{cli_cost / floor:.0f}x the floor)",
         f"  one trapped-and-emulated out           {out_cost:8.2f} µs   (decided in the I/O hook)",
         f"  cli or sti, with the old #GP path      {old_cost:8.2f} µs   (context save/restore per #GP)",
-        f"  floor: Unicorn int3 -> Python -> resume {_round_trip():7.2f} µs   (an empty hook)",
+        f"  floor: Unicorn int3 -> Python -> resume {floor:7.2f} µs   (an empty hook; a loaded host inflates "
+        f"every line alike)",
         f"  ({n:,} cli/sti and {n // 10:,} out traps; cost = (trap run - native run) / traps, best of 3)",
     ])
 

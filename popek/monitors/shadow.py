@@ -153,8 +153,11 @@ class Shadow:
             self._trace("tss", base + 4, 5, None)
 
     def _trace(self, name: str, base: int, limit: int, shadow: int | None) -> None:
-        """Follow guest stores into [base, base + limit] (linear) with a scoped write hook."""
+        """Follow guest stores into [base, base + limit] (linear) with a scoped write hook. Not a table in
+        monitor memory (the boot GDT): the guest cannot store there, and the hook would see the attempt."""
         self._untrace(name)
+        if not self.v.cr0 & CR0_PG and not self.m.memory.in_ram(base, 1):
+            return
         self._hooks[name] = self.m.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_write, (base, shadow),
                                                base, base + limit)
 

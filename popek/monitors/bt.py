@@ -68,6 +68,7 @@ every monitor.
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -100,7 +101,8 @@ TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
 # Not an event: what the SMC write hook leaves pending to get control back between two chunks.
 RESYNC = Interrupt(-1, why="bt: translations invalidated by a guest store")
-MAX_WATCHED = 8          # write hooks for SMC: each one costs every guest store a range check (measured)
+UNWATCHED = (0xFFFFFFFF, 0xFFFFFFFF)    # a hook's range that no store reaches (beyond RAM and the cache)
+MAX_WATCHED = 4          # write hooks for SMC: each one costs every guest store a range check (measured)
 WATCH_GAP = 256          # code ranges closer than this share a hook
 
 
@@ -117,7 +119,9 @@ class BinaryTranslation(MonitorOps):
         self.callouts: Counter = Counter()
         self.counts: Counter = Counter()    # everything else, by (kind, name)
         self._cs: dict[int, tuple[int, bool]] = {}      # real CS selector -> (base, 32-bit)
-        self._watched: list[tuple[int, int, int]] = []  # (start, end, hook handle)
+        self._watched: list[tuple[int, int]] = []       # the ranges the write hooks cover
+        self._hooks: list[int] = []                     # write hooks (made once, ranges rewritten)
+        self._spans: dict[int, list[int]] = {}          # physical page -> [first, end) byte of code in it
         self._blanked: list[tuple[int, bytes]] = []
         self._flush_wanted: str | None = None
         self._accessed_known: set[tuple[int, int]] = set()
@@ -242,11 +246,11 @@ class BinaryTranslation(MonitorOps):
             return found
         self.counts["lookup", "miss"] += 1
         try:
-            _run, found = self.translator.translate(eip, key)
+            run, found = self.translator.translate(eip, key)
         except CacheFull:
             self._flush("cache-full")
-            _run, found = self.translator.translate(eip, key)
-        self._watch()
+            run, found = self.translator.translate(eip, key)
+        self._watch(run.units)
         return found
 
     def _flush(self, why: str) -> None:
@@ -495,31 +499,61 @@ class BinaryTranslation(MonitorOps):
         return True
 
     # --- self-modifying code ------------------------------------------------------------------------------
-    def _watch(self) -> None:
-        """Write hooks over the guest bytes live translations came from (few hooks: see MAX_WATCHED).
-        Physical addresses: that is what Unicorn's memory hooks see while the guest pages."""
-        ranges = self.cache.code_ranges()
+    def _watch(self, units) -> None:
+        """Cover the guest bytes of new ``units`` with the write hooks. Physical addresses: that is what
+        Unicorn's memory hooks see while the guest pages. Each page's span of code is watched, spans
+        closer than WATCH_GAP share a hook, at most MAX_WATCHED hooks (each costs every guest store a range
+        check: measured). The hooks are made once and their ranges rewritten in place: a deleted hook
+        stays in Unicorn's list, and checked, until the emu_start it was deleted in returns."""
+        spans = self._spans
+        grown = False
+        for unit in units:
+            for lo, hi in unit.physical_spans():
+                span = spans.get(lo >> 12)
+                if span is None:
+                    spans[lo >> 12] = [lo, hi]
+                    grown = True
+                elif lo < span[0] or hi > span[1]:
+                    span[0], span[1] = min(lo, span[0]), max(hi, span[1])
+                    grown = True
+        if not grown:
+            return
         merged: list[list[int]] = []
-        for start, end in ranges:
+        for start, end in sorted(spans.values()):
             if merged and start - merged[-1][1] <= WATCH_GAP:
                 merged[-1][1] = max(merged[-1][1], end)
             else:
                 merged.append([start, end])
-        while len(merged) > MAX_WATCHED:
-            i = min(range(len(merged) - 1), key=lambda j: merged[j + 1][0] - merged[j][1])
-            merged[i:i + 2] = [[merged[i][0], merged[i + 1][1]]]
-        if all(any(h0 <= s and e <= h1 for h0, h1, _h in self._watched) for s, e in merged):
+        if len(merged) > MAX_WATCHED:           # keep the MAX_WATCHED - 1 widest gaps between ranges
+            gaps = sorted(range(1, len(merged)), key=lambda j: merged[j][0] - merged[j - 1][1])
+            cuts = sorted(gaps[len(merged) - MAX_WATCHED:])
+            starts = [0] + cuts
+            ends = cuts + [len(merged)]
+            merged = [[merged[a][0], merged[b - 1][1]] for a, b in zip(starts, ends)]
+        if all(any(h0 <= s and e <= h1 for h0, h1 in self._watched) for s, e in merged):
             return
-        self._unwatch()
-        uc = self.m.uc
-        for start, end in merged:
-            handle = uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_guest_write, None, start, end - 1)
-            self._watched.append((start, end, handle))
+        self._watched = [(start, end) for start, end in merged]
+        for i, (start, end) in enumerate(merged):
+            if i < len(self._hooks):
+                self._set_range(self._hooks[i], start, end - 1)
+            else:
+                self._hooks.append(self.m.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_guest_write, None,
+                                                      start, end - 1))
+        for handle in self._hooks[len(merged):]:
+            self._set_range(handle, *UNWATCHED)
+
+    def _set_range(self, handle: int, begin: int, end: int) -> None:
+        """A memory hook's range, rewritten in Unicorn's hook record (its offset is calibrated by the
+        engine, popek.machine.engine); Unicorn checks memory hooks' ranges on every access."""
+        at = handle + self.m.engine.layout.hook_range
+        ctypes.c_uint64.from_address(at).value = begin
+        ctypes.c_uint64.from_address(at + 8).value = end
 
     def _unwatch(self) -> None:
-        for _s, _e, handle in self._watched:
-            self.m.uc.hook_del(handle)
+        self._spans.clear()
         self._watched = []
+        for handle in self._hooks:
+            self._set_range(handle, *UNWATCHED)
 
     def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
         cache = self.cache

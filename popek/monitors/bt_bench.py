@@ -48,7 +48,8 @@ again:  {insn}
         dec ecx
         jnz again
         out 0xf4, al
-table:  .space 8
+        .align 4096
+table:  .space 8                        ; data on a page of its own, as a kernel's would be
 """
 
 

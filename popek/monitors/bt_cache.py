@@ -62,6 +62,7 @@ class Unit:
     incoming: list = field(default_factory=list)   # Exits and (LookupSite, guest) pairs that lead into it
     alive: bool = True
     phys: tuple = ()                        # (linear page, physical page) of each page its bytes are in
+    spans: tuple = ()                       # physical_spans(), computed when the unit is installed
 
     @property
     def pages(self) -> range:
@@ -142,6 +143,7 @@ class CodeCache:
         self.after_int: dict[int, tuple[int, int]] = {}   # cache EIP after an IDENT int n -> (insn, next)
         self.sites: dict[int, Site] = {}
         self.pages: dict[int, list[Unit]] = {}      # physical page -> units made from bytes in it
+        self.extent: dict[int, list[int]] = {}      # physical page -> [first, end) code byte (never shrinks)
 
     # --- memory ---------------------------------------------------------------------------------------
     def contains(self, address: int) -> bool:
@@ -202,6 +204,13 @@ class CodeCache:
             self.index[(guest, unit.key)] = cache
         for _lp, pp in unit.phys:
             self.pages.setdefault(pp, []).append(unit)
+        unit.spans = tuple(unit.physical_spans())
+        for lo, hi in unit.spans:
+            extent = self.extent.get(lo >> 12)
+            if extent is None:
+                self.extent[lo >> 12] = [lo, hi]
+            else:
+                extent[0], extent[1] = min(lo, extent[0]), max(hi, extent[1])
 
     def add_glue(self, start: int, end: int, guest: int) -> None:
         self.glue.append((start, end, guest))
@@ -229,15 +238,17 @@ class CodeCache:
         """Live units made from bytes in the physical range [start, end)."""
         found = []
         for page in range(start // PAGE, (end - 1) // PAGE + 1):
+            extent = self.extent.get(page)
+            if extent is None or end <= extent[0] or extent[1] <= start:
+                continue                    # data beside the code on this page: the common case
             for unit in self.pages.get(page, ()):
-                if unit.alive and unit not in found and any(s < end and start < e for s, e in unit.physical_spans()):
+                if unit.alive and unit not in found and any(s < end and start < e for s, e in unit.spans):
                     found.append(unit)
         return found
 
     def code_ranges(self) -> list[tuple[int, int]]:
         """The physical byte ranges live translations were made from, merged, sorted."""
-        spans = sorted({span for units in self.pages.values() for u in units if u.alive
-                        for span in u.physical_spans()})
+        spans = sorted({span for units in self.pages.values() for u in units if u.alive for span in u.spans})
         merged: list[list[int]] = []
         for start, end in spans:
             if merged and start <= merged[-1][1]:

@@ -479,3 +479,55 @@ f:      mov bl, 3
     assert (result.exit.code, result.state["esi"] & 0xFF, result.state["ebx"] & 0xFF) == (14, 3, 5)
     assert result.state["ecx"] == result.state["cr2"] == 0x800000
     assert result.events["invalidation"]["guest-write"] >= 1
+
+
+def test_user_port_io_follows_the_guests_tss_bitmap_translated_or_direct():
+    # The guest's TSS allows ports 0x3F8-0x3FF to ring 3; the real TR is the monitor's TSS (no bitmap).
+    guest = build("""
+        pm_setup
+        set_gate 13, gp, INTGATE
+        mov eax, big_tss
+        mov word ptr [pm_gdt + TSSSEL + 2], ax
+        shr eax, 16
+        mov byte ptr [pm_gdt + TSSSEL + 4], al
+        mov byte ptr [pm_gdt + TSSSEL + 7], ah
+        mov word ptr [pm_gdt + TSSSEL], big_tss_end - big_tss - 1
+        mov byte ptr [pm_gdt + TSSSEL + 5], 0x89
+        mov dword ptr [big_tss + 4], KSTACK
+        mov dword ptr [big_tss + 8], KDATA
+        mov word ptr [big_tss + 102], 104
+        mov ax, TSSSEL
+        ltr ax
+        enter_ring3 user
+user:
+        mov al, 'C'
+        mov dx, 0x3F8
+        out dx, al
+        mov esi, text
+        mov ecx, 2
+        rep outsb                       ; string I/O at ring 3
+        mov dx, 0x3FD
+        in al, dx
+        mov bl, al
+        mov al, 0
+denied:
+        out 0xF4, al
+gp:
+        mov ecx, dword ptr [esp + 4]
+        exit 13
+text:   .ascii "ok"
+        pm_data
+        .align 4
+big_tss:
+        .space 104
+        .space 0x3F8 / 8, 0xFF
+        .byte 0
+        .space 8192 - 0x3F8 / 8 - 1, 0xFF
+        .byte 0xFF
+big_tss_end:
+""")
+    reference, _, _ = machine_run(guest, "native")
+    assert (reference.console, reference.exit.code) == ("Cok", 13)
+    for options in ({}, {"direct_user": True}):
+        result, _, _ = machine_run(guest, "bt", **options)
+        same(reference, result, instructions=not options)

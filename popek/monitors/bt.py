@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING
 import unicorn
 from unicorn import x86_const as X
 
+from popek.machine import ioperm
 from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, PF, SOFTWARE, UD, GuestFault, Interrupt
 from popek.machine.memory import CR0_PG, PAGE
 from popek.monitors import bt_emit as emit
@@ -175,6 +176,13 @@ class BinaryTranslation(MonitorOps):
 
     def interrupts_enabled(self, machine: Machine) -> bool:
         return bool(self.vcpu.iflag)
+
+    def io_allowed(self, machine: Machine, port: int, size: int) -> bool:
+        """Port I/O that reaches the machine's hooks (ins/outs copied unchanged at virtual CPL 0, any I/O of
+        user code run directly) is checked against the virtual CPU: the real TR is the monitor's TSS, which
+        has no I/O bitmap."""
+        v = self.vcpu
+        return v.cpl <= v.iopl or ioperm.bitmap_allows(v.space(machine), tuple(v.tr), port, size)
 
     def state(self, machine: Machine) -> dict:
         s = self.vcpu.state(machine)

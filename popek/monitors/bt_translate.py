@@ -25,8 +25,9 @@ emulation routines use):
 | innocuous, cpuid, rdpmc, int1,       | the same bytes     |                                                   |
 | sysenter/syscall (Unicorn: no-ops)   | (IDENT)            |                                                   |
 | one with an emulation routine        | ``syscall``        | (a callout; its recipe decoded now, once)         |
-| ins/outs at virtual CPL 0            | IDENT              | (the machine's port hooks: exact per-iteration    |
-|                                      |                    | counts; real CPL 0 is allowed every port)         |
+| ins/outs (with rep or not)           | IDENT              | (the machine's port hooks, which ask the monitor  |
+|                                      |                    | (io_allowed) with the virtual CPU: a rep counts   |
+|                                      |                    | and can be interrupted per element, as natively)  |
 | jmp rel                              | jmp rel32 -> exit  | exit stub                                         |
 | jcc rel                              | jcc rel32 -> exit  | exit stub; the fall-through is the next unit      |
 | call rel                             | jmp -> glue        | push guest return address; jmp -> exit            |
@@ -244,7 +245,7 @@ class Translator:
         return Pending(insn, unit, entry.name if entry is not None else None, prefixes)
 
     def _callout(self, p: Pending, key: tuple) -> bool:
-        return p.name is not None and p.name in TABLE and not (p.name in STRING_IO and key[0] == 0)
+        return p.name is not None and p.name in TABLE and p.name not in STRING_IO
 
     @staticmethod
     def _branch16(p: Pending) -> bool:

@@ -13,14 +13,18 @@ system state: the real GDTR, IDTR, LDTR and TR point at the monitor's shadow tab
 guest cannot see that, because every instruction that reads it is a callout: ``sgdt`` stores the virtual
 GDTR, ``str`` the guest's TR, ``smsw`` the virtual CR0, and so on (popek.monitors.vcpu holds the values).
 
-**Callouts.** A callout is the 2-byte ``syscall`` instruction in the cache. Unicorn gives ``syscall`` to an
-instruction hook and then ends its translated block and continues at EIP + 2, whatever the hook did
-(measured on 2.1.4: 0.25 µs for a hook that does nothing; ``cpuid`` would be as cheap but cannot redirect
-EIP, ``int n`` can but costs 1.6 µs through the machine's exception path). So a callout can write
-registers, flags, segments or EIP. The hook finds the *site* by EIP: the recipe decoded at translation
-time, and the routine to run. Guest faults a routine raises are delivered at the guest instruction through
-the guest's virtual IDT (``vcpu.deliver``); a guest's own ``syscall`` in translated code is no site, and
-stays what Unicorn makes of it natively, a no-op.
+**Callouts.** A callout is the 2-byte ``syscall`` instruction, at the start of a glue block that a counted
+``jmp`` in the translation leads to (popek.monitors.bt_emit says why: Unicorn corrupts OF/CF/AF otherwise).
+Unicorn gives ``syscall`` to an instruction hook and then ends its translated block and continues at EIP +
+2, whatever the hook did (measured on 2.1.4: 0.25 µs for a hook that does nothing; ``cpuid`` would be as
+cheap but cannot redirect EIP, ``int n`` can but costs 1.6 µs through the machine's exception path). So a
+callout can write registers, flags, segments or EIP. The hook (bt_fast: registered without the binding's
+wrappers, EIP read from Unicorn's live CPU state) finds the *site* by EIP: the recipe decoded at
+translation time and the shared routine to run (bt_routines). Guest faults a routine raises are delivered
+at the guest instruction through the guest's virtual IDT (``vcpu.deliver``); a routine that transfers
+control continues through the monitor's lookup. A guest's own ``syscall`` in translated code is no site
+and stays what Unicorn makes of it natively, a no-op. Port I/O that reaches the machine's own hooks
+(ins/outs, copied unchanged; user code run directly) is decided by ``io_allowed`` for the virtual CPU.
 
 **Instruction counts and interrupts.** The machine's clock is its instruction counter. Each guest
 instruction is exactly one counted instruction in the cache (popek.monitors.bt_translate), and glue is not
@@ -35,12 +39,14 @@ faulting instruction (every cache instruction, and every glue sequence, maps bac
 before it: the glue's first instruction is the only one that can fault, and it has no side effect then.
 Interrupt frames, pushed return addresses and registers only ever hold guest addresses.
 
-**Self-modifying code.** Guest stores into code with translations are caught by write hooks scoped to the
-byte ranges translations were made from (merged to a few ranges); host writes (the emulation routines, the
-frames of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units are
-invalidated (popek.monitors.bt_cache); a store inside the running unit ends the chunk before the next
-guest instruction, which then runs from a fresh translation. Guest reads of code read guest memory, never
-the cache.
+**Self-modifying code.** Guest stores into code with translations are caught by write hooks over the
+physical byte ranges translations were made from (at most four hooks, made once, ranges rewritten in
+place: each hook costs every guest store a range check); host writes (the emulation routines, the frames
+of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units are invalidated
+(popek.monitors.bt_cache); a store into code stops the chunk before the next guest instruction (the store
+completes: ``stop_chunk(finish=True)``), which then runs from a fresh translation. Guest reads of code read
+guest memory, never the cache. Natively Unicorn counts a store into the block it is running twice (it
+restarts the instruction); bt counts it once, so a self-modifying guest may show fewer instructions.
 
 **Resource control.** The cache is mapped execute-only outside guest RAM: stores fault like stores to any
 address outside RAM. A read hook on the cache range turns a guest read of it into the same #GP(0) the bare
@@ -58,6 +64,13 @@ cache works until the guest turns paging on, when the run ends (triple fault, wi
 smsw and pushf see virtual values. With ``direct_user=True`` guest code at virtual CPL 3 runs untranslated,
 as VMware ran it: then its sensitive instructions read the real, monitor-owned state (``popek diff GUEST
 --monitor bt --direct-user`` names them).
+
+Limits: 16-bit code segments are not translated (the run ends with a triple fault that says so); the
+monitor's shadow tables stay readable in monitor memory, as the machine defines it (a guest scanning memory
+above its RAM can find them, as under ``trap``); ``lds``/``les``/``lfs``/``lgs``/``lss`` are copied
+unchanged and set no accessed bit in the guest's GDT; an indirect ``jmp`` through memory leaves the guest's
+ECX in the dword below ESP; a ``sysexit``/``sysret`` is copied unchanged (on this machine, with the SYSENTER
+MSRs kept virtual, it faults).
 
 Events (``machine.events``): ``translation`` (runs, units, instructions, cache-bytes, glue-bytes),
 ``callout`` (by canonical name; ``exit``, ``lookup``, ``continue``, ``poison``), ``chain`` (patched

@@ -224,6 +224,48 @@ far_transfers: 16 checks, 0 differ"""), 0x60),
     Row("timer", Native(("T",), 10), {}),
     Row("syscall", Native(("ring 3 says hi",), 0), {"trap": Diverges("iret", line=1, reason="the kernel's iret to ring 3 is a same-ring return at real ring 3: SS:ESP not popped", exit_code=99)}),
     Row("gp_storm", Native((), 0), {}),
+
+    # Adversarial guests for binary translation (samples/guests/README.md); bt must reproduce all of them.
+    Row("bt_overlap", Native(lines("""\
+middle then start: 00000002 00000000 02eb4040 00000002 -> ok
+start then middle: 02eb4040 00000002 00000002 00000002 -> ok
+indirect into an immediate: 00000004 -> ok
+bt_overlap: 3 checks, 0 differ"""), 0x90), {}),
+    Row("bt_selfread", Native(lines("""\
+call rel32: 000016e8 -> ok
+jcc, jmp, ret: 00eb0074 -> ok
+sgdt, cli, sti, pushf, mov ax,cs: 8805010f -> ok
+read through a computed pointer: 2241d27c -> ok
+image checksum: f6da97aa
+bt_selfread: 4 checks, 0 differ"""), 0xA0),
+        {"trap": Diverges("mov_to_seg", line=5, reason="segment loads read the shadow GDT, so the CPU never sets "
+                          "the accessed bits in the guest's own table, which the image checksum covers")}),
+    Row("bt_segprobe", Native(lines("""\
+jmp past the limit: #UD at 0040:00000379 (hardware: #GP(0000) at eip=00000372)
+falling past the limit: #UD at 0040:00000377 eax=00000003 (hardware: #GP(0000) at eip=00000376)
+call in a based segment: pushed 00000380 -> ok
+int 0x81 in a based segment: frame 0048:00000382 -> ok
+fault in a callee: #UD at 0048:0000038e -> ok
+bt_segprobe: 3 checks, 0 differ"""), 0xB0), {}),
+    Row("bt_redpill", Native(lines("""\
+red pill (sidt in a buffer): base=00200000 limit=07ff (top byte <= d0: no VM) -> ok
+rewritten: sgdt base=00100760 -> ok
+rewritten: str=0028 -> ok
+rewritten: smsw=0011 -> ok
+ring 3 red pill (buffer): base=00200000 -> ok
+ring 3 sidt/sgdt (image): 00200000 00100760 -> ok
+bt_redpill: 6 checks, 0 differ"""), 0xC0),
+        {"trap": Diverges("sidt", line=1, reason="sidt in the stub stores the monitor's IDT base in monitor memory",
+                          exit_code=0xC5)}),
+    Row("bt_selfpatch", Native(lines("""\
+next instruction: 03 -> ok
+patched function: 00000001 00000002 -> ok
+flipped branch: 03 -> ok
+patched in the loop: 31 -> ok
+replaced routine: 0000600d 0000beef -> ok
+other page: 11 77 -> ok
+data beside code: 300 -> ok
+bt_selfpatch: 7 checks, 0 differ"""), 0xD0), {}),
 ]
 ROWS = {row.guest: row for row in TABLE}
 CANONICAL = frozenset(bundled().instructions)

@@ -39,19 +39,17 @@ faulting instruction (every cache instruction, and every glue sequence, maps bac
 before it: the glue's first instruction is the only one that can fault, and it has no side effect then.
 Interrupt frames, pushed return addresses and registers only ever hold guest addresses.
 
-**Self-modifying code.** Guest stores into code with translations are caught by write hooks over the
-physical byte ranges translations were made from (at most four hooks, made once, ranges rewritten in
-place: each hook costs every guest store a range check); host writes (the emulation routines, the frames
-of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units are invalidated
-(popek.monitors.bt_cache); a store into code stops the chunk before the next guest instruction (the store
-completes: ``stop_chunk(finish=True)``), which then runs from a fresh translation. Guest reads of code read
-guest memory, never the cache. Natively Unicorn counts a store into the block it is running twice (it
+**Self-modifying code** (popek.monitors.bt_guard). Guest stores into code with translations are caught by
+write hooks over the physical byte ranges translations were made from; host writes (the emulation
+routines, the frames of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units
+are invalidated (popek.monitors.bt_cache); a store into code stops the chunk before the next guest
+instruction, which then runs from a fresh translation. Guest reads of code read guest memory, never the
+cache. Natively Unicorn counts a store into the block it is running twice (it
 restarts the instruction); bt counts it once, so a self-modifying guest may show fewer instructions.
 
 **Resource control.** The cache is mapped execute-only outside guest RAM: stores fault like stores to any
-address outside RAM. A read hook on the cache range turns a guest read of it into the same #GP(0) the bare
-machine gives for that unmapped address (the bytes the instruction would read are blanked first, so that
-nothing of the cache reaches the guest; registers are put back). The guest cannot jump into the cache: every
+address outside RAM. A read hook on the cache range (bt_guard) turns a guest read of it into the same
+#GP(0) the bare machine gives for that unmapped address, and nothing of the cache reaches the guest. The guest cannot jump into the cache: every
 guest branch target is a guest address, looked up or translated.
 
 **Bounded cache.** ``cache_size`` bytes of translated code and as much again for glue (exit stubs and
@@ -81,12 +79,10 @@ every monitor.
 """
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import unicorn
 from unicorn import x86_const as X
 
 from popek.machine import ioperm
@@ -94,8 +90,9 @@ from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, PF, SOFTWARE, UD
 from popek.machine.memory import CR0_PG, PAGE
 from popek.monitors import bt_emit as emit
 from popek.monitors.base import MonitorOps
-from popek.monitors.bt_cache import CodeCache, Unit
+from popek.monitors.bt_cache import CodeCache
 from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
+from popek.monitors.bt_guard import RESYNC, Guard
 from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
 from popek.monitors.bt_routines import peek, push
 from popek.monitors.shadow import Shadow
@@ -105,7 +102,6 @@ if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
 EIP = X.UC_X86_REG_EIP
-GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 SEGMENTS = ("ds", "es", "fs", "gs")
 # Loads after which the guest's descriptor gets its accessed bit (below): what native runs write.
 DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
@@ -113,11 +109,6 @@ DELIVERIES = frozenset({"int", "int3", "into"})
 # Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
 TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
-# Not an event: what the SMC write hook leaves pending to get control back between two chunks.
-RESYNC = Interrupt(-1, why="bt: translations invalidated by a guest store")
-UNWATCHED = (0xFFFFFFFF, 0xFFFFFFFF)    # a hook's range that no store reaches (beyond RAM and the cache)
-MAX_WATCHED = 4          # write hooks for SMC: each one costs every guest store a range check (measured)
-WATCH_GAP = 256          # code ranges closer than this share a hook
 
 
 class BinaryTranslation(MonitorOps):
@@ -133,10 +124,6 @@ class BinaryTranslation(MonitorOps):
         self.callouts: Counter = Counter()
         self.counts: Counter = Counter()    # everything else, by (kind, name)
         self._cs: dict[int, tuple[int, bool]] = {}      # real CS selector -> (base, 32-bit)
-        self._watched: list[tuple[int, int]] = []       # the ranges the write hooks cover
-        self._hooks: list[int] = []                     # write hooks (made once, ranges rewritten)
-        self._spans: dict[int, list[int]] = {}          # physical page -> [first, end) byte of code in it
-        self._blanked: list[tuple[int, bytes]] = []
         self._flush_wanted: str | None = None
         self._accessed_known: set[tuple[int, int]] = set()
         self._base = 0                      # CS base of the translation running now (set by _goto)
@@ -161,8 +148,7 @@ class BinaryTranslation(MonitorOps):
         self._syscall_hook = hook_syscall(uc, self._on_syscall)
         self._eip = live_eip(m)
         m.memory.runs_ram = self.direct_user            # only direct user code runs from guest RAM
-        uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_cache_read, None, cache.base, cache.end - 1)
-        m.memory.on_write = self._on_host_write
+        self.guard = Guard(m, cache, self.counts)
         self._goto(m.reg("eip"), callout=False)
 
     def _count_guest_only(self) -> None:
@@ -271,13 +257,13 @@ class BinaryTranslation(MonitorOps):
         except CacheFull:
             self._flush("cache-full")
             run, found = self.translator.translate(eip, key)
-        self._watch(run.units)
+        self.guard.watch(run.units)
         return found
 
     def _flush(self, why: str) -> None:
         self.cache.flush()
         self.counts["flush", why] += 1
-        self._unwatch()
+        self.guard.unwatch()
 
     def _goto(self, eip: int, callout: bool) -> None:
         """Continue the guest at guest ``eip`` (CS-relative), in its translation. ``callout``: called from the
@@ -475,10 +461,7 @@ class BinaryTranslation(MonitorOps):
     # --- events from the machine --------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:
         cache = self.cache
-        if cache.stale:
-            cache.settle()
-        if self._blanked:
-            self._unblank()
+        self.guard.settle()
         if event is RESYNC:
             base = self._key()[1]
             linear = (machine.reg("eip") + base) & 0xFFFFFFFF
@@ -519,111 +502,6 @@ class BinaryTranslation(MonitorOps):
         self._goto(machine.reg("eip"), callout=False)
         return True
 
-    # --- self-modifying code ------------------------------------------------------------------------------
-    def _watch(self, units) -> None:
-        """Cover the guest bytes of new ``units`` with the write hooks. Physical addresses: that is what
-        Unicorn's memory hooks see while the guest pages. Each page's span of code is watched, spans
-        closer than WATCH_GAP share a hook, at most MAX_WATCHED hooks (each costs every guest store a range
-        check: measured). The hooks are made once and their ranges rewritten in place: a deleted hook
-        stays in Unicorn's list, and checked, until the emu_start it was deleted in returns."""
-        spans = self._spans
-        grown = False
-        for unit in units:
-            for lo, hi in unit.physical_spans():
-                span = spans.get(lo >> 12)
-                if span is None:
-                    spans[lo >> 12] = [lo, hi]
-                    grown = True
-                elif lo < span[0] or hi > span[1]:
-                    span[0], span[1] = min(lo, span[0]), max(hi, span[1])
-                    grown = True
-        if not grown:
-            return
-        merged: list[list[int]] = []
-        for start, end in sorted(spans.values()):
-            if merged and start - merged[-1][1] <= WATCH_GAP:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        if len(merged) > MAX_WATCHED:           # keep the MAX_WATCHED - 1 widest gaps between ranges
-            gaps = sorted(range(1, len(merged)), key=lambda j: merged[j][0] - merged[j - 1][1])
-            cuts = sorted(gaps[len(merged) - MAX_WATCHED:])
-            starts = [0] + cuts
-            ends = cuts + [len(merged)]
-            merged = [[merged[a][0], merged[b - 1][1]] for a, b in zip(starts, ends)]
-        if all(any(h0 <= s and e <= h1 for h0, h1 in self._watched) for s, e in merged):
-            return
-        self._watched = [(start, end) for start, end in merged]
-        for i, (start, end) in enumerate(merged):
-            if i < len(self._hooks):
-                self._set_range(self._hooks[i], start, end - 1)
-            else:
-                self._hooks.append(self.m.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_guest_write, None,
-                                                      start, end - 1))
-        for handle in self._hooks[len(merged):]:
-            self._set_range(handle, *UNWATCHED)
-
-    def _set_range(self, handle: int, begin: int, end: int) -> None:
-        """A memory hook's range, rewritten in Unicorn's hook record (its offset is calibrated by the
-        engine, popek.machine.engine); Unicorn checks memory hooks' ranges on every access."""
-        at = handle + self.m.engine.layout.hook_range
-        ctypes.c_uint64.from_address(at).value = begin
-        ctypes.c_uint64.from_address(at + 8).value = end
-
-    def _unwatch(self) -> None:
-        self._spans.clear()
-        self._watched = []
-        for handle in self._hooks:
-            self._set_range(handle, *UNWATCHED)
-
-    def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
-        cache = self.cache
-        cache.deferring = True
-        try:
-            hit = self._invalidate(address, size, "guest-write")
-        finally:
-            cache.deferring = False
-        if hit:
-            # Stop before the next guest instruction: what runs next may be stale, and Unicorn's copies of
-            # the patched cache bytes are dropped at the stop (``_resync``), outside this hook. A pending
-            # guest event already set in this chunk gets there the same way; it is not replaced.
-            m = self.m
-            m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
-
-    def _on_host_write(self, physical: int, size: int) -> None:
-        pages = self.cache.pages
-        if physical >> 12 in pages or (physical + size - 1) >> 12 in pages:
-            self._invalidate(physical, size, "host-write")
-
-    def _invalidate(self, address: int, size: int, why: str) -> bool:
-        units = self.cache.units_overlapping(address, address + size)
-        for unit in units:
-            self.cache.invalidate(unit)
-        if units:
-            self.counts["invalidation", why] += len(units)
-        return bool(units)
-
-    # --- resource control ---------------------------------------------------------------------------------
-    def _on_cache_read(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
-        """A guest instruction reads the cache: it gets #GP(0) as for any address outside memory; the bytes
-        it would read are blanked until the fault is delivered, its register effects are undone."""
-        m, cache = self.m, self.cache
-        start, end = max(address, cache.base), min(address + size, cache.end)
-        if end <= start:
-            return
-        self.counts["resource", "cache-reads"] += 1
-        self._blanked.append((start, cache.read(start, end - start)))
-        cache.write(start, bytes(end - start))
-        eip = m.engine.read(EIP)
-        saved = m.registers(GPRS + ("eflags",))
-        m.stop_chunk(Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"read of {address:#x} (outside memory)"),
-                     saved)
-
-    def _unblank(self) -> None:
-        for start, data in reversed(self._blanked):
-            self.cache.patch(start, data)
-        self._blanked = []
-
     # --- tests: what the monitor writes where the guest can see it holds no cache address ------------------
     def _check_invisible(self) -> None:
         """``paranoid``: the words on top of the guest's stack (where calls, returns and interrupt frames put
@@ -645,4 +523,4 @@ class BinaryTranslation(MonitorOps):
         return self.cache.index.get((guest, self._key()))
 
 
-__all__ = ["BinaryTranslation", "Unit"]
+__all__ = ["BinaryTranslation"]

@@ -196,6 +196,7 @@ class BinaryTranslation(MonitorOps):
         ev = machine.events
         units, glue = self.cache.used()
         ev.count("translation", "runs", self.translator.runs)
+        ev.count("translation", "units", self.translator.units)
         ev.count("translation", "instructions", self.translator.instructions)
         ev.count("translation", "cache-bytes", units)
         ev.count("translation", "glue-bytes", glue)

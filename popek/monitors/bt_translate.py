@@ -104,6 +104,7 @@ class Translator:
         self.classifier = bt_routines.classifier()
         self.instructions = 0               # guest instructions translated, in total
         self.runs = 0
+        self.units = 0
         self._glue_next = 0
 
     # --- reading guest code -----------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class Translator:
         self._install(run)
         self.instructions += run.instructions
         self.runs += 1
+        self.units += len(run.units)
         return run, cache.index[(eip, key)]
 
     def _physical_page(self, linear_page: int) -> int:

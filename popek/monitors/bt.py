@@ -44,8 +44,7 @@ write hooks over the physical byte ranges translations were made from; host writ
 routines, the frames of interrupt delivery) arrive through ``Memory.on_write``. Only the overlapping units
 are invalidated (popek.monitors.bt_cache); a store into code stops the chunk before the next guest
 instruction, which then runs from a fresh translation. Guest reads of code read guest memory, never the
-cache. Natively Unicorn counts a store into the block it is running twice (it
-restarts the instruction); bt counts it once, so a self-modifying guest may show fewer instructions.
+cache.
 
 **Resource control.** The cache is mapped execute-only outside guest RAM: stores fault like stores to any
 address outside RAM. A read hook on the cache range (bt_guard) turns a guest read of it into the same
@@ -148,7 +147,7 @@ class BinaryTranslation(MonitorOps):
         self._syscall_hook = hook_syscall(uc, self._on_syscall)
         self._eip = live_eip(m)
         m.memory.runs_ram = self.direct_user            # only direct user code runs from guest RAM
-        self.guard = Guard(m, cache, self.counts)
+        self.guard = Guard(m, cache, self.counts, lambda: self._base)
         self._goto(m.reg("eip"), callout=False)
 
     def _count_guest_only(self) -> None:

@@ -38,8 +38,10 @@ GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 class Guard:
     """The hooks and listeners above, for one machine and one cache."""
 
-    def __init__(self, machine, cache, counts: Counter):
+    def __init__(self, machine, cache, counts: Counter, base):
         self.m, self.cache, self.counts = machine, cache, counts
+        self.base = base                                # () -> the CS base EIPs in the cache are relative to
+        self.counter = ctypes.c_uint64.from_address(machine.uc._uch.value + machine.engine.layout.counter)
         self._watched: list[tuple[int, int]] = []       # the ranges the write hooks cover
         self._hooks: list[int] = []                     # write hooks (made once, ranges rewritten)
         self._spans: dict[int, list[int]] = {}          # physical page -> [first, end) byte of code in it
@@ -110,18 +112,24 @@ class Guard:
             self._set_range(handle, *UNWATCHED)
 
     def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
-        cache = self.cache
+        cache, m = self.cache, self.m
+        running = cache.unit_at((m.engine.read(X.UC_X86_REG_EIP) + self.base()) & 0xFFFFFFFF)
         cache.deferring = True
         try:
             hit = self._invalidate(address, size, "guest-write")
         finally:
             cache.deferring = False
-        if hit:
-            # Stop before the next guest instruction: what runs next may be stale, and Unicorn's copies of
-            # the patched cache bytes are dropped at the stop (``_resync``), outside this hook. A pending
-            # guest event already set in this chunk gets there the same way; it is not replaced.
-            m = self.m
-            m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
+        if not hit:
+            return
+        if running is not None and not running.alive:
+            # The bare machine restarts a store into the block it is running in, and counts it again
+            # (tests/regressions/smc-store-counted-twice.s): count it again too, so that instruction
+            # counts, and the timer that ticks on them, stay the bare machine's.
+            self.counter.value += 1
+        # Stop before the next guest instruction: what runs next may be stale, and Unicorn's copies of the
+        # patched cache bytes are dropped at the stop (RESYNC), outside this hook. A pending guest event
+        # already set in this chunk gets there the same way; it is not replaced.
+        m.stop_chunk(None if m.event_pending else RESYNC, finish=True)
 
     def _on_host_write(self, physical: int, size: int) -> None:
         pages = self.cache.pages

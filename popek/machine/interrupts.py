@@ -74,15 +74,15 @@ def deliver(m: Machine, event: Interrupt, outer: Interrupt | None = None, depth:
     m.triple_fault(why if current is None else f"more than {MAX_DEPTH} nested faults: {why}")
 
 
-def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
-    regs = m.registers()
-    cpl = regs["cs"] & 3
+def checked_gate(space, idtr: tuple[int, int], event: Interrupt, cpl: int) -> tuple[Descriptor, Descriptor, int]:
+    """The IDT gate for ``event`` and its code segment, checked as the SDM's delivery checks them at ``cpl``
+    (shared by the machine and by a monitor delivering through a guest's virtual IDT). Returns
+    (gate, code segment, EXT bit); raises GuestFault with the SDM's error code."""
     ext = 0 if event.source == SOFTWARE else 1
     vector_code = event.vector * 8 + 2 + ext
-    idt_base, idt_limit = m.idtr()
+    idt_base, idt_limit = idtr
     if event.vector * 8 + 7 > idt_limit:
         raise GuestFault(GP, vector_code, f"vector {event.vector:#x} beyond the IDT limit {idt_limit:#x}")
-    space = m.address_space()
     gate = Descriptor.from_bytes(space.read(idt_base + event.vector * 8, 8))
     if not gate.system or gate.type not in IDT_GATES:
         raise GuestFault(GP, vector_code, f"IDT entry {event.vector:#x} is not an interrupt or trap gate")
@@ -100,6 +100,14 @@ def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
     if not code.present:
         raise GuestFault(NP, code_error, f"code segment {selector:#x} not present")
 
+    return gate, code, ext
+
+
+def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
+    regs = m.registers()
+    cpl = regs["cs"] & 3
+    space = m.address_space()
+    gate, code, ext = checked_gate(space, m.idtr(), event, cpl)
     words = [regs["eflags"], regs["cs"], event.eip]
     if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
         words.append(event.error_code)
@@ -128,7 +136,7 @@ def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
     if gate.type in INTERRUPT_GATES:
         eflags &= ~IF
     eip = gate.offset if width == 4 else gate.offset & 0xFFFF
-    cs = (selector & 0xFFFC) | new_cpl
+    cs = (gate.selector & 0xFFFC) | new_cpl
     accessed = code.high & stack.high & ACCESSED
     m.enter(cs=cs, eip=eip, eflags=eflags, esp=esp, cpl=new_cpl,
             ss=None if new_ss is None else (new_ss & 0xFFFC) | new_cpl, space=None if accessed else space)

@@ -33,9 +33,8 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 from unicorn import x86_const as X
 
 from popek.machine import interrupts
-from popek.machine.descriptors import IDT_GATES, INTERRUPT_GATES, Descriptor, tss_stack_offsets
-from popek.machine.faults import (ERROR_CODE, EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, SS, TS, GuestFault,
-                                  Interrupt)
+from popek.machine.descriptors import INTERRUPT_GATES, tss_stack_offsets
+from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, SS, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 
 if TYPE_CHECKING:
@@ -182,29 +181,8 @@ _KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "exte
 def _through_gate(m: Machine, v: VCpu, event: Interrupt, depth: int) -> None:
     regs = m.registers()
     cpl = v.cpl
-    ext = 0 if event.source == SOFTWARE else 1
-    vector_code = event.vector * 8 + 2 + ext
-    idt_base, idt_limit = v.idtr
-    if event.vector * 8 + 7 > idt_limit:
-        raise GuestFault(GP, vector_code, f"vector {event.vector:#x} beyond the IDT limit {idt_limit:#x}")
     space = v.space(m)
-    gate = Descriptor.from_bytes(space.read(idt_base + event.vector * 8, 8))
-    if not gate.system or gate.type not in IDT_GATES:
-        raise GuestFault(GP, vector_code, f"IDT entry {event.vector:#x} is not an interrupt or trap gate")
-    if event.source == SOFTWARE and gate.dpl < cpl:
-        raise GuestFault(GP, event.vector * 8 + 2, f"{event.name} at CPL {cpl} through a DPL {gate.dpl} gate")
-    if not gate.present:
-        raise GuestFault(NP, vector_code, f"IDT entry {event.vector:#x} not present")
-    selector = gate.selector
-    if selector & 0xFFFC == 0:
-        raise GuestFault(GP, ext, "null code selector in the gate")
-    code_error = (selector & 0xFFFC) + ext
-    code = space.descriptor(selector, GP, code_error)
-    if not code.is_code or code.dpl > cpl:
-        raise GuestFault(GP, code_error, f"gate selector {selector:#x} is not code at DPL <= {cpl}")
-    if not code.present:
-        raise GuestFault(NP, code_error, f"code segment {selector:#x} not present")
-
+    gate, code, ext = interrupts.checked_gate(space, v.idtr, event, cpl)
     eflags = v.eflags(regs["eflags"])
     words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
     if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
@@ -236,7 +214,7 @@ def _through_gate(m: Machine, v: VCpu, event: Interrupt, depth: int) -> None:
     real_eflags = v.set_eflags(eflags)
     eip = gate.offset if width == 4 else gate.offset & 0xFFFF
     real_cpl = v.real_cpl(new_cpl)
-    m.enter(cs=(selector & 0xFFFC) | real_cpl, eip=eip, eflags=real_eflags, esp=esp, cpl=real_cpl,
+    m.enter(cs=(gate.selector & 0xFFFC) | real_cpl, eip=eip, eflags=real_eflags, esp=esp, cpl=real_cpl,
             ss=None if new_ss is None else (new_ss & 0xFFFC) | real_cpl)
     v.cpl = new_cpl
     v.entry = interrupts.Entry(eip, m.total_instructions(), event, depth)

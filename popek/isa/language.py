@@ -21,7 +21,6 @@ source; note }``.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path

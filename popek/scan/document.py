@@ -5,7 +5,7 @@ unknown keys), so a saved JSON can be re-rendered as text, SARIF or CSV without 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from popek import __version__
 

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     emit(render(ScanDocument(files=(report,)), "text"))
 
     _guests(args)
-    emit("\nNext: `popek isa ia32`, `popek theorem ia32`, `popek scan --help`, `popek run --help`.")
+    emit("\nNext: `popek diff samples/guests/store_tables.s --monitor trap` (which instruction broke, and how), "
+         "`popek theorem ia32`, `popek isa ia32`, `popek scan --help`, `popek compare --help`.")
     return 0
 
 

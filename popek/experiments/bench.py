@@ -80,24 +80,9 @@ def _emulate(args: argparse.Namespace) -> str:
     from popek.machine.guest import Guest
     from popek.monitors import run_guest
 
-    # ALU, loads and stores on a small array, a branch: the instruction mix of an ordinary inner loop.
-    program = assemble_text(f"""
-_start: mov ecx, {args.iterations}
-        xor eax, eax
-        mov esi, 0x200000
-again:  add eax, ecx
-        xor ebx, eax
-        rol ebx, 3
-        mov edx, ecx
-        and edx, 0xfc
-        add dword ptr [esi + edx], ebx
-        mov edi, dword ptr [esi + edx]
-        imul edi, edi, 33
-        sub eax, edi
-        dec ecx
-        jnz again
-        out 0xf4, al
-""", name="compute")
+    from popek.monitors.bt_bench import COMPUTE  # the same compute-bound mix `popek bench bt` uses
+
+    program = assemble_text(COMPUTE.format(n=args.iterations), name="compute")
     guest = Guest("compute.s", ((program.origin, program.image),), program.entry, "asm")
     native = run_guest(guest, "native")
     emulated = run_guest(guest, "emulate")

@@ -103,17 +103,15 @@ def checked_gate(space, idtr: tuple[int, int], event: Interrupt, cpl: int) -> tu
     return gate, code, ext
 
 
-def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
-    regs = m.registers()
-    cpl = regs["cs"] & 3
-    space = m.address_space()
-    gate, code, ext = checked_gate(space, m.idtr(), event, cpl)
-    words = [regs["eflags"], regs["cs"], event.eip]
-    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
-        words.append(event.error_code)
+def push_frame(space, gate: Descriptor, code: Descriptor, ext: int, cpl: int, words: list[int],
+               ss: int, pushed_ss: int, esp: int, tss_stack) -> tuple[int, int | None, int, Descriptor]:
+    """Push the frame ``words`` (EFLAGS, CS, EIP[, error code]) for a delivery through ``gate`` into ``code``,
+    checked as the SDM does: on the inner stack ``tss_stack(space, new_cpl, ext)`` when the privilege
+    changes (``pushed_ss``:``esp`` pushed first), else on the current stack ``ss``:``esp``.
+    Returns (new CPL, new SS or None, new ESP, the stack segment's descriptor)."""
     if not code.conforming and code.dpl < cpl:
         new_cpl = code.dpl
-        new_ss, esp = m.tss_stack(space, new_cpl, ext)
+        new_ss, new_esp = tss_stack(space, new_cpl, ext)
         ss_error = (new_ss & 0xFFFC) + ext
         if new_ss & 0xFFFC == 0:
             raise GuestFault(TS, ext, f"null ring-{new_cpl} stack selector in the TSS")
@@ -122,15 +120,29 @@ def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
             raise GuestFault(TS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
         if not stack.present:
             raise GuestFault(SS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
-        words = [regs["ss"], regs["esp"]] + words
+        words = [pushed_ss, esp] + words
     else:
-        new_cpl, new_ss, esp = cpl, None, regs["esp"]
-        stack = space.descriptor(regs["ss"], SS, 0)
+        new_cpl, new_ss, new_esp = cpl, None, esp
+        stack = space.descriptor(ss, SS, 0)
     width = 4 if gate.gate_bits == 32 else 2
-    esp = (esp - width * len(words)) & 0xFFFFFFFF
+    new_esp = (new_esp - width * len(words)) & 0xFFFFFFFF
     mask = 0xFFFFFFFF if width == 4 else 0xFFFF
     frame = struct.pack(f"<{len(words)}{'I' if width == 4 else 'H'}", *(w & mask for w in reversed(words)))
-    space.write((stack.base + esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
+    space.write((stack.base + new_esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
+    return new_cpl, new_ss, new_esp, stack
+
+
+def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
+    regs = m.registers()
+    cpl = regs["cs"] & 3
+    space = m.address_space()
+    gate, code, ext = checked_gate(space, m.idtr(), event, cpl)
+    words = [regs["eflags"], regs["cs"], event.eip]
+    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
+        words.append(event.error_code)
+    new_cpl, new_ss, esp, stack = push_frame(space, gate, code, ext, cpl, words, regs["ss"], regs["ss"],
+                                             regs["esp"], m.tss_stack)
+    width = 4 if gate.gate_bits == 32 else 2
 
     eflags = regs["eflags"] & ~(TF | NT | RF | VM)
     if gate.type in INTERRUPT_GATES:

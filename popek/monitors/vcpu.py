@@ -34,7 +34,7 @@ from unicorn import x86_const as X
 
 from popek.machine import interrupts
 from popek.machine.descriptors import INTERRUPT_GATES, tss_stack_offsets
-from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, SS, TS, GuestFault, Interrupt
+from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 
 if TYPE_CHECKING:
@@ -187,26 +187,9 @@ def _through_gate(m: Machine, v: VCpu, event: Interrupt, depth: int) -> None:
     words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
     if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
         words.append(event.error_code)
-    if not code.conforming and code.dpl < cpl:
-        new_cpl = code.dpl
-        new_ss, esp = v.tss_stack(space, new_cpl, ext)
-        ss_error = (new_ss & 0xFFFC) + ext
-        if new_ss & 0xFFFC == 0:
-            raise GuestFault(TS, ext, f"null ring-{new_cpl} stack selector in the TSS")
-        stack = space.descriptor(new_ss, TS, ss_error)
-        if new_ss & 3 != new_cpl or stack.dpl != new_cpl or not stack.writable_data:
-            raise GuestFault(TS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} unusable")
-        if not stack.present:
-            raise GuestFault(SS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
-        words = [(regs["ss"] & 0xFFFC) | cpl, regs["esp"]] + words
-    else:
-        new_cpl, new_ss, esp = cpl, None, regs["esp"]
-        stack = space.descriptor(regs["ss"], SS, 0)
+    new_cpl, new_ss, esp, _stack = interrupts.push_frame(space, gate, code, ext, cpl, words, regs["ss"],
+                                                        (regs["ss"] & 0xFFFC) | cpl, regs["esp"], v.tss_stack)
     width = 4 if gate.gate_bits == 32 else 2
-    esp = (esp - width * len(words)) & 0xFFFFFFFF
-    mask = 0xFFFFFFFF if width == 4 else 0xFFFF
-    frame = struct.pack(f"<{len(words)}{'I' if width == 4 else 'H'}", *(w & mask for w in reversed(words)))
-    space.write((stack.base + esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
 
     eflags &= ~(TF | NT | RF | VM)
     if gate.type in INTERRUPT_GATES:

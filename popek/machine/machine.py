@@ -33,7 +33,7 @@ from popek.machine import interrupts, ioperm
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
-from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, EXTERNAL, GP, OF, SOFTWARE, TS, UD, GuestFault, \
+from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS, UD, GuestFault, \
     Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
@@ -64,8 +64,6 @@ _MEMORY_ERRORS = {
     unicorn.UC_ERR_FETCH_UNMAPPED: "fetch", unicorn.UC_ERR_READ_PROT: "read",
     unicorn.UC_ERR_WRITE_PROT: "write", unicorn.UC_ERR_FETCH_PROT: "fetch",
 }
-
-_EVENT_KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
 
 # Why a chunk ended (Machine.execute).
 COUNT, HLT, STOPPED, END = "count", "hlt", "stopped", "end"
@@ -101,7 +99,7 @@ class Machine:
         self._pending: Interrupt | None = None
         self._saved: dict[str, int] = {}     # registers to put back before raising _pending
         self._last_access: tuple[str, int] | None = None
-        self._entry: interrupts.Entry | None = None
+        self.cpu = interrupts.RealCpu()      # what the guest's IDT delivers to when no monitor takes an event
         self._boot()
         self._install_hooks()
 
@@ -358,28 +356,17 @@ class Machine:
 
     # --- events -----------------------------------------------------------------------------------------
     def raise_interrupt(self, event: Interrupt) -> None:
-        """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does.
-
-        A fault on the first instruction of a handler the machine just entered (no handler instruction
-        completed; the faulting one is counted) counts as a fault while delivering that handler's event.
-        """
+        """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does
+        (``popek.machine.interrupts.deliver``, which also counts it)."""
         if self.ops is not None and self.ops.intercept(self, event):
-            self._entry = None
+            self.cpu.entry = None
             return
-        self.events.count(_EVENT_KIND[event.source], event.name)     # what the guest's IDT receives
-        entry, self._entry = self._entry, None
-        if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
-                and self.total_instructions() <= entry.total + 1):
-            interrupts.deliver(self, event, outer=entry.event, depth=entry.depth + 1)
-        else:
-            interrupts.deliver(self, event)
+        interrupts.deliver(self, self.cpu, event)
 
     def deliver(self, event: Interrupt) -> None:
-        """Deliver through the guest's IDT without asking the monitor (for monitors reflecting an event)."""
-        interrupts.deliver(self, event)
-
-    def entered(self, entry: interrupts.Entry) -> None:
-        self._entry = entry
+        """Deliver through the guest's real IDT without asking the monitor (for a monitor reflecting an event
+        to a guest that owns its IDT)."""
+        interrupts.deliver(self, self.cpu, event)
 
     def _on_intr(self, uc, vector: int, _) -> None:
         # Clears old_exception too: Unicorn never does, which is the repeated-#GP bug.

@@ -3,7 +3,7 @@
 ``Machine`` owns the ``Uc`` and registers every hook here, in ``_install_hooks``. It runs the guest in
 chunks (``execute(count)``, always with ``count > 0``: alternating with ``count = 0`` would flush Unicorn's
 translation cache, and the count is what makes instruction counting exact). The run loop that decides chunk
-sizes, timer interrupts, hlt and the budget is ``popek.monitors.base.run``, written once for every monitor.
+sizes, timer interrupts, hlt and the budget is ``popek.monitors.base.Run``, written once for every monitor.
 
 Guest faults become guest events, never Python exceptions: Unicorn's exceptions (``UC_HOOK_INTR``), memory
 errors outside RAM (#GP(0)), invalid opcodes (#UD), denied port I/O (#GP(0)) and UMIP all become an

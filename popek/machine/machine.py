@@ -130,8 +130,7 @@ class Machine:
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access, None, 0, 0xFFFFFFFF)
         if self.umip:
             from popek.machine.umip import Umip
-            self.umip_detector = Umip(self)
-            uc.hook_add(unicorn.UC_HOOK_BLOCK, self.umip_detector.on_block, None, 0, 0xFFFFFFFF)
+            self.umip_detector = Umip(self)             # its block hook: popek.machine.watch
 
     def load(self, guest: Guest) -> None:
         guest.check_fits(self.memory.ram_size)

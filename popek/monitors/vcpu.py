@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from unicorn import x86_const as X
 
+from popek.events import REFLECT
 from popek.machine import interrupts
 from popek.machine.descriptors import INTERRUPT_GATES, tss_stack_offsets
 from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, TS, GuestFault, Interrupt
@@ -158,6 +159,7 @@ def deliver(machine: Machine, vcpu: VCpu, event: Interrupt) -> None:
             and machine.total_instructions() <= entry.total + 1):
         outer, depth = entry.event, entry.depth + 1
     machine.events.count(_KIND[event.source], event.name)
+    machine.events.count(REFLECT, event.name)          # the monitor's software delivery (popek.events)
     current = interrupts.escalate(outer, event) if outer is not None else event
     why = f"{event.name} ({event.why}) while entering {outer.name}" if outer is not None else ""
     while current is not None and depth <= interrupts.MAX_DEPTH:

@@ -18,7 +18,7 @@ def _run_watching(body: str, names) -> tuple[Counter, Machine]:
     machine = Machine()
     machine.load(Guest("watched", ((program.origin, program.image),), program.entry, "asm"))
     seen: Counter = Counter()
-    Watch(machine, names, lambda address, name: seen.update([name]), kind="watch")
+    Watch(machine, names, lambda address, name: seen.update([name]), kind="umip")
     result = run(machine, MonitorOps(), 10_000_000)
     assert result.exit.reason == "exit-port", result.exit
     return seen, machine
@@ -53,13 +53,13 @@ patch:  nop
         exit 0
 """, {"cpuid"})
     assert seen == Counter({"cpuid": 4})
-    assert machine.events.get("watch", "blocks-rescanned") >= 1
+    assert machine.events.get("umip", "blocks-rescanned") >= 1
 
 
 def test_an_unknown_name_is_a_programming_error():
     machine = Machine()
     try:
-        Watch(machine, {"cpuidd"}, lambda a, n: None, kind="watch")
+        Watch(machine, {"cpuidd"}, lambda a, n: None, kind="umip")
     except AssertionError as exc:
         assert "cpuidd" in str(exc)
     else:

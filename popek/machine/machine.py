@@ -29,6 +29,7 @@ from typing import Any
 import unicorn
 from unicorn import x86_const as X
 
+from popek.events import IO, VIRTUAL_IO
 from popek.machine import interrupts, ioperm
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
@@ -387,13 +388,16 @@ class Machine:
         return False                            # emu_start fails; execute() turns it into #GP(0)
 
     # --- port I/O ---------------------------------------------------------------------------------------
-    def _io_allowed(self, port: int, size: int) -> bool:
+    def _io_allowed(self, port: int, size: int) -> str | None:
+        """The event kind of an allowed access (``io`` when the hardware allowed it, ``virtual-io`` when a
+        monitor answered for its virtual CPU and so completes it against its device model), None if denied."""
         verdict = self.ops.io_allowed(self, port, size) if self.ops is not None else None
         if verdict is not None:
-            return verdict                              # a monitor answers for its virtual CPU
+            return VIRTUAL_IO if verdict else None
         cpl = self.cpl()
         iopl = (self.reg("eflags") >> IOPL_SHIFT) & 3
-        return cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size)
+        return IO if cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size) \
+            else None
 
     def _deny_io(self, port: int) -> None:
         eip = self.reg("eip")                           # Unicorn reports I/O hooks at the instruction
@@ -403,25 +407,28 @@ class Machine:
                                   why=f"port {port:#x} at CPL {self.cpl()} > IOPL"), restore)
 
     def _on_in(self, uc, port: int, size: int, _) -> int:
-        if not self._io_allowed(port, size):
+        kind = self._io_allowed(port, size)
+        if kind is None:
             self._deny_io(port)
             return self.reg("eax") & ((1 << (8 * size)) - 1)    # leave EAX as it was
-        return self.port_read(port, size)
+        return self.port_read(port, size, kind)
 
     def _on_out(self, uc, port: int, size: int, value: int, _) -> None:
-        if not self._io_allowed(port, size):
+        kind = self._io_allowed(port, size)
+        if kind is None:
             self._deny_io(port)
             return
-        self.port_write(port, size, value)
+        self.port_write(port, size, value, kind)
 
-    def port_read(self, port: int, size: int) -> int:
-        """A port read that was allowed (by the hardware check above, or by a monitor emulating I/O)."""
-        self.events.count("io", self.ports.name(port))
+    def port_read(self, port: int, size: int, kind: str = VIRTUAL_IO) -> int:
+        """A port read that was allowed: by the hardware check above (``kind`` io), or by a monitor emulating
+        I/O (virtual-io, the default: emulation routines call this)."""
+        self.events.count(kind, self.ports.name(port))
         return self.ports.read(port, size)
 
-    def port_write(self, port: int, size: int, value: int) -> None:
+    def port_write(self, port: int, size: int, value: int, kind: str = VIRTUAL_IO) -> None:
         """A port write that was allowed (see port_read)."""
-        self.events.count("io", self.ports.name(port))
+        self.events.count(kind, self.ports.name(port))
         if self.ports.write(port, size, value):
             self.devices_changed = True         # the PIT or PIC changed: the run loop plans again
             if self._running:

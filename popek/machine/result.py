@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from popek.events import kind as documented_kind
+
 SCHEMA = 1
 
 # End reasons (DESIGN §3.4). Each run ends with exactly one.
@@ -34,7 +36,8 @@ class Events:
     and UMIP rescans (``umip``). A monitor adds its own kinds (``trap``, ``exit``, ``hypercall``,
     ``callout``, ``translation``, ``invalidation``), named by the canonical instruction names of DESIGN
     §3.1 where an instruction is the cause. An event a monitor handles never reaches the guest's IDT and
-    is not counted by the machine.
+    is not counted by the machine. Every kind is one of popek.events.KINDS (that module documents the kinds
+    and names); counting an undocumented kind raises KeyError.
     """
 
     def __init__(self):
@@ -43,13 +46,14 @@ class Events:
     def count(self, kind: str, name: str, n: int = 1) -> None:
         counter = self._kinds.get(kind)
         if counter is None:
-            counter = self._kinds[kind] = Counter()
+            counter = self.counter(kind)
         counter[name] += n
 
     def counter(self, kind: str) -> Counter:
         """The live counts of one kind, for a hook that counts on every event (``counter[name] += 1``)."""
         counter = self._kinds.get(kind)
         if counter is None:
+            documented_kind(kind)
             counter = self._kinds[kind] = Counter()
         return counter
 

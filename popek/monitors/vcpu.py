@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from unicorn import x86_const as X
 
+from popek.events import REFLECT
 from popek.machine import interrupts, ioperm
 from popek.machine.descriptors import INTERRUPT_GATES, Descriptor, tss_stack_offsets
 from popek.machine.faults import ERROR_CODE, EXCEPTION, GP, TS, GuestFault, Interrupt
@@ -188,6 +189,7 @@ class VCpu(interrupts.Cpu):
 def deliver(machine: Machine, vcpu: VCpu, event: Interrupt) -> None:
     """Deliver ``event`` to the guest through its virtual IDT (``VCpu.enter_handler``), or end the run with a
     triple fault."""
+    machine.events.count(REFLECT, event.name)          # the monitor's software delivery (popek.events)
     interrupts.deliver(machine, vcpu, event)
 
 

@@ -54,7 +54,6 @@ CSV_COLUMNS = ("guest", "monitor", "status", "exit", "guest_instructions", "mode
                "monitor_events", "first_difference", "wall_seconds")
 
 
-<<<<<<< HEAD
 @dataclass
 class Comparison(Tabular):
     profile: str
@@ -125,15 +124,6 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
     comparison = Comparison(priced.name)
     for item in guests:
         guest = item if isinstance(item, Guest) else load_guest(item)
-=======
-def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instructions: int = 10_000_000) -> list[Cell]:
-    from popek.machine.guest import Guest, load_guest
-    from popek.monitors import run_guest
-
-    cells = []
-    for path in guests:
-        guest = path if isinstance(path, Guest) else load_guest(path)
->>>>>>> main
         reference = None
         for monitor in order:
             result = run_guest(guest, monitor=monitor, max_instructions=budget, profile=priced)

@@ -149,15 +149,15 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
 def render_text(comparison: Comparison) -> str:
     from rich.table import Table
 
-    con, buf = console()
+    con, buf = console(150)            # wide enough that no number is cut
     table = Table(show_edge=False, pad_edge=False, box=None)
-    for col in ("guest", "monitor", "same as native", "exit", "guest insns", "monitor events",
-                "modelled cycles", "x native", "wall s"):
-        table.add_column(col, no_wrap=col != "monitor events", overflow="fold",
-                         justify="right" if col in ("guest insns", "modelled cycles", "x native", "wall s") else "left")
+    for col in ("guest", "monitor", "same", "exit", "insns", "largest monitor events", "cycles", "x native",
+                "wall s"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis",
+                         justify="right" if col in ("insns", "cycles", "x native", "wall s") else "left")
     shown = {"reference": "reference", "equivalent": "yes", "diverges": "DIVERGES", "undecided": "UNDECIDED"}
     for c in comparison.cells:
-        table.add_row(c.guest, c.monitor, shown[c.status], c.exit, f"{c.instructions:,}", _work_text(c.work, 3),
+        table.add_row(c.guest, c.monitor, shown[c.status], c.exit, f"{c.instructions:,}", _work_text(c.work, 2),
                       f"{c.cycles:,}" if c.cycles is not None else "-",
                       f"{c.slowdown:.1f}" if c.slowdown is not None else "-", f"{c.wall:.3f}")
     con.print(table)
@@ -173,8 +173,8 @@ def render_text(comparison: Comparison) -> str:
     unpriced = sorted({u for c in comparison.cells for u in c.unpriced})
     if unpriced:
         con.print(f"not priced by profile {comparison.profile} (left out of the cycles): {', '.join(unpriced)}")
-    con.print(f"same as native: console output, exit and visible state equal to the bare machine's. Modelled "
-              f"cycles: the run's events priced on profile {comparison.profile} (`popek profiles "
+    con.print(f"same: console output, exit and visible state equal to the bare machine's. cycles: modelled, "
+              f"the run's events priced on profile {comparison.profile} (`popek profiles "
               f"{comparison.profile}`: every number with its source, or assumed). wall s: this Python model on "
               f"this host, not real hardware.")
     return buf.getvalue()
@@ -182,7 +182,8 @@ def render_text(comparison: Comparison) -> str:
 
 def plot(comparison: Comparison, path: str) -> None:
     """Two panels: the slowdown against native in modelled cycles (log scale), grouped by guest, one bar per
-    monitor; and each run's modelled cycles broken down by event kind (stacked, one unit: cycles). A run that
+    monitor; and each run's modelled cycles broken down by event kind (stacked, linear, in units of the
+    guest's native cycles). A run that
     diverges or is undecided is drawn hatched, outlined in red and labelled, so it cannot be read as a result."""
     import matplotlib
 
@@ -214,16 +215,18 @@ def plot(comparison: Comparison, path: str) -> None:
     top.set_xticks(range(len(guests)), guests, rotation=15)
     top.set_title("popek compare: slowdown against the bare machine (hatched red: not the same result)")
     top.legend(ncol=len(monitors), fontsize=8)
+    # Stacked parts on a log axis would misstate their shares: the breakdown is linear, in units of the same
+    # guest's native cycles, so each bar's height is its slowdown and its segments say where the cycles went.
+    native = {c.guest: c.cycles for c in cells if c.status == "reference"}
     labels, bottoms = [], [0.0] * len(cells)
     xs = range(len(cells))
     for k, kind in enumerate(kinds):
-        values = [c.breakdown.get(kind, 0.0) for c in cells]
+        values = [c.breakdown.get(kind, 0.0) / (native.get(c.guest) or 1) for c in cells]
         bottom.bar(xs, values, 0.7, bottom=bottoms, color=plt.get_cmap("tab20")(k % 20), label=kind)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     for x, c in zip(xs, cells):
         labels.append(f"{c.guest}\n{c.monitor}" + ("\n(" + c.status + ")" if c.status in ("diverges", "undecided") else ""))
-    bottom.set_yscale("symlog")
-    bottom.set_ylabel("modelled cycles by event kind")
+    bottom.set_ylabel("modelled cycles / native's, by event kind")
     bottom.set_xticks(list(xs), labels, fontsize=6, rotation=90)
     bottom.legend(fontsize=6, ncol=4)
     fig.text(0.01, 0.005, f"Events counted exactly by popek; priced on profile {comparison.profile} "

@@ -38,6 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "default 3)")
     parser.add_argument("--direct-user", action="store_true",
                         help="bt: run guest user code (CPL 3) untranslated, as VMware did")
+    parser.add_argument("--profile", default="modern", metavar="NAME|FILE",
+                        help="cost profile for the modelled cycles (default modern; `popek profiles` lists them)")
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
@@ -60,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
         except TypeError:
             flags = " and ".join(f"--{name.replace('_', '-')}" for name in options)
             raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
+    from popek.cost import load as load_profile
+    profile = load_profile(args.profile)                # a bad profile is an error before the run
     ram = args.ram * MIB
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
-                       umip=args.umip, **options)
+                       umip=args.umip, profile=profile, **options)
     if args.format == "json":
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -4,7 +4,7 @@
 (unknown or missing keys are an error), and ``render_text`` is what the text format prints. Register values
 in ``state`` are integers; the text rendering shows them in hex. ``guest_instructions`` counts executed
 instructions (see popek.machine.machine); ``wall_seconds`` is the run loop alone, without creating the
-machine or loading the guest. ``modelled_cycles`` and ``profile`` stay null until a cost model fills them.
+machine or loading the guest. ``modelled_cycles`` and ``profile`` are filled by the cost model (popek.cost.apply; null when no profile was applied).
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class RunResult(Tabular):
     guest_instructions: int
     wall_seconds: float
     modelled_cycles: int | None = None
-    profile: str | None = None
+    profile: dict | None = None            # {"name", "breakdown": {kind: cycles}, "unpriced": [...]}
     extra: dict = field(default_factory=dict)   # not serialised: details for the text format
 
     def to_dict(self) -> dict:
@@ -147,4 +147,6 @@ class RunResult(Tabular):
                      + " " + " ".join(f"{k}={s[k]:08x}" for k in ("cr0", "cr2", "cr3", "cr4")) + "\n")
         for kind, names in self.events.items():
             lines.append(f"  {kind}: " + ", ".join(f"{n} {c}" for n, c in names.items()) + "\n")
+        if "cost" in self.extra:
+            lines.append(self.extra["cost"].summary() + "\n")
         return "".join(lines)

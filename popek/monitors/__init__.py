@@ -33,8 +33,9 @@ def get_monitor(name: str, **options):
 
 
 def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,
-              ram_size: int | None = None, umip: bool = False, **options):
-    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``."""
+              ram_size: int | None = None, umip: bool = False, profile="modern", **options):
+    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``;
+    price the run on ``profile`` (a cost profile's name, path or ``Profile``; None: no modelled cycles)."""
     from popek.machine.guest import Guest, load_guest
     from popek.machine.machine import Machine
     from popek.machine.memory import RAM_DEFAULT
@@ -45,4 +46,8 @@ def run_guest(guest, monitor: str = "native", max_instructions: int | None = Non
         guest = load_guest(guest, ram_size=ram)
     machine = Machine(ram_size=ram, umip=umip)
     machine.load(guest)
-    return run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions)
+    result = run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions)
+    if profile is not None:
+        from popek.cost import apply
+        apply(result, profile)
+    return result

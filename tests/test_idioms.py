@@ -149,3 +149,17 @@ def test_rdtsc_delta_through_an_inline_asm_helper_at_O2(tmp_path):
                    capture_output=True)
     report = scan_image(load(str(exe)), bundled_classifier())
     assert [f.idiom for f in report.findings if f.name == "rdtsc"][0] == "rdtsc-delta"
+
+
+@pytest.mark.skipif(not MINGW, reason="gcc-mingw-w64-i686 not installed")
+@pytest.mark.parametrize("opt", ["-O0", "-O2"])
+@pytest.mark.parametrize("source, expected", [
+    ("cpuid-hv-bit-helper.c", ["cpuid-hypervisor-bit"]),   # return (ecx >> 31) & 1: shr 31 in the helper
+    ("cpuid-hv-bit-sign.c", ["cpuid-hypervisor-bit"]),     # (int)ecx < 0: test ecx, ecx; js
+    ("neg-cpuid-sse3.c", [None, None]),                    # ECX bit 0 of leaf 1; ECX bit 31 of leaf 0
+])
+def test_cpuid_hypervisor_bit_in_mingw_code(tmp_path, opt, source, expected):
+    exe = tmp_path / "t.exe"
+    subprocess.run([MINGW, opt, "-o", str(exe), str(C_FIXTURES / source)], check=True, capture_output=True)
+    report = scan_image(load(str(exe)), bundled_classifier())
+    assert [f.idiom for f in report.findings if f.name == "cpuid"] == expected

@@ -278,6 +278,7 @@ class _Flow:
         self.mem: dict[tuple, Const | Taint] = {}   # (key, disp) -> one byte: Const(b, 0xFF) or a byte Taint
         self.sp = 0
         self.events: list[Event] = []
+        self.last_test: Event | None = None     # the event of the instruction just before (test r, r)
 
     def reset(self) -> None:
         self.regs.clear()
@@ -387,7 +388,10 @@ def _test(flow, ops, mn):
     a, b = flow.read(ops[0], n), flow.read(ops[1], n)
     if ops[0] == ops[1] and isinstance(a, Taint):   # test r, r: every bit of r
         b = Const((1 << 8 * n) - 1, (1 << 8 * n) - 1)
+    count = len(flow.events)
     flow.event("test", a, b, 8 * n)
+    if ops[0] == ops[1] and len(flow.events) > count:
+        flow.last_test = flow.events[-1]          # a following js/jns narrows it to the sign bit
 
 
 def _bt(flow, ops, mn):
@@ -415,6 +419,9 @@ def _alu(flow, ops, mn, record=True):
         out = Const(_FOLD[mn](a.value, b.value) & full, full)
     elif isinstance(a, Taint) and isinstance(b, Const) and mn in ("shr", "sar", "shl", "sal"):
         out = Taint(a.field, a.lo + (b.value if mn in ("shr", "sar") else -b.value), a.width)
+        if record and mn == "shr" and b.value == 8 * n - 1:
+            # Only the top bit is left (a compiler's `return (x >> 31) & 1`): that bit is what is tested.
+            flow.event("test", out, Const(1, 1), 8 * n)
     elif isinstance(a, Taint) and isinstance(b, Const) and mn == "and":
         if record:
             flow.event("test", a, b, 8 * n)   # and with a mask is how compilers test bits too
@@ -464,6 +471,10 @@ BARRIERS = frozenset({"jmp", "ljmp", "ret", "retf", "iret", "iretd", "iretq", "h
 
 def _step(flow: _Flow, address: int, size: int, mn: str, op_str: str) -> None:
     ops = [_operand(t, address + size, flow.sp) for t in op_str.split(", ")] if op_str else []
+    previous, flow.last_test = flow.last_test, None
+    if mn in ("js", "jns") and previous is not None and flow.events and flow.events[-1] is previous:
+        # test r, r; js: only the sign bit decides the branch.
+        flow.events[-1] = Event("test", previous.taint, 1 << (previous.bits - 1), previous.bits)
     if mn == "rdtsc":                       # a later read of the counter than the site's
         flow.write(Reg("a", 0, 4), Taint("tsc-later", 0, 32))
         flow.write(Reg("d", 0, 4), Taint("tsc-later", 32, 32))

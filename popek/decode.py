@@ -60,22 +60,81 @@ def _cs(mode: int, detail: bool) -> capstone.Cs:
 CHUNK = 8192  # instructions per Capstone call: bounds memory (Capstone allocates all results of one call)
 
 
+# Encodings Capstone 5 misdecodes, by opcode after the prefixes: each is the opcode, a ModRM with its SIB and
+# displacement, and no immediate (SDM Vol. 2: the hint NOPs 0F 18-1F "NOP r/m", 0F 0D "NOP/PREFETCH r/m",
+# group 15 0F AE, UD1 0F B9 "UD1 r, r/m"). Capstone emits a lone ``.byte`` for some ModRMs of them (0F 1E C0,
+# 0F 1C /r, 0F 0D /7, 0F AE EA) or decodes UD1 without its ModRM, and the sweep then decodes the operand bytes
+# as instructions (a false ``ljmp`` after UD1). Each entry is checked against objdump in the tests.
+CAPSTONE_GAPS = {bytes([0x0F, b]): name for b, name in [
+    (0x18, "nop"), (0x19, "nop"), (0x1A, "nop"), (0x1B, "nop"), (0x1C, "nop"), (0x1D, "nop"), (0x1E, "nop"),
+    (0x1F, "nop"), (0x0D, "nop"), (0xAE, "lfence"), (0xB9, "ud1")]}
+_GAP_IDS = frozenset([0, x86_const.X86_INS_UD1])   # .byte, and UD1 (decoded without its ModRM)
+
+
+def gap_length(code, offset: int, mode: int) -> int | None:
+    """The length of the instruction at ``code[offset]`` if it is one of CAPSTONE_GAPS, else None."""
+    end = min(len(code), offset + 15)
+    i, addr16 = offset, mode == 16
+    while i < end and (code[i] in LEGACY_PREFIXES or (mode == 64 and 0x40 <= code[i] <= 0x4F)):
+        if code[i] == 0x67 and mode != 64:
+            addr16 = not addr16
+        i += 1
+    if i + 2 >= end or bytes(code[i:i + 2]) not in CAPSTONE_GAPS:
+        return None
+    length = i + 3 - offset + modrm_tail(code[i + 2], code[i + 3] if i + 3 < end else 0, addr16)
+    return length if offset + length <= len(code) and length <= 15 else None
+
+
+def modrm_tail(modrm: int, sib: int, addr16: bool) -> int:
+    """Bytes after a ModRM byte: its SIB and displacement (SDM Vol. 2 tables 2-1 and 2-2)."""
+    mod, rm = modrm >> 6, modrm & 7
+    if mod == 3:
+        return 0
+    if addr16:
+        return {0: 2 if rm == 6 else 0, 1: 1, 2: 2}[mod]
+    tail = 1 if rm == 4 else 0
+    if mod == 0:
+        return tail + (4 if rm == 5 or (rm == 4 and sib & 7 == 5) else 0)
+    return tail + (1 if mod == 1 else 4)
+
+
 def sweep(code: bytes, base: int, mode: int, offset: int = 0, count: int = 0) -> Iterator[tuple[int, int, str, str]]:
     """Linear sweep: ``(address, size, mnemonic, op_str)`` for every instruction from ``code[offset:]``
-    (at most ``count`` of them when count > 0)."""
+    (at most ``count`` of them when count > 0). The CAPSTONE_GAPS are stepped over at their true length."""
     md = _cs(mode, False)
     view = memoryview(code)
     end = len(code)
     left = count or -1
+    chunk = CHUNK
     while offset < end and left:
-        step = CHUNK if left < 0 else min(CHUNK, left)
+        step = chunk if left < 0 else min(chunk, left)
         last = None
+        done = 0
         for last in md.disasm_lite(view[offset:], base + offset, step):
+            done += 1
+            if last[2] in (BAD, "ud1"):
+                start = last[0] - base
+                size = gap_length(code, start, mode)
+                if size is not None and size != last[1]:
+                    last = (last[0], size, CAPSTONE_GAPS[_gap_opcode(code, start, mode)], "")
+                    yield last
+                    left -= 1 if left > 0 else 0
+                    chunk = max(16, done * 2)   # as in sweep_records: decode less after a gap
+                    break
+            else:
+                chunk = min(CHUNK, chunk * 2) if done == step else chunk
             yield last
+            left -= 1 if left > 0 else 0
+            if not left:
+                return
         if last is None:
             return
-        left -= step if left > 0 else 0
         offset = last[0] + last[1] - base
+
+
+def _gap_opcode(code, offset: int, mode: int) -> bytes:
+    op, _ = opcode_and_modrm(code, offset, mode)
+    return op
 
 
 # The scanner's hot loop reads Capstone's C records directly: one ctypes call decodes CHUNK instructions and
@@ -114,18 +173,44 @@ def sweep_records(code: bytes, base: int, mode: int) -> Iterator[Records]:
     start = ctypes.addressof(cbuf)
     out = ctypes.POINTER(capstone._cs_insn)()
     offset = 0
+    chunk = CHUNK
     while offset < len(code):
         n = capstone._cs.cs_disasm(md.csh, ctypes.cast(start + offset, ctypes.POINTER(ctypes.c_char)),
-                                   len(code) - offset, base + offset, CHUNK, ctypes.byref(out))
+                                   len(code) - offset, base + offset, chunk, ctypes.byref(out))
         if n == 0:
             return
         try:
-            batch = Records(ctypes.string_at(out, n * RECORD))
+            blob = ctypes.string_at(out, n * RECORD)
         finally:
             capstone._cs.cs_free(out, n)
+        batch = Records(blob)
+        # A misdecoded gap (CAPSTONE_GAPS) ends the batch at its true length; decoding resumes after it.
+        for i in [i for i, ident in enumerate(batch.ids) if ident in _GAP_IDS]:
+            address, size = batch.address_size(i)
+            true = gap_length(code, address - base, mode)
+            if true is not None and true != size:
+                batch = Records(blob[:i * RECORD] + _gap_record(blob[i * RECORD:(i + 1) * RECORD], true,
+                                                               CAPSTONE_GAPS[_gap_opcode(code, address - base, mode)]))
+                break
+        # Gaps come in runs (a table of them, or code full of endbr-like hints): decode less after one, so
+        # the instructions decoded past it and thrown away stay few.
+        chunk = max(16, len(batch.ids) * 2) if len(batch.ids) < n else min(CHUNK, chunk * 2)
         yield batch
-        address, size = batch.address_size(n - 1)
+        address, size = batch.address_size(len(batch.ids) - 1)
         offset = address + size - base
+
+
+_GAP_ID = {"nop": x86_const.X86_INS_NOP, "lfence": x86_const.X86_INS_LFENCE, "ud1": x86_const.X86_INS_UD1}
+
+
+def _gap_record(record: bytes, size: int, mnemonic: str) -> bytes:
+    """Capstone's record of a misdecoded gap, corrected: its id, size and mnemonic, no operand text."""
+    rec = bytearray(record)
+    struct.pack_into("<I", rec, 0, _GAP_ID[mnemonic])
+    struct.pack_into("<H", rec, _ADDRESS_AT + 8, size)
+    rec[_MNEMONIC_AT:_MNEMONIC_AT + len(mnemonic) + 1] = mnemonic.encode() + b"\0"
+    rec[_OP_STR_AT] = 0
+    return bytes(rec)
 
 
 @lru_cache(maxsize=None)

@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     for report in doc.files:
         if report.error is not None:
             print(f"popek scan: error: {report.path}: {report.error}", file=sys.stderr)
+        for warning in report.warnings:
+            print(f"popek scan: warning: {report.path}: {warning}", file=sys.stderr)
+    for path in doc.skipped:
+        print(f"popek scan: skipped: {path}: not an ELF or PE binary", file=sys.stderr)
     if doc.has_errors:
         return EXIT_BAD_INPUT
     return EXIT_FOUND if doc.sensitive_unprivileged else EXIT_OK

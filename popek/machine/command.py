@@ -39,6 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direct-user", action="store_true",
                         help="bt: run guest user code (CPL 3) untranslated, as VMware did")
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
+    parser.add_argument("-D", dest="defines", metavar="NAME[=VALUE]", action="append", default=[],
+                        help="for an assembly source: define NAME (e.g. -D PV builds a guest's paravirtual port)")
+    parser.add_argument("--cmdline", default=None, metavar="TEXT", help="pv: the start_info command line")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
 
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     options = {} if args.ring is None else {"ring": args.ring}
     if args.direct_user:
         options["direct_user"] = True
+    if args.cmdline is not None:
+        options["cmdline"] = args.cmdline
     if options:
         try:
             get_monitor(args.monitor, **options)         # a monitor without the option rejects it here
@@ -61,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
             flags = " and ".join(f"--{name.replace('_', '-')}" for name in options)
             raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
     ram = args.ram * MIB
-    guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
+    from popek.asm.assemble import parse_define
+    defines = dict(parse_define(d) for d in args.defines)
+    guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram,
+                       defines=defines or None)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
                        umip=args.umip, **options)
     if args.format == "json":

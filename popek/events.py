@@ -157,7 +157,8 @@ KINDS: dict[str, Kind] = _kinds(
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
     # --- trap-and-emulate --------------------------------------------------------------------------------
     Kind("trap", "an instruction that left the deprivileged guest for the monitor: a #GP at an instruction "
-         "with an emulation routine, or a port access the real CPU refused", ("trap",), MONITOR,
+         "with an emulation routine, or a port access the real CPU refused (pv: an access to a granted port)",
+         ("trap", "pv"), MONITOR,
          family=INSTRUCTION),
     Kind("emulate", "an instruction carried out by its emulation routine against the virtual CPU",
          ("trap",), MONITOR, family=INSTRUCTION),

@@ -65,7 +65,7 @@ from popek.machine.memory import AddressSpace
 from popek.machine.result import CRASH, SHUTDOWN
 from popek.monitors import pv_abi as X
 from popek.monitors.deprivilege import Deprivileged
-from popek.monitors.emulation.recipe import decode
+from popek.monitors.emulation.recipe import Recipes, decode
 from popek.monitors.shadow import TABLE_SIZE, compress
 from popek.monitors.vcpu import IF, IOPL, VCpu
 
@@ -226,6 +226,8 @@ class ParaVirtual(Deprivileged):
         memory.write(self.shared, X.shared_info())
         self._calls = machine.events.counter("hypercall")
         self._multicalls = machine.events.counter("multicall")
+        self._traps = machine.events.counter("trap")
+        self.recipes = Recipes()
         self.timer: int | None = None                   # the one-shot timer's deadline (system time)
         self.virqs: dict[int, int] = {}                 # VIRQ -> bound port
         self.gdt_frames: tuple[int, ...] = ()
@@ -249,6 +251,18 @@ class ParaVirtual(Deprivileged):
         if what == "gdtr":                              # the rebuilt real GDT gets Xen's entries back
             for selector, raw in X.RESERVED.items():
                 self.m.memory.monitor_write(self.shadow.gdt + (selector & 0xFFF8), raw)
+
+    def io_allowed(self, machine: Machine, port: int, size: int) -> bool:
+        """A granted port from the kernel traps into the hypervisor and is emulated (counted as a trap by
+        the instruction's name); anything else is the #GP the hardware gives."""
+        if not self.vcpu.io_permitted(machine, port, size):
+            return False
+        try:
+            recipe = self.recipes.get(machine, self.vcpu, machine.reg("eip"))
+        except GuestFault:
+            recipe = None
+        self._traps[recipe.name if recipe is not None and recipe.name in PORT_IO else "in"] += 1
+        return True
 
     def routing(self):
         return {(SOFTWARE, X.HYPERCALL_VECTOR): self._hypercall}
@@ -290,7 +304,9 @@ class ParaVirtual(Deprivileged):
             text = recipe.text
         if original.vector == GP and original.source == EXCEPTION and recipe is not None \
                 and recipe.name in INSTEAD and missing is original:
-            return f"{text} at {where:#x}: {INSTEAD[recipe.name]} (#GP at ring {self.vcpu.cpl}, no trap table)"
+            name = text if recipe.name in PORT_IO else recipe.name
+            return (f"{name} at {where:#x}: {INSTEAD[recipe.name]} ({recipe.text}: #GP at ring {self.vcpu.cpl}, "
+                    f"no trap-table entry)")
         during = "" if missing is original else f" while delivering {original.name}"
         return (f"{missing.name}{during} at {where:#x} ({text}): no trap-table entry for vector "
                 f"{missing.vector:#x}")

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import unicorn
 
+from popek.decode import decode_at
 from popek.events import REFLECT
 from popek.machine import interrupts
 from popek.machine.descriptors import Descriptor
@@ -297,7 +298,9 @@ class ParaVirtual(Deprivileged):
         except GuestFault:
             recipe = None
         if recipe is None:
-            text = "an undecodable instruction"
+            insn = decode_at(machine.memory.read(where, 15), 0, where, 32) if machine.memory.in_ram(where, 15) \
+                else None
+            text = insn.text if insn is not None else "an undecodable instruction"
         elif recipe.name in PORT_IO:
             text = f"{recipe.name} {self._port(machine, recipe):#x}"
         else:

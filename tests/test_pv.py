@@ -458,3 +458,15 @@ def test_the_pv_kernel_enters_the_monitor_far_less_than_trap_and_bt():
     assert "int 0x80" not in pv.events.get("reflect", {})
     assert 3 * entries(pv.events) < entries(trap.events)
     assert 3 * entries(pv.events) < entries(bt.events)
+
+
+# --- the PV-only sample guests -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("guest, exit_code, summary", [
+    ("multicall", 0xE0, "multicall: 9 checks, 0 differ"),
+    ("descriptors", 0xF0, "descriptors: 7 checks, 0 differ"),
+])
+def test_pv_only_guests(guest, exit_code, summary):
+    result = run_guest(load_guest(str(GUESTS / "pv" / f"{guest}.s"), defines={"PV": 1}), monitor="pv")
+    assert result.console.splitlines()[-1] == summary, result.console
+    assert "DIFFERS" not in result.console
+    assert (result.exit.reason, result.exit.code) == ("exit-port", exit_code)

@@ -204,6 +204,7 @@ class ParaVirtual(Deprivileged):
 
     name = "pv"
     ring = X.KERNEL_RING
+    source_defines = {"PV": 1}                          # its guests are the -D PV builds (platform.inc)
     vcpu_type = PvCpu
 
     # The hypercall table: number -> handler (each takes the five argument registers).

@@ -258,6 +258,17 @@ def undocumented(events: dict[str, dict[str, int]]) -> list[str]:
     return problems
 
 
+# The kinds that each count one passage of control from the guest into the monitor: a trap, a callout from
+# translated code, a hypercall, an event the monitor delivered in software, an upcall, a VM exit, a
+# hyperprivileged trap. (emulate, translation, shadow... are work done during such an entry, not entries.)
+ENTRY_KINDS = ("trap", "callout", "hypercall", "reflect", "upcall", "exit", "hypertrap")
+
+
+def monitor_entries(events: dict[str, dict[str, int]]) -> int:
+    """How many times a run entered the monitor (ENTRY_KINDS): the number to compare across techniques."""
+    return sum(sum(events.get(k, {}).values()) for k in ENTRY_KINDS)
+
+
 def monitor_work(events: dict[str, dict[str, int]]) -> dict[str, int]:
     """Event counts by kind for the kinds that are a technique's own work (role ``monitor``), in the units
     they count (``info`` names such as cache bytes are left out)."""

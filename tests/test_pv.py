@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from popek.asm import assemble_text
+from popek.events import monitor_entries as entries
 from popek.machine.guest import Guest, load_guest
 from popek.machine.machine import Machine
 from popek.monitors import run_guest
@@ -443,13 +444,6 @@ bad_cs: .byte 3, 0
 
 
 # --- what porting buys ------------------------------------------------------------------------------------------
-ENTRIES = ("trap", "callout", "hypercall", "reflect", "upcall")
-
-
-def entries(events: dict) -> int:
-    return sum(sum(events.get(kind, {}).values()) for kind in ENTRIES)
-
-
 def test_the_pv_kernel_enters_the_monitor_far_less_than_trap_and_bt():
     native = str(GUESTS / "kernel.s")
     pv = run_guest(load_guest(native, defines={"PV": 1}), monitor="pv")

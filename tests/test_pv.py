@@ -464,3 +464,14 @@ def test_pv_only_guests(guest, exit_code, summary):
     assert result.console.splitlines()[-1] == summary, result.console
     assert "DIFFERS" not in result.console
     assert (result.exit.reason, result.exit.code) == ("exit-port", exit_code)
+
+
+# --- observation guests built for pv: what a PV kernel must not rely on ------------------------------------------
+@pytest.mark.parametrize("guest, leak, exit_code", [
+    ("flags", "after setup; pushf: eflags=00000246 IF=1 IOPL=0 -> DIFFERS", 0x24),   # pushf shows the real IF
+    ("segments_read", "kernel takes the user-mode path -> DIFFERS", 0x31),           # CS has RPL 1, not 0
+])
+def test_observation_guests_built_for_pv_show_what_still_leaks(guest, leak, exit_code):
+    result = run_guest(load_guest(str(GUESTS / f"{guest}.s"), defines={"PV": 1}), monitor="pv")
+    assert leak in result.console.splitlines()
+    assert (result.exit.reason, result.exit.code) == ("exit-port", exit_code)

@@ -475,3 +475,22 @@ def test_observation_guests_built_for_pv_show_what_still_leaks(guest, leak, exit
     result = run_guest(load_guest(str(GUESTS / f"{guest}.s"), defines={"PV": 1}), monitor="pv")
     assert leak in result.console.splitlines()
     assert (result.exit.reason, result.exit.code) == ("exit-port", exit_code)
+
+
+def test_a_trap_table_into_a_missing_code_segment_crashes_instead_of_triple_faulting():
+    body = hypercall(0, 0, "traps") + "        cli\n"
+    data = """
+        .align 8
+traps:  .byte 13, 0
+        .word 0x08                      ; RPL 0 -> 0x09; no such descriptor (the guest has no GDT)
+        .dword 0x100000
+        .byte 8, 0
+        .word 0x08
+        .dword 0x100000
+        .dword 0, 0
+"""
+    machine, result = run_pv(body, data)
+    assert results(machine, 1) == [0]                            # Xen accepts it: a guest GDT selector
+    assert result.exit.reason == "crash"
+    assert result.exit.why.startswith("the trap table cannot take #GP at 0x100"), result.exit.why
+    assert result.events["crash"] == {"domain": 1}

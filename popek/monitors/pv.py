@@ -44,7 +44,8 @@ Choices where the ABI page leaves one, and simplifications (docs/pv.md says the 
 - sched_op(shutdown): the run ends with reason ``shutdown`` and the reason as its code.
 - The domain crashes (end reason ``crash``, with the vector, EIP, the instruction and, for a privileged
   instruction, what a PV kernel does instead) when an event has no trap-table entry, an upcall is due with
-  no event callback set, or an upcall frame cannot be written.
+  no event callback set, an upcall frame cannot be written, or a delivery keeps faulting (where the bare
+  machine would triple-fault: e.g. a trap table whose entries name a selector that is not code).
 - Not modelled: paging (mmu_update, update_va_mapping, mmuext_op return -ENOSYS; the guest runs with
   paging off, guest-physical = machine), the failsafe callback (the guest returns with the real iret and
   a bad frame faults as on hardware), an LDT, more than one vCPU, I/O privilege by physdev_op.
@@ -63,7 +64,7 @@ from popek.machine import interrupts
 from popek.machine.descriptors import Descriptor
 from popek.machine.faults import EXCEPTION, EXTERNAL, GP, NP, SOFTWARE, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
-from popek.machine.result import CRASH, SHUTDOWN
+from popek.machine.result import CRASH, SHUTDOWN, TRIPLE_FAULT
 from popek.monitors import pv_abi as X
 from popek.monitors.deprivilege import Deprivileged
 from popek.monitors.emulation.recipe import Recipes, decode
@@ -285,6 +286,12 @@ class ParaVirtual(Deprivileged):
             interrupts.deliver(machine, self.vcpu, event)
         except Crash as crash:
             self.crash(machine, self._no_entry(machine, crash.args[0], event))
+            return
+        if machine.end is not None and machine.end.reason == TRIPLE_FAULT:
+            # Xen has no triple fault for a PV guest: a bounce it cannot complete crashes the domain.
+            why = machine.end.why
+            machine.end = None
+            self.crash(machine, f"the trap table cannot take {event.name} at {event.insn:#x}: {why}")
 
     def crash(self, machine: Machine, why: str) -> None:
         machine.events.count("crash", "domain")

@@ -104,6 +104,12 @@ INSTEAD = {
 PORT_IO = frozenset({"in", "out", "ins", "outs"})
 
 
+def _kernel_code(raw: bytes) -> bool:
+    """A code segment the guest kernel may run (a call gate's valid target)."""
+    d = Descriptor.from_bytes(raw)
+    return not d.system and d.is_code and d.dpl >= X.KERNEL_RING
+
+
 class Crash(Exception):
     """The domain crashes (Xen's domain_crash): the run ends with reason ``crash``."""
 
@@ -410,10 +416,7 @@ class ParaVirtual(Deprivileged):
 
         def own_code(selector: int) -> bool:
             index = selector >> 3
-            if selector & 4 or index >= len(table):
-                return False
-            d = Descriptor.from_bytes(table[index])
-            return not d.system and d.is_code and d.dpl >= X.KERNEL_RING
+            return not selector & 4 and index < len(table) and _kernel_code(table[index])
 
         if any(X.descriptor_ok(d, own_code) for d in table):
             return -X.EINVAL
@@ -438,10 +441,8 @@ class ParaVirtual(Deprivileged):
 
         def own_code(selector: int) -> bool:
             at = base + (selector & 0xFFF8)
-            if not in_gdt or selector & 4 or at + 7 > base + limit:
-                return False
-            d = Descriptor.from_bytes(raw if at == address else self.m.memory.read(at, 8))
-            return not d.system and d.is_code and d.dpl >= X.KERNEL_RING
+            return (bool(in_gdt) and not selector & 4 and at + 7 <= base + limit
+                    and _kernel_code(raw if at == address else self.m.memory.read(at, 8)))
 
         if X.descriptor_ok(raw, own_code):
             return -X.EINVAL

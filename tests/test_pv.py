@@ -494,3 +494,14 @@ traps:  .byte 13, 0
     assert result.exit.reason == "crash"
     assert result.exit.why.startswith("the trap table cannot take #GP at 0x100"), result.exit.why
     assert result.events["crash"] == {"domain": 1}
+
+
+def test_run_command_options(capsys):
+    from popek.cli import main
+    assert main(["run", str(GUESTS / "kernel.s"), "-D", "PV", "--monitor", "pv"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel: 2 checks, 0 differ" in out and "direct-trap: int 0x80 17" in out
+    assert main(["run", str(GUESTS / "timer.s"), "--monitor", "pv"]) == 0
+    assert "exit: crash (lgdt at 0x100000: a PV kernel calls HYPERVISOR_set_gdt" in capsys.readouterr().out
+    for bad in (["-D", "1x"], ["--monitor", "pv", "--ring", "1"], ["--cmdline", "x"]):
+        assert main(["run", str(GUESTS / "hello.s"), *bad]) == 2

@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
     ram = args.ram * MIB
     from popek.asm.assemble import parse_define
+    from popek.machine.guest import SOURCE_SUFFIXES
     defines = dict(parse_define(d) for d in args.defines)
+    if defines and not args.guest.endswith(SOURCE_SUFFIXES):
+        raise UsageError("-D applies to assembly sources (.s, .S, .asm) only")
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram,
                        defines=defines or None)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,

@@ -285,6 +285,9 @@ class ParaVirtual(Deprivileged):
         """Deliver through the trap table: a direct trap (no hypervisor work), or a bounce by the hypervisor;
         an event with no entry crashes the domain."""
         entry = self.vcpu.traps.get(event.vector)
+        if entry is None:                               # never reaches the guest: nothing is counted for it
+            self.crash(machine, self._no_entry(machine, event, event))
+            return
         direct = (event.source == SOFTWARE and self.vcpu.cpl == 3 and entry is not None
                   and entry[0] & X.TI_DPL == 3 and not entry[0] & X.TI_MASK_EVENTS)
         machine.events.count("direct-trap" if direct else REFLECT, event.name)

@@ -506,3 +506,11 @@ def test_run_command_options(capsys):
     assert "exit: crash (lgdt at 0x100000: a PV kernel calls HYPERVISOR_set_gdt" in capsys.readouterr().out
     for bad in (["-D", "1x"], ["--monitor", "pv", "--ring", "1"], ["--cmdline", "x"]):
         assert main(["run", str(GUESTS / "hello.s"), *bad]) == 2
+
+
+def test_every_pv_event_is_documented():
+    from popek.events import undocumented
+    for name in ("kernel", "critical_section", "pv/multicall", "pv/descriptors"):
+        result = run_guest(load_guest(str(GUESTS / f"{name}.s"), defines={"PV": 1}), monitor="pv")
+        assert undocumented(result.events) == [], name
+    assert undocumented(run_guest(str(GUESTS / "timer.s"), monitor="pv").events) == []

@@ -514,3 +514,28 @@ def test_every_pv_event_is_documented():
         result = run_guest(load_guest(str(GUESTS / f"{name}.s"), defines={"PV": 1}), monitor="pv")
         assert undocumented(result.events) == [], name
     assert undocumented(run_guest(str(GUESTS / "timer.s"), monitor="pv").events) == []
+
+
+def test_granted_port_io_traps_once_per_instruction_and_other_ports_fault():
+    body = """
+        mov esi, text
+        mov ecx, 5
+        mov dx, 0x3F8
+        rep outsb
+        mov al, 0x21
+        out dx, al
+""" + hypercall(0, 0, "traps") + "        mov al, 1\n        out 0x21, al\n"
+    data = f"""
+gp:     mov dword ptr [{RESULTS + 4}], 0x6060
+        jmp finish
+        .align 8
+traps:  .byte 13, 0
+        .word 0xE019
+        .dword gp
+        .dword 0, 0
+text:   .ascii "hello"
+"""
+    machine, result = run_pv(body, data)
+    assert result.console == "hello!"
+    assert result.events["trap"] == {"out": 1, "outs": 1}
+    assert results(machine, 2) == [0, 0x6060]

@@ -237,6 +237,7 @@ class ParaVirtual(Deprivileged):
         self._multicalls = machine.events.counter("multicall")
         self._traps = machine.events.counter("trap")
         self.recipes = Recipes()
+        self._rep: tuple[int, int] | None = None        # the string I/O instruction in progress
         self.timer: int | None = None                   # the one-shot timer's deadline (system time)
         self.virqs: dict[int, int] = {}                 # VIRQ -> bound port
         self.gdt_frames: tuple[int, ...] = ()
@@ -266,11 +267,15 @@ class ParaVirtual(Deprivileged):
         the instruction's name); anything else is the #GP the hardware gives."""
         if not self.vcpu.io_permitted(machine, port, size):
             return False
+        eip, now = machine.reg("eip"), machine.total_instructions()
         try:
-            recipe = self.recipes.get(machine, self.vcpu, machine.reg("eip"))
+            recipe = self.recipes.get(machine, self.vcpu, eip)
         except GuestFault:
             recipe = None
-        self._traps[recipe.name if recipe is not None and recipe.name in PORT_IO else "in"] += 1
+        repeating = recipe is not None and recipe.rep and self._rep == (eip, now - 1)
+        self._rep = (eip, now)
+        if not repeating:                               # a rep ins/outs is one trap, emulated whole
+            self._traps[recipe.name if recipe is not None and recipe.name in PORT_IO else "in"] += 1
         return True
 
     def routing(self):

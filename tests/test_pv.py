@@ -36,6 +36,16 @@ shutdown_reason: .dword 0
 """
 
 
+# A trap table whose only entry sends #GP to the guest's label ``gp``.
+GP_TRAP_TABLE = """
+        .align 8
+traps:  .byte 13, 0
+        .word 0xE019
+        .dword gp
+        .dword 0, 0
+"""
+
+
 def hypercall(slot: int, nr: int, *args) -> str:
     """One hypercall with literal arguments; its result (EAX) goes to RESULTS + 4 * slot."""
     regs = ("ebx", "ecx", "edx", "esi", "edi")
@@ -201,12 +211,7 @@ user:   mov eax, 17
 gp:     mov eax, dword ptr [esp]
         mov dword ptr [{RESULTS + 8}], eax
         jmp finish
-        .align 8
-traps:  .byte 13, 0
-        .word 0xE019
-        .dword gp
-        .dword 0, 0
-"""
+""" + GP_TRAP_TABLE
     machine, result = run_pv(body, data)
     assert results(machine, 3)[2] == 0x82 * 8 + 2
     assert result.exit.reason == "shutdown"
@@ -529,13 +534,8 @@ def test_granted_port_io_traps_once_per_instruction_and_other_ports_fault():
     data = f"""
 gp:     mov dword ptr [{RESULTS + 4}], 0x6060
         jmp finish
-        .align 8
-traps:  .byte 13, 0
-        .word 0xE019
-        .dword gp
-        .dword 0, 0
 text:   .ascii "hello"
-"""
+""" + GP_TRAP_TABLE
     machine, result = run_pv(body, data)
     assert result.console == "hello!"
     assert result.events["trap"] == {"out": 1, "outs": 1}

@@ -4,8 +4,9 @@ For each (guest, monitor): did it compute the same thing as the bare machine (co
 state the guest can see), how many guest instructions ran, what the monitor did (traps, callouts,
 translations, hypercalls — the monitor's own event kinds, summed), and the wall time. A monitor whose guests
 are ported (pv) runs its platform's build of an assembly source (the same source with -D PV, see
-``popek.monitors.platform_defines``) and is judged against the native build on the bare machine. Wall times are of this Python
-model on this host, not of real hardware: the ratios between monitors are what they show.
+``popek.monitors.platform_defines``) and is judged against the native build on the bare machine. Wall
+times are of this Python model on this host, not of real hardware: the ratios between monitors are what
+they show.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _work(events: dict) -> dict[str, int]:
 
 
 def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instructions: int = 10_000_000) -> list[Cell]:
-    from popek.machine.guest import load_guest
+    from popek.machine.guest import Guest, load_guest
     from popek.monitors import platform_defines, run_guest
 
     cells = []
@@ -51,10 +52,11 @@ def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instruc
         builds = {}
         reference = None
         for monitor in monitors:
-            defines = platform_defines(monitor) if path.endswith(SOURCE_SUFFIXES) else {}
+            source = not isinstance(path, Guest) and path.endswith(SOURCE_SUFFIXES)
+            defines = platform_defines(monitor) if source else {}
             key = tuple(sorted(defines.items()))
-            if key not in builds:
-                builds[key] = load_guest(path, defines=defines or None)
+            if key not in builds:               # a Guest object, or a binary, runs as it is everywhere
+                builds[key] = path if isinstance(path, Guest) else load_guest(path, defines=defines or None)
             guest = builds[key]
             result = run_guest(guest, monitor=monitor, max_instructions=max_instructions).to_dict()
             seen = (result["console"], result["exit"], result["state"])

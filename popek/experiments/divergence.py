@@ -22,6 +22,7 @@ from popek.isa import language
 from popek.isa.classify import Classifier
 from popek.loaders import Region
 from popek.scan import engine
+from popek.tabular import Tabular
 
 # How to read, on the machine, each piece of state the description says an instruction reads.
 _OBSERVE = {
@@ -82,7 +83,7 @@ class Observer:
 
 
 @dataclass
-class Report:
+class Report(Tabular):
     guest: str
     monitor: str
     native: dict
@@ -101,6 +102,15 @@ class Report:
         return {"schema": 1, "guest": self.guest, "monitor": self.monitor, "equivalent": self.equivalent,
                 "differences": self.differences, "instructions": self.blamed, "paths": self.paths,
                 "native": self.native, "monitored": self.other}
+
+    def caption(self) -> str:
+        verdict = "equivalent" if self.equivalent else f"diverges in {len(self.differences)} places"
+        return f"{self.guest}: native vs {self.monitor}: {verdict}"
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per sensitive instruction execution that saw different state than on the bare machine."""
+        return (["address", "instruction", "text", "execution", "read", "bare machine"],
+                [[b["address"], b["name"], b["text"], b["occurrence"], b["saw"], b["native"]] for b in self.blamed])
 
     def render_text(self) -> str:
         lines = [f"popek diff {self.guest}: native vs {self.monitor}"]
@@ -143,10 +153,11 @@ def _run(guest, monitor: str, classifier: Classifier, budget: int, options: dict
     return result, observer.records
 
 
-def diff(guest_path: str, monitor: str, *, max_instructions: int = 10_000_000, options: dict | None = None) -> Report:
-    from popek.machine.guest import load_guest
+def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: dict | None = None) -> Report:
+    """``guest``: a path or a loaded ``popek.machine.Guest``."""
+    from popek.machine.guest import Guest, load_guest
 
-    guest = load_guest(guest_path)
+    guest = guest if isinstance(guest, Guest) else load_guest(guest)
     classifier = Classifier(language.bundled())
     native, native_obs = _run(guest, "native", classifier, max_instructions, {})
     other, other_obs = _run(guest, monitor, classifier, max_instructions, options or {})

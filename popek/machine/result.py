@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from popek.events import kind as documented_kind
+from popek.tabular import Tabular
 
 SCHEMA = 1
 
@@ -78,7 +79,7 @@ class Exit:
 
 
 @dataclass
-class RunResult:
+class RunResult(Tabular):
     monitor: str
     guest: str
     exit: Exit
@@ -121,6 +122,16 @@ class RunResult:
                    state=doc["state"], events=doc["events"], guest_instructions=doc["guest_instructions"],
                    wall_seconds=doc["wall_seconds"], modelled_cycles=doc["modelled_cycles"],
                    profile=doc["profile"])
+
+    def caption(self) -> str:
+        code = f" {self.exit.code}" if self.exit.code is not None else ""
+        return (f"{self.guest} under {self.monitor}: {self.exit.reason}{code} after "
+                f"{self.guest_instructions:,} guest instructions")
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per counted event."""
+        return (["kind", "name", "count"],
+                [[kind, name, n] for kind, names in self.events.items() for name, n in names.items()])
 
     def render_text(self) -> str:
         s = self.state

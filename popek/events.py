@@ -144,7 +144,7 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("external-interrupt", "an interrupt from the PIC delivered through the guest's IDT, with its iret",
          ("machine", "trap", "bt", "pv", "hvm"), GUEST, family=EXTERNAL),
     Kind("delivery-fault", "a fault raised while delivering another event (it escalates, SDM Table 6-5)",
-         ("machine", "trap", "bt"), GUEST, family=EXCEPTION),
+         ("machine", "trap", "bt", "pv"), GUEST, family=EXCEPTION),
     Kind("io", "a port access the hardware allowed, completed by a device of the machine", ("machine",), GUEST,
          family=DEVICE),
     Kind("virtual-io", "a port access a monitor decided and completed against its device model (the access "
@@ -157,16 +157,17 @@ KINDS: dict[str, Kind] = _kinds(
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
     # --- trap-and-emulate --------------------------------------------------------------------------------
     Kind("trap", "an instruction that left the deprivileged guest for the monitor: a #GP at an instruction "
-         "with an emulation routine, or a port access the real CPU refused", ("trap",), MONITOR,
+         "with an emulation routine, or a port access the real CPU refused (pv: an access to a granted port)",
+         ("trap", "pv"), MONITOR,
          family=INSTRUCTION),
     Kind("emulate", "an instruction carried out by its emulation routine against the virtual CPU",
          ("trap",), MONITOR, family=INSTRUCTION),
     Kind("reflect", "a guest event the monitor received and delivered through the guest's virtual IDT in "
          "software (the guest's own delivery is counted under its machine kind as well)",
-         ("trap", "bt"), MONITOR, family=ANY_EVENT),
+         ("trap", "bt", "pv"), MONITOR, family=ANY_EVENT),
     Kind("inject", "an external interrupt a monitor took and gave to the guest (its cost is in reflect, or, "
          "under hvm, in the EXTERNAL_INTERRUPT exit)", ("trap", "hvm"), INFO, family=EXTERNAL),
-    Kind("shadow", "shadow structures a monitor keeps for the guest's tables", ("trap", "bt", "hvm"), MONITOR, {
+    Kind("shadow", "shadow structures a monitor keeps for the guest's tables", ("trap", "bt", "pv", "hvm"), MONITOR, {
         "gdt": Name("shadow GDT rebuilt (lgdt, or a traced descriptor change)"),
         "ldt": Name("shadow LDT rebuilt (lldt)"),
         "tss": Name("shadow TSS stack fields rebuilt (ltr)"),
@@ -226,6 +227,9 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("upcall", "an event delivered to a paravirtual guest's callback (Xen event channels)", ("pv",), MONITOR,
          {"event": Name("an upcall to the event callback"),
           "failsafe": Name("an upcall to the failsafe callback")}),
+    Kind("crash", "the hypervisor ended the domain (Xen's domain_crash; the run ends with reason crash)", ("pv",),
+         INFO, {"domain": Name("the domain crashed: an event with no trap-table entry, an upcall with no "
+                               "callback, an upcall frame that could not be written")}),
     Kind("direct-trap", "an int n from guest user mode delivered straight to the guest kernel through a trap "
          "table entry, with no hypervisor work per call (Xen's direct trap gates)", ("pv",), GUEST,
          family=SOFTWARE),
@@ -252,6 +256,17 @@ def undocumented(events: dict[str, dict[str, int]]) -> list[str]:
             continue
         problems.extend(f"{k}: {n!r}" for n in names if not known.knows(n))
     return problems
+
+
+# The kinds that each count one passage of control from the guest into the monitor: a trap, a callout from
+# translated code, a hypercall, an event the monitor delivered in software, an upcall, a VM exit, a
+# hyperprivileged trap. (emulate, translation, shadow... are work done during such an entry, not entries.)
+ENTRY_KINDS = ("trap", "callout", "hypercall", "reflect", "upcall", "exit", "hypertrap")
+
+
+def monitor_entries(events: dict[str, dict[str, int]]) -> int:
+    """How many times a run entered the monitor (ENTRY_KINDS): the number to compare across techniques."""
+    return sum(sum(events.get(k, {}).values()) for k in ENTRY_KINDS)
 
 
 def monitor_work(events: dict[str, dict[str, int]]) -> dict[str, int]:

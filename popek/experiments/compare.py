@@ -5,7 +5,10 @@ instructions ran, what the monitor did (its own event kinds, summed through the 
 ``popek.events``: traps, callouts, translations, exits, hypercalls...), the modelled cycles on a cost profile
 (``popek.cost``: the events priced from published numbers or labelled assumptions) and the slowdown against
 native in those cycles. Wall time is measured too, and labelled as what it is: this Python model on this
-host, not real hardware. Native always runs, as the reference, whatever ``--monitors`` lists.
+host, not real hardware. Native always runs, as the reference, whatever ``--monitors`` lists. A monitor
+whose guests are ported (pv) runs its platform's build of an assembly source (the same source with -D PV,
+``popek.monitors.platform_defines``); that build is another program, so it is judged on what it prints and
+how it exits, not on its machine state.
 """
 from __future__ import annotations
 
@@ -84,17 +87,20 @@ class Comparison(Tabular):
         return out.getvalue()
 
 
-def verdict(reference, result) -> tuple[str, str | None]:
+def verdict(reference, result, ported: bool = False) -> tuple[str, str | None]:
     """Whether ``result`` computed what ``reference`` (the native run) did: (status, first difference).
 
     The one place compare decides equivalence. A run that ended on its budget is undecided, never
-    equivalent. Compared: console output, exit, and the visible state."""
+    equivalent. Compared: console output, exit, and the visible state (not for a ``ported`` build)."""
     if "budget" in (reference.exit.reason, result.exit.reason):
         who = "native" if reference.exit.reason == "budget" else result.monitor
         return "undecided", f"{who} ended on its instruction budget: nothing can be said past it"
     from popek.experiments.divergence import _differences
 
-    differences = _differences(reference.to_dict(), result.to_dict())
+    theirs = result.to_dict()
+    if ported:                      # another program: its output and exit, not its registers
+        theirs["state"] = reference.to_dict()["state"]
+    differences = _differences(reference.to_dict(), theirs)
     return ("diverges", differences[0]) if differences else ("equivalent", None)
 
 
@@ -113,7 +119,8 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
     from popek.cost import load as load_profile
     from popek.events import monitor_work
     from popek.machine.guest import Guest, load_guest
-    from popek.monitors import MONITORS, run_guest
+    from popek.machine.guest import SOURCE_SUFFIXES
+    from popek.monitors import MONITORS, platform_defines, run_guest
     from popek.monitors.base import DEFAULT_BUDGET
 
     chosen = tuple(MONITORS) if monitors is None else tuple(monitors)
@@ -127,14 +134,20 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
     priced = load_profile(profile)
     comparison = Comparison(priced.name)
     for item in guests:
-        guest = item if isinstance(item, Guest) else load_guest(item)
+        builds: dict[tuple, Guest] = {}
         reference = None
         for monitor in order:
+            source = not isinstance(item, Guest) and str(item).endswith(SOURCE_SUFFIXES)
+            defines = platform_defines(monitor) if source else {}
+            key = tuple(sorted(defines.items()))
+            if key not in builds:           # a Guest object, or a binary, runs as it is everywhere
+                builds[key] = item if isinstance(item, Guest) else load_guest(str(item), defines=defines or None)
+            guest = builds[key]
             result = run_guest(guest, monitor=monitor, max_instructions=budget, profile=priced)
             if reference is None:
                 reference, status, first = result, "reference", None
             else:
-                status, first = verdict(reference, result)
+                status, first = verdict(reference, result, ported=bool(key))
             cost = result.extra["cost"]
             exit_text = f"{result.exit.reason} {'' if result.exit.code is None else result.exit.code}".strip()
             comparison.cells.append(Cell(

@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="modern", metavar="NAME|FILE",
                         help="cost profile for the modelled cycles (default modern; `popek profiles` lists them)")
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
+    parser.add_argument("-D", dest="defines", metavar="NAME[=VALUE]", action="append", default=[],
+                        help="for an assembly source: define NAME (e.g. -D PV builds a guest's paravirtual port)")
+    parser.add_argument("--cmdline", default=None, metavar="TEXT", help="pv: the start_info command line")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
 
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     options = {} if args.ring is None else {"ring": args.ring}
     if args.direct_user:
         options["direct_user"] = True
+    if args.cmdline is not None:
+        options["cmdline"] = args.cmdline
     if options:
         try:
             get_monitor(args.monitor, **options)         # a monitor without the option rejects it here
@@ -65,7 +70,13 @@ def run(args: argparse.Namespace) -> int:
     from popek.cost import load as load_profile
     profile = load_profile(args.profile)                # a bad profile is an error before the run
     ram = args.ram * MIB
-    guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
+    from popek.asm.assemble import parse_define
+    from popek.machine.guest import SOURCE_SUFFIXES
+    defines = dict(parse_define(d) for d in args.defines)
+    if defines and not args.guest.endswith(SOURCE_SUFFIXES):
+        raise UsageError("-D applies to assembly sources (.s, .S, .asm) only")
+    guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram,
+                       defines=defines or None)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
                        umip=args.umip, profile=profile, **options)
     if args.format == "json":

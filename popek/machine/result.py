@@ -17,8 +17,11 @@ from popek.tabular import Tabular
 SCHEMA = 1
 
 # End reasons (DESIGN §3.4). Each run ends with exactly one.
+# ``shutdown`` and ``crash`` end a paravirtual domain (pv: sched_op shutdown with its reason as the code; the
+# hypervisor crashing the domain, e.g. an exception with no trap-table entry).
 EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET = "exit-port", "hlt", "triple-fault", "budget"
-REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET)
+SHUTDOWN, CRASH = "shutdown", "crash"
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, SHUTDOWN, CRASH)
 
 # The guest-visible state, in document order.
 GENERAL = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags")

@@ -15,7 +15,14 @@ MONITORS: dict[str, tuple[str, str]] = {
     "trap": ("popek.monitors.trap", "TrapAndEmulate"),
     "emulate": ("popek.monitors.emulate", "Emulate"),
     "bt": ("popek.monitors.bt", "BinaryTranslation"),
+    "pv": ("popek.monitors.pv", "ParaVirtual"),
 }
+
+
+def platform_defines(name: str) -> dict[str, int]:
+    """The -D symbols that build a source guest for monitor ``name``'s platform (samples/guests/platform.inc):
+    ``{"PV": 1}`` for pv, whose guests are ported; empty for the monitors that run unmodified guests."""
+    return dict(getattr(get_monitor(name), "source_defines", {}))
 
 
 def get_monitor(name: str, **options):

@@ -58,6 +58,8 @@ def compress(raw: bytes, ring: int) -> bytes:
 class ShadowTables:
     """The real GDT, LDT, IDT and TSS (module docstring), kept in step with the guest's."""
 
+    trace_gdt = True        # follow guest stores into its GDT (pv: the GDT frames are read-only instead)
+
     def __init__(self, machine: Machine, vcpu: VCpu):
         self.m, self.v = machine, vcpu
         memory = machine.memory
@@ -105,7 +107,10 @@ class ShadowTables:
         base, limit = self.v.gdtr
         self._copy(self.gdt, base, limit)
         self.m.set_table("gdtr", self.gdt, TABLE_SIZE - 1)
-        self._trace("gdt", base, limit, self.gdt)
+        if self.trace_gdt:
+            self._trace("gdt", base, limit, self.gdt)
+        else:
+            self._untrace("gdt")
 
     def ldt_changed(self) -> None:
         selector, base, limit = self.v.ldtr

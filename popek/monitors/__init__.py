@@ -15,6 +15,7 @@ MONITORS: dict[str, tuple[str, str]] = {
     "trap": ("popek.monitors.trap", "TrapAndEmulate"),
     "emulate": ("popek.monitors.emulate", "Emulate"),
     "bt": ("popek.monitors.bt", "BinaryTranslation"),
+    "hvm": ("popek.monitors.hvm", "HardwareAssisted"),
 }
 
 

@@ -215,14 +215,18 @@ def configure(p) -> None:
     p.add_argument("--direct-user", action="store_true", help="bt: run guest user code untranslated")
     p.add_argument("--max-instructions", type=int, default=10_000_000)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    from popek.monitors.hvm import command as hvm_command
+    hvm_command.configure(p, trace=False)
 
 
 def run(args) -> int:
+    from popek.monitors.hvm import command as hvm_command
     from popek.textout import emit
 
     options = {"ring": args.ring} if args.ring else {}
     if args.direct_user:
         options["direct_user"] = True
+    options.update(hvm_command.options(args))
     report = diff(args.guest, args.monitor, max_instructions=args.max_instructions, options=options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
     return 0 if report.equivalent else 1

@@ -14,6 +14,7 @@ from popek.errors import UsageError
 from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
 from popek.monitors import MONITORS, get_monitor, run_guest
 from popek.monitors.base import DEFAULT_BUDGET
+from popek.monitors.hvm import command as hvm_command
 
 
 def _number(text: str) -> int:
@@ -41,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entry", type=_number, default=None, metavar="ADDR", help="start here instead")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
+    hvm_command.configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         except TypeError:
             flags = " and ".join(f"--{name.replace('_', '-')}" for name in options)
             raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
+    options.update(hvm_command.options(args))
+    if args.monitor == "hvm":
+        get_monitor("hvm", **options)                   # a bad control set is an error before the guest loads
     ram = args.ram * MIB
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram)
     result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,

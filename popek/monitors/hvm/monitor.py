@@ -52,7 +52,7 @@ virtualization, the preemption timer, PAE paging under shadow paging, unrestrict
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from popek.errors import UsageError
 from popek.isa.language import bundled
@@ -100,7 +100,9 @@ class HardwareAssisted(MonitorOps):
     name = "hvm"
 
     def __init__(self, vendor: str | None = None, controls: str | None = None, control: tuple[str, ...] = (),
-                 trace_exits: bool = False):
+                 trace_exits: bool | Callable[[str], None] = False):
+        """``trace_exits``: keep every exit in ``trace``; a callable also gets each one as a line when it
+        happens (``--trace-exits``)."""
         if vendor not in (None, "vtx", "svm"):
             raise UsageError(f"--vendor must be vtx or svm, not {vendor!r}")
         self.controls = control_sets.load(controls or ("svm" if vendor == "svm" else "kvm"))
@@ -114,6 +116,7 @@ class HardwareAssisted(MonitorOps):
         isa = bundled()
         self.isa, self.model = isa, isa.model(self.vendor)
         self.trace: list[ExitRecord] | None = [] if trace_exits else None
+        self._print = trace_exits if callable(trace_exits) else None
         self._recipes: dict[tuple[int, bytes], Recipe | None] = {}
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -186,7 +189,10 @@ class HardwareAssisted(MonitorOps):
         number, reason = e.reason_for(n)
         self._exits[reason] += 1
         if self.trace is not None and len(self.trace) < TRACE_MAX:
-            self.trace.append(ExitRecord(address, number, reason, what, qualification))
+            record = ExitRecord(address, number, reason, what, qualification)
+            self.trace.append(record)
+            if self._print is not None:
+                self._print(record.render())
 
     # --- the guest's events ----------------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:

@@ -250,14 +250,24 @@ class HardwareAssisted(MonitorOps):
         self._pending = None
         self._exit(line, n, r.name, qualification, event.eip)
         v = self.guest.load()
+        mask = 0xFFFFFFFF if r.addrsize == 4 else 0xFFFF
+        count = m.reg("ecx") & mask if r.rep else 0
         try:
             eip = EMULATE.get(r.name, _routine)(self, m, v, r)
         except GuestFault as fault:
+            eip = None
             self.guest.store()
             m.deliver(fault.event(event.eip))
-            return True
-        self.guest.store()
-        m.set_reg("eip", eip)                   # (the machine counted the instruction when its hook stopped it)
+        else:
+            self.guest.store()
+            m.set_reg("eip", eip)               # (the machine counted the instruction when its hook stopped it)
+        if count:
+            # A rep string instruction counts once per element on the bare machine (plus its final check,
+            # the one the hook counted): emulated whole in one exit, it still advances the guest's count and
+            # clock as natively.
+            done = count - (m.reg("ecx") & mask)
+            m.instructions += done
+            m.time += done
         return True
 
     # --- interrupts ---------------------------------------------------------------------------------------

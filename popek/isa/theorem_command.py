@@ -67,7 +67,7 @@ def render_text(r: TheoremResult) -> str:
                   f"{' '.join(trapping)}.\n")
     if r.model.exits:
         con.print(f"How they leave the guest under {r.model.name} (exit reason, and the controls that enable it):")
-        for name in trapping:
+        for name in (v.instruction.name for v in r.verdicts if v.traps):
             for e in r.model.exits_for(name):
                 con.print(f"  {name}{' ' + e.when if e.when else ''}: {e.describe()}")
         con.print()

@@ -38,7 +38,8 @@ at the INTERRUPT_WINDOW exit. The run loop samples the interrupt line at the sam
 natively, so the guest takes its interrupts where it would natively. A triple fault is a TRIPLE_FAULT exit.
 
 Equivalence: the same as native for every guest, except what the controls change on purpose: CPUID.1:ECX[31]
-and the leaves 0x40000000+ with ``cpuid-hypervisor-bit``. VMX and SVM instructions and vmcall/vmmcall exit
+and the leaves 0x40000000+ with ``cpuid-hypervisor-bit`` (on Unicorn the bare machine already sets the bit,
+so the leaf 0x40000000 signature is what differs; ``popek.monitors.hvm.cpuid``). VMX and SVM instructions and vmcall/vmmcall exit
 and then raise #UD in the guest, as KVM does for a guest without nested virtualization: popek's hvm offers
 no hypercalls. rdpmc exits and raises #UD (the machine has no performance counters: natively it is #UD).
 
@@ -398,7 +399,7 @@ def _routine(hv: HardwareAssisted, m: Machine, v, r: Recipe) -> int:
 
 def _cpuid(hv: HardwareAssisted, m: Machine, v, r: Recipe) -> int:
     c = hv.controls
-    values = cpuid.guest(m.reg("eax"), m.reg("ecx"), c["cpuid-hypervisor-bit"], c["cpuid-vendor"])
+    values = cpuid.guest(m.reg("eax"), m.reg("ecx"), m.reg("cr4"), c["cpuid-hypervisor-bit"], c["cpuid-vendor"])
     for reg, value in zip(("eax", "ebx", "ecx", "edx"), values):
         m.set_reg(reg, value)
     return r.next

@@ -50,9 +50,16 @@ EXIT_REASONS = frozenset({
     "EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INTERRUPT_WINDOW", "CPUID", "HLT", "INVD", "INVLPG",
     "RDPMC", "RDTSC", "VMCALL", "CR_ACCESS", "DR_ACCESS", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "GDTR_IDTR",
     "LDTR_TR", "EPT_VIOLATION", "WBINVD",
-    # AMD-V exit codes with no VT-x counterpart (APM Vol. 2 appendix C), for --vendor svm.
-    "PUSHF", "POPF", "IRET", "SWINT",
+    # The VMX instructions' own reasons (they always exit in non-root operation).
+    "VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE", "VMXOFF", "VMXON", "INVEPT",
+    "INVVPID", "VMFUNC",
+    # AMD-V exit codes (APM Vol. 2 appendix C) by their names without VMEXIT_, for --vendor svm; the CR, DR and
+    # exception families carry the register number or vector (CR3_WRITE, DR7_READ, EXCP14).
+    "PUSHF", "POPF", "IRET", "SWINT", "INTR", "SHUTDOWN", "VINTR", "INVD", "IOIO", "MSR", "IDTR_READ", "GDTR_READ",
+    "LDTR_READ", "TR_READ", "IDTR_WRITE", "GDTR_WRITE", "LDTR_WRITE", "TR_WRITE", "NPF", "VMMCALL", "VMRUN", "VMLOAD",
+    "VMSAVE", "STGI", "CLGI", "SKINIT", "INVLPGA",
 })
+_SVM_FAMILY = re.compile(r"(CR|DR)([0-9]|1[0-5])_(READ|WRITE)|EXCP([0-9]|[12][0-9]|3[01])")
 
 # Xen's 32-bit PV hypercalls (xen/include/public/xen.h) and sun4v hypervisor API functions
 # (Linux arch/sparc/include/asm/hypervisor.h), by their names in those headers.
@@ -87,7 +94,8 @@ EXTERNAL = Family("an external interrupt by IDT vector: 'vector 0xNN'", pattern=
 ANY_EVENT = Family("an exception, software interrupt or external interrupt, by the names above",
                    EXCEPTIONS, re.compile(f"{_SOFTWARE.pattern}|{_VECTOR.pattern}"))
 DEVICE = Family("a device of the machine: " + ", ".join(sorted(DEVICES)), DEVICES)
-EXIT_REASON = Family("a VT-x basic exit reason by its SDM name (or an AMD-V-only exit code)", EXIT_REASONS)
+EXIT_REASON = Family("a VT-x basic exit reason by its SDM name, or an AMD-V exit code by its APM name (--vendor svm)",
+                     EXIT_REASONS, _SVM_FAMILY)
 HYPERCALL = Family("a Xen hypercall (pv) or a sun4v hypervisor function (sun4v) by its header name",
                    XEN_HYPERCALLS | SUN4V_FUNCTIONS)
 
@@ -155,6 +163,10 @@ KINDS: dict[str, Kind] = _kinds(
          {"clocks": Name("instruction-clocks skipped while halted", unit="clocks")}),
     Kind("umip", "bookkeeping of the CR4.UMIP model (popek run --umip)", ("machine",), INFO,
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
+    Kind("hvm", "bookkeeping of hvm's search for exiting instructions (popek.machine.watch): not an exit",
+         ("hvm",), INFO,
+         {"blocks-rescanned": Name("translated blocks retranslated so that a newly found exiting instruction "
+                                   "gets its hook")}),
     # --- trap-and-emulate --------------------------------------------------------------------------------
     Kind("trap", "an instruction that left the deprivileged guest for the monitor: a #GP at an instruction "
          "with an emulation routine, or a port access the real CPU refused (pv: an access to a granted port)",
@@ -218,8 +230,8 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("sensitive", "executions of listed instructions, by canonical name (their cost is in interpret)",
          ("emulate",), INFO, family=INSTRUCTION),
     # --- techniques to come: their rows are here so that their events are priced from the first run ------
-    Kind("exit", "a VM exit and the VM entry that resumes the guest, by exit reason", ("hvm",), MONITOR,
-         family=EXIT_REASON),
+    Kind("exit", "a VM exit and the VM entry that resumes the guest, by exit reason (VT-x basic exit reason; "
+         "AMD-V exit code under --vendor svm)", ("hvm",), MONITOR, family=EXIT_REASON),
     Kind("hypercall", "a call into the hypervisor by the guest kernel and its return, by function name",
          ("pv", "sun4v"), MONITOR, family=HYPERCALL),
     Kind("multicall", "one operation carried out inside a multicall (its entry is the multicall hypercall)",

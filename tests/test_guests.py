@@ -282,6 +282,13 @@ replaced routine: 0000600d 0000beef -> ok
 other page: 11 77 -> ok
 data beside code: 300 -> ok
 bt_selfpatch: 7 checks, 0 differ"""), 0xD0), {}),
+    Row("paging", Native(lines("""\
+paging: the kernel's own page tables, a true #PF, a PTE rewrite
+mov from cr3: 00180000 -> ok
+true #PF handled by the kernel: [PAGE_B]=33333333 faults=00000001 cr2=00301000 -> ok
+PTE rewritten, invlpg: [PAGE_A]=22222222 -> ok
+cr2 after the handler: 00301000 -> ok
+paging: 4 checks, 0 differ"""), 0xE0)),
 ]
 ROWS = {row.guest: row for row in TABLE}
 CANONICAL = frozenset(bundled().instructions)

@@ -91,6 +91,7 @@ class Report(Tabular):
     differences: list[str] = field(default_factory=list)      # what the guest can see that differs
     blamed: list[dict] = field(default_factory=list)          # sensitive instructions that read different state
     paths: str = ""                                           # where the runs' executions part, if they do
+    notes: list[str] = field(default_factory=list)            # what the monitor did on purpose that may explain it
 
     SHOWN = 20
 
@@ -101,6 +102,7 @@ class Report(Tabular):
     def to_dict(self) -> dict:
         return {"schema": 1, "guest": self.guest, "monitor": self.monitor, "equivalent": self.equivalent,
                 "differences": self.differences, "instructions": self.blamed, "paths": self.paths,
+                "notes": self.notes,
                 "native": self.native, "monitored": self.other}
 
     def caption(self) -> str:
@@ -137,6 +139,7 @@ class Report(Tabular):
             lines.append("\nno sensitive-unprivileged instruction of the loaded image read different state")
         if self.paths:
             lines.append(f"\n{self.paths}")
+        lines += [f"\nnote: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -176,6 +179,12 @@ def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: di
                 "native": ", ".join(f"{s} {v}" for s, v in ref.seen),
             })
     report.paths = _parting(native_obs, other_obs)
+    cpuid = b["events"].get("exit", {}).get("CPUID", 0)
+    if cpuid:
+        report.notes.append(f"cpuid: {monitor} answered {cpuid} cpuid exit{'s' * (cpuid > 1)} itself and, with the "
+                            "control cpuid-hypervisor-bit, reports a hypervisor (CPUID.1:ECX[31], leaves "
+                            "0x40000000+): where the difference is in what cpuid returned, that is the "
+                            "documented one (docs/hvm.md)")
     return report
 
 
@@ -226,14 +235,18 @@ def configure(p) -> None:
     p.add_argument("--direct-user", action="store_true", help="bt: run guest user code untranslated")
     p.add_argument("--max-instructions", type=int, default=10_000_000)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    from popek.monitors.hvm import command as hvm_command
+    hvm_command.configure(p, trace=False)
 
 
 def run(args) -> int:
+    from popek.monitors.hvm import command as hvm_command
     from popek.textout import emit
 
     options = {"ring": args.ring} if args.ring else {}
     if args.direct_user:
         options["direct_user"] = True
+    options.update(hvm_command.options(args))
     report = diff(args.guest, args.monitor, max_instructions=args.max_instructions, options=options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
     return 0 if report.equivalent else 1

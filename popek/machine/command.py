@@ -14,6 +14,7 @@ from popek.errors import UsageError
 from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
 from popek.monitors import MONITORS, get_monitor, run_guest
 from popek.monitors.base import DEFAULT_BUDGET
+from popek.monitors.hvm import command as hvm_command
 
 
 def _number(text: str) -> int:
@@ -46,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cmdline", default=None, metavar="TEXT", help="pv: the start_info command line")
     parser.add_argument("--load-address", type=_number, default=None, metavar="ADDR",
                         help="where a flat image goes (default 0x100000)")
+    hvm_command.configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
     from popek.cost import load as load_profile
     profile = load_profile(args.profile)                # a bad profile is an error before the run
+    options.update(hvm_command.options(args))
+    if args.monitor == "hvm":
+        get_monitor("hvm", **options)                   # a bad control set is an error before the guest loads
     ram = args.ram * MIB
     from popek.asm.assemble import parse_define
     from popek.machine.guest import SOURCE_SUFFIXES

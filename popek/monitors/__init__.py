@@ -16,6 +16,7 @@ MONITORS: dict[str, tuple[str, str]] = {
     "emulate": ("popek.monitors.emulate", "Emulate"),
     "bt": ("popek.monitors.bt", "BinaryTranslation"),
     "pv": ("popek.monitors.pv", "ParaVirtual"),
+    "hvm": ("popek.monitors.hvm", "HardwareAssisted"),
 }
 
 

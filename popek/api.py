@@ -38,8 +38,8 @@ def scan(paths, *, strategy: str = "linear", mode: int | None = None, base: int 
     from popek.isa import language
     from popek.isa.classify import Classifier
     from popek.loaders import parse_region_spec
-    from popek.scan import scan_paths
-    from popek.scan.engine import STRATEGIES
+    from popek.scanner import scan_paths
+    from popek.scanner.engine import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")

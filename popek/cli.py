@@ -20,7 +20,7 @@ EXIT_BAD_INPUT = 2
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "demo": ("popek.classroom.tour", "a guided tour in steps: Popek-Goldberg, IA-32, the monitors, the cost"),
-    "scan": ("popek.scan.command", "classify every instruction of binaries in Popek-Goldberg terms"),
+    "scan": ("popek.scanner.command", "classify every instruction of binaries in Popek-Goldberg terms"),
     "isa": ("popek.isa.command", "print the ISA description table under a model"),
     "theorem": ("popek.isa.theorem_command", "check Popek-Goldberg Theorems 1 and 3 for a model"),
     "asm": ("popek.asm.command", "assemble a guest source into a flat image and a listing"),

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from popek.decode import sweep
 from popek.isa import bundled_classifier
 from popek.loaders import load
-from popek.scan import scan_image
-from popek.scan.idioms import IDIOMS, TRIGGERS, find_idioms
+from popek.scanner import scan_image
+from popek.scanner.idioms import IDIOMS, TRIGGERS, find_idioms
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "idioms"
 AS, OBJCOPY = shutil.which("as") or "/usr/bin/as", shutil.which("objcopy") or "/usr/bin/objcopy"

@@ -57,7 +57,7 @@ def _ia32(samples: Path) -> None:
     for model in ("ia32-umip", "vtx", "sun4v"):
         r = api.theorem(model)
         emit(f"  {model:10} Theorem 1 {'holds' if not r.theorem1_violations else 'fails'}: {r.conclusion}")
-    from popek.scan.render import render
+    from popek.scanner.render import render
 
     emit("\nA VM-aware program uses exactly these instructions to see through a monitor:")
     emit(render(api.scan(samples / "bin" / "vmdetect"), "text"))

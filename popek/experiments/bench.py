@@ -22,8 +22,8 @@ def _scan(args: argparse.Namespace) -> str:
     from popek.isa import language
     from popek.isa.classify import Classifier
     from popek.loaders import load
-    from popek.scan import scan_image
-    from popek.scan.document import ScanDocument
+    from popek.scanner import scan_image
+    from popek.scanner.document import ScanDocument
 
     objdump = shutil.which("objdump")
     if objdump is None:

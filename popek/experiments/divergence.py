@@ -21,7 +21,7 @@ from unicorn import UC_HOOK_CODE
 from popek.isa import language
 from popek.isa.classify import Classifier
 from popek.loaders import Region
-from popek.scan import engine
+from popek.scanner import engine
 from popek.tabular import Tabular
 
 # How to read, on the machine, each piece of state the description says an instruction reads.

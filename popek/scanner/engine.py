@@ -16,7 +16,7 @@ from typing import Iterable
 from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, decode_at, sweep, sweep_records
 from popek.isa.classify import Classifier
 from popek.loaders import Image, Region
-from popek.scan.document import Finding
+from popek.scanner.document import Finding
 
 STRATEGIES = ("linear", "recursive")
 _REX = frozenset(range(0x40, 0x50))

@@ -12,9 +12,9 @@ from popek.errors import BadInput, UsageError
 from popek.isa import language
 from popek.isa.classify import Classifier
 from popek.loaders import parse_region_spec
-from popek.scan import scan_paths
-from popek.scan.document import ScanDocument
-from popek.scan.engine import STRATEGIES
+from popek.scanner import scan_paths
+from popek.scanner.document import ScanDocument
+from popek.scanner.engine import STRATEGIES
 
 FORMATS = ("text", "json", "sarif", "csv")
 
@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from popek.scan.render import render
+    from popek.scanner.render import render
 
     if args.load:
         doc = _load_saved(args.load)

@@ -1,4 +1,4 @@
-"""popek.scan: classify every instruction of x86 binaries in Popek-Goldberg terms."""
+"""popek.scanner: classify every instruction of x86 binaries in Popek-Goldberg terms."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,8 +7,8 @@ from typing import Iterable
 from popek.errors import BadInput, UnsupportedFormat
 from popek.isa.classify import Classifier
 from popek.loaders import Image, iter_files, load
-from popek.scan import engine
-from popek.scan.document import FileReport, RegionInfo, ScanDocument
+from popek.scanner import engine
+from popek.scanner.document import FileReport, RegionInfo, ScanDocument
 
 
 def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -> FileReport:
@@ -27,8 +27,8 @@ def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -
 
 
 def _with_idioms(image: Image, findings: list) -> list:
-    """Attach VM-detection idioms recognised around the findings (popek.scan.idioms)."""
-    from popek.scan.idioms import find_idioms
+    """Attach VM-detection idioms recognised around the findings (popek.scanner.idioms)."""
+    from popek.scanner.idioms import find_idioms
 
     out = []
     by_region: dict[str, list] = {}

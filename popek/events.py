@@ -187,7 +187,8 @@ KINDS: dict[str, Kind] = _kinds(
         "hidden-page-fault": Name("a page fault the guest's own tables allow: the monitor fixed its shadow and "
                                   "resumed the guest (a hidden fault)"),
         "guest-table-writes": Name("traced stores into the guest's GDT, LDT or TSS stack fields"),
-        "page-fault": Name("a shadow page fault: an entry filled from the guest's page tables"),
+        "page-fault": Name("a page fault the shadow pager examined (a walk of the guest's page tables) and found "
+                           "to be the guest's own: a true fault, given to the guest"),
         "pte-write": Name("a trapped write to a guest page-table entry (write-protected tables)"),
         "tlb-flush": Name("the monitor flushed its shadow page tables for a guest TLB flush"),
     }),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from popek import events as vocabulary
-from popek.cost.profile import Profile
+from popek.cost.profile import Price, Profile
 
 INSTRUCTIONS = "instructions"
 
@@ -58,6 +58,23 @@ class Cost:
                 "unpriced": self.unpriced}
 
 
+def prices_of(kind_name: str, name: str, profile: Profile) -> list[Price] | None:
+    """The prices that make up one event's cost (the kind's, and for a callout that runs an emulation
+    routine the routine's too), or None when the profile cannot price the event."""
+    kind = vocabulary.KINDS.get(kind_name)
+    if kind is None or not kind.knows(name):
+        return None
+    used = profile.used(kind_name, name)
+    if not used:
+        return None
+    if kind.includes and kind.family and kind.family.contains(name):
+        routine = profile.used(kind.includes, name)
+        if not routine:
+            return None
+        used = used + routine
+    return used
+
+
 def price_events(events: dict[str, dict[str, int]], guest_instructions: int, profile: Profile) -> Cost:
     """Modelled cycles of one run (see the module docstring)."""
     base = guest_instructions * profile.instructions.cycles
@@ -70,15 +87,12 @@ def price_events(events: dict[str, dict[str, int]], guest_instructions: int, pro
         for name, count in names.items():
             if kind is not None and kind.role_of(name) == vocabulary.INFO:
                 continue
-            each = profile.price(kind_name, name) if kind is not None and kind.knows(name) else None
-            assumed = each is not None and profile.is_assumed(kind_name, name)
-            if each is not None and kind.includes and kind.family and kind.family.contains(name):
-                routine = profile.price(kind.includes, name)
-                each = None if routine is None else each + routine
-                assumed = assumed or profile.is_assumed(kind.includes, name)
-            if each is None:
+            used = prices_of(kind_name, name, profile)
+            if used is None:
                 unpriced.append(f"{kind_name}: {name}")
                 continue
+            each = sum(p.cycles for p in used)
+            assumed = any(p.is_assumed for p in used)
             cycles = count * each
             breakdown[kind_name] = breakdown.get(kind_name, 0.0) + cycles
             lines.append(Line(kind_name, name, count, each, cycles, assumed))

@@ -76,18 +76,19 @@ class Profile:
     prices: dict[tuple[str, str], Price]             # (kind, name | EACH | OTHERS) -> price
     path: str
 
+    def used(self, kind: str, name: str) -> list[Price]:
+        """The prices one event (kind, name) is priced with: the kind's ``each`` and the name's (or ``*``'s)."""
+        own = self.prices.get((kind, name)) or self.prices.get((kind, OTHERS))
+        return [p for p in (self.prices.get((kind, EACH)), own) if p is not None]
+
     def price(self, kind: str, name: str) -> float | None:
         """Cycles one event (kind, name) costs, or None when this profile cannot price it."""
-        each = self.prices.get((kind, EACH))
-        own = self.prices.get((kind, name)) or self.prices.get((kind, OTHERS))
-        if each is None and own is None:
-            return None
-        return (each.cycles if each else 0.0) + (own.cycles if own else 0.0)
+        used = self.used(kind, name)
+        return sum(p.cycles for p in used) if used else None
 
     def is_assumed(self, kind: str, name: str) -> bool:
         """Whether any number in the price of (kind, name) is assumed."""
-        used = (self.prices.get((kind, EACH)), self.prices.get((kind, name)) or self.prices.get((kind, OTHERS)))
-        return any(p is not None and p.is_assumed for p in used)
+        return any(p.is_assumed for p in self.used(kind, name))
 
     def rows(self) -> list[tuple[str, Price]]:
         """Every number, for ``popek profiles NAME``: ('instructions' or 'kind.name', price)."""

@@ -205,6 +205,28 @@ def _pv_arguments(b: argparse.ArgumentParser) -> None:
     pv_bench.arguments(b)
 
 
+def _nano(args: argparse.Namespace) -> str:
+    """The Adams & Agesen nanobenchmarks under every monitor (popek.experiments.nanobench)."""
+    from popek.experiments import nanobench
+    return nanobench.run(args)
+
+
+def _nano_arguments(b: argparse.ArgumentParser) -> None:
+    from popek.experiments import nanobench
+    nanobench.arguments(b)
+
+
+def _hvm(args: argparse.Namespace) -> str:
+    """VM exits by reason and their modelled cost under kvm and vtx-2005 (popek.monitors.hvm.bench)."""
+    from popek.monitors.hvm import bench
+    return bench.run(args)
+
+
+def _hvm_arguments(b: argparse.ArgumentParser) -> None:
+    from popek.monitors.hvm import bench
+    bench.arguments(b)
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
@@ -217,6 +239,10 @@ BENCHMARKS = {
                 "bounded cache", _bt_arguments),
     "pv": (_pv, "paravirtualization: µs per hypercall, monitor entries per ported guest under trap, bt and pv, "
                 "the nanobenchmarks' pv column", _pv_arguments),
+    "nano": (_nano, "the Adams & Agesen nanobenchmarks: modelled cycles per iteration under every monitor, next to "
+                    "the paper's figures, and whether the model reproduces the paper's orderings", _nano_arguments),
+    "hvm": (_hvm, "hardware-assisted virtualization: VM exits by reason and modelled cycles per sample guest and "
+                  "nanobenchmark under the kvm and vtx-2005 control sets, against bt", _hvm_arguments),
 }
 
 

@@ -5,8 +5,8 @@
 - monitor entries (``popek.events.monitor_entries``: traps, callouts, hypercalls, software deliveries,
   upcalls) per ported guest under trap and bt (the native build) and pv (the ``-D PV`` build), with
   whether each ended with the native build's exit code (each of these guests encodes its own checks in it);
-- the nanobenchmarks with a PV build (samples/nanobench: syscall, in): entries and µs per operation per
-  monitor, (op run - EMPTY run) / N.
+- the nanobenchmarks with a PV build (samples/nanobench: those written with the platform layer): entries,
+  µs and modelled cycles per operation per monitor, measured by ``popek.experiments.nanobench.measure``.
 Wall times are this Python model's on this host, not real hardware's.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "samples"
 PORTED = ("hello", "timer", "syscall", "kernel", "critical_section")
-NANO = ("syscall", "in")
 HYPERCALL_LOOP = """
         .include "pm.inc"
 _start:
@@ -84,17 +83,23 @@ def run(args: argparse.Namespace) -> str:
         cells = " ".join(f"{row[m][0]:>7,}{'' if row[m][1] else '*'}" for m in builds)
         lines.append(f"  {name:18} {cells}   {kinds}")
     lines.append("  (* the exit code differs from the native build's: the technique diverges on this guest)")
-    lines += ["", "  nanobenchmarks (samples/nanobench, N = 1000): entries and µs per operation",
-              f"  {'bench':10} " + " ".join(f"{m + ' entries':>12} {m + ' µs':>9}" for m in builds)]
-    for name in NANO:
-        path = str(SAMPLES / "nanobench" / f"{name}.s")
+    # The nanobenchmarks that have a PV build, measured as `popek bench nano` measures them.
+    from popek.cost import load as load_profile
+    from popek.experiments import nanobench
+    profile = load_profile(nanobench.DEFAULT_PROFILE)
+    columns = {c.label: c for c in nanobench.columns()}
+    ported = [b for b in nanobench.benches() if nanobench.ported(b)]
+    lines += ["", f"  nanobenchmarks (samples/nanobench, N = 1000): per operation, monitor entries, µs of this model "
+                  f"and modelled cycles on {profile.name}",
+              f"  {'bench':10} " + " ".join(f"{m + ' entries':>12} {m + ' µs':>9} {m + ' cycles':>11}" for m in builds)]
+    for name in ported:
         cells = []
-        for monitor, defines in builds.items():
-            op_wall, op = _best_wall(load_guest(path, defines=defines or None), monitor)
-            empty_wall, none = _best_wall(load_guest(path, defines={**defines, "EMPTY": 1}), monitor)
-            per_op = (monitor_entries(op.events) - monitor_entries(none.events)) / 1000
-            cells.append(f"{per_op:12.2f} {(op_wall - empty_wall) / 1000 * 1e6:9.2f}")
+        for monitor in builds:
+            m = nanobench.measure(name, columns[monitor], 1000, profile, repeat=3)
+            cells.append(f"{'n/a':>12} {'':>9} {'':>11}" if m.cycles is None else
+                         f"{monitor_entries(m.events):12.2f} {m.wall_us:9.2f} {m.cycles:11,.0f}")
         lines.append(f"  {name:10} " + " ".join(cells))
     lines.append("  (pv's syscall is a direct trap: no monitor entry, but this model still delivers it in Python;")
-    lines.append("   crwr, pgfault, ptemod: no pv column, the paging hypercalls are not built and return -ENOSYS)")
+    lines.append(f"   {', '.join(b for b in nanobench.benches() if b not in ported)}: no PV build (written for the "
+                 "bare machine; PV guests run with paging off); `popek bench nano` has every monitor's column)")
     return "\n".join(lines)

@@ -54,8 +54,9 @@ Events (``machine.events``): ``trap`` (every trap, by canonical name: a #GP at a
 routine, or a port access the real CPU refused), ``emulate`` (those carried out; the rest became a fault for
 the guest), ``inject`` (external interrupts given to the guest), what the guest's virtual IDT receives
 under the machine's names (``exception``, ``software-interrupt``, ``external-interrupt``,
-``delivery-fault``), and ``shadow``: rebuilds (``gdt``, ``ldt``, ``tss``, ``paging``), ``hidden-page-fault``
-and ``guest-table-writes`` (stores into the guest's GDT, LDT or TSS stack fields, traced).
+``delivery-fault``), and ``shadow``: rebuilds (``gdt``, ``ldt``, ``tss``, ``paging``), ``hidden-page-fault``,
+``page-fault`` (a true guest fault) and ``guest-table-writes`` (stores into the guest's GDT, LDT or TSS stack
+fields, traced).
 
 Not modelled: real mode (a guest clearing CR0.PE keeps running in protected mode), virtual-8086 mode, task
 switches, PAE paging; see ``popek.monitors.shadow`` for the paging limits and ``popek.monitors.emulation``
@@ -123,6 +124,7 @@ class TrapAndEmulate(Deprivileged):
         if self.shadow.paging_changed():
             machine.events.count("shadow", "hidden-page-fault")
             return True                             # the guest's tables allow it now: run it again
+        machine.events.count("shadow", "page-fault")   # the guest's tables refuse it too: a true fault
         event.address = machine.reg("cr2")
         if event.error_code is not None:            # U/S: the virtual privilege, not the real one
             event.error_code = (event.error_code & ~4) | (4 if self.vcpu.cpl == 3 else 0)

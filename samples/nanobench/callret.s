@@ -1,8 +1,9 @@
 ; callret: a near call to a function that returns at once, N times, in the kernel. Adams & Agesen's
 ; "call/ret": free on hardware, a return through the translator's lookup under binary translation.
+; Written with platform.inc: `-D PV` builds the pv column.
         .include "nano.inc"
 _start:
-        pm_setup
+        plat_setup
         mov ecx, N
 again:
         .ifndef EMPTY

@@ -1,9 +1,10 @@
 ; divzero: a divide error (#DE) handled by the guest, N times, in the kernel: div by zero, the handler
 ; skips the 2-byte div and returns. The EMPTY twin divides by one (no fault). Adams & Agesen's "divzero".
+; Written with platform.inc: `-D PV` builds the pv column (the hypervisor bounces the #DE to the guest).
         .include "nano.inc"
 _start:
-        pm_setup
-        set_gate 0, divide_error, INTGATE
+        plat_setup
+        plat_gate 0, divide_error, INTGATE
         .ifdef EMPTY
         mov ebx, 1
         .else
@@ -19,5 +20,5 @@ again:
         exit 0
 divide_error:
         add dword ptr [esp], 2                  ; past div ebx (f7 f3)
-        iretd
+        kiret
         pm_data

@@ -44,7 +44,8 @@ and then raise #UD in the guest, as KVM does for a guest without nested virtuali
 no hypercalls. rdpmc exits and raises #UD (the machine has no performance counters: natively it is #UD).
 
 Counted (``machine.events``): ``exit`` by reason name, ``inject`` (interrupts given to the guest),
-``shadow`` (``paging``: shadow page-table resynchronisations, ``hidden-page-fault``), ``hvm`` (the watch's
+``shadow`` (``paging``: shadow page-table resynchronisations, ``hidden-page-fault``, ``page-fault``: a true
+guest fault found by walking the guest's tables), ``hvm`` (the watch's
 bookkeeping). ``--trace-exits`` keeps each exit in order with its qualification (``trace``).
 
 Not modelled: the VMCS as memory (VMREAD/VMWRITE), nested virtualization, NMIs, the TPR shadow and APIC
@@ -227,6 +228,7 @@ class HardwareAssisted(MonitorOps):
             self._shadow["hidden-page-fault"] += 1
             m.set_cr2(self._cr2)
             return True
+        self._shadow["page-fault"] += 1         # the guest's tables refuse it too: a true fault, injected
         self._cr2 = m.reg("cr2")
         return False
 

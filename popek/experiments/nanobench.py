@@ -252,7 +252,8 @@ class NanoReport:
             lines.append(f"  {o.bench:8} {claim:24} {verdict}")
         decided = [o for o in judged if o.model is not None]
         lines.append(f"  reproduced {sum(1 for o in decided if o.reproduced)} of {len(decided)} orderings"
-                     + (f" ({len(judged) - len(decided)} not measured)" if len(decided) < len(judged) else ""))
+                     + (f" ({len(judged) - len(decided)} not measured)" if len(decided) < len(judged) else "")
+                     + " (docs/nanobench.md: where the model disagrees, and why)")
         lines += ["", "  per iteration, the events that differ between the op and EMPTY builds:"]
         for bench in self.benches:
             for c in self.columns:

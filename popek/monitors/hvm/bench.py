@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> str:
         if model_says != paper_says:
             line += f"\n           per iteration  hvm: {hw.event_text()}\n                          bt: {bt.event_text()}"
         lines.append(line)
-    lines.append(f"  the model reproduces {agree} of {len(PAPER_RESULT)} (README: where and why it does not)")
+    lines.append(f"  the model reproduces {agree} of {len(PAPER_RESULT)} (docs/nanobench.md: where and why it does not)")
     return "\n".join(lines)
 
 

@@ -183,48 +183,12 @@ def _round_trip() -> float:
     return (time.perf_counter() - t0) / count * 1e6
 
 
-def _bt(args: argparse.Namespace) -> str:
-    """Binary translation against native and the interpreter (popek.monitors.bt_bench)."""
-    from popek.monitors import bt_bench
-    return bt_bench.run(args)
-
-
-def _bt_arguments(b: argparse.ArgumentParser) -> None:
-    from popek.monitors import bt_bench
-    bt_bench.arguments(b)
-
-
-def _pv(args: argparse.Namespace) -> str:
-    """Paravirtualization: µs per hypercall, monitor entries per ported guest (popek.monitors.pv_bench)."""
-    from popek.monitors import pv_bench
-    return pv_bench.run(args)
-
-
-def _pv_arguments(b: argparse.ArgumentParser) -> None:
-    from popek.monitors import pv_bench
-    pv_bench.arguments(b)
-
-
-def _nano(args: argparse.Namespace) -> str:
-    """The Adams & Agesen nanobenchmarks under every monitor (popek.experiments.nanobench)."""
-    from popek.experiments import nanobench
-    return nanobench.run(args)
-
-
-def _nano_arguments(b: argparse.ArgumentParser) -> None:
-    from popek.experiments import nanobench
-    nanobench.arguments(b)
-
-
-def _hvm(args: argparse.Namespace) -> str:
-    """VM exits by reason and their modelled cost under kvm and vtx-2005 (popek.monitors.hvm.bench)."""
-    from popek.monitors.hvm import bench
-    return bench.run(args)
-
-
-def _hvm_arguments(b: argparse.ArgumentParser) -> None:
-    from popek.monitors.hvm import bench
-    bench.arguments(b)
+def _module(name: str, help_text: str) -> tuple:
+    """A benchmark that lives in module ``name`` (its ``run(args) -> str`` and ``arguments(parser)``), as a
+    BENCHMARKS entry; the module is imported only when that benchmark is asked for."""
+    import importlib
+    return (lambda args: importlib.import_module(name).run(args), help_text,
+            lambda b: importlib.import_module(name).arguments(b))
 
 
 # name -> (function, help[, function adding the benchmark's own arguments])
@@ -235,14 +199,15 @@ BENCHMARKS = {
     "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",
                 _emulate_arguments),
     "trap": (_trap, "native speed and the cost of one trapped-and-emulated privileged instruction under trap"),
-    "bt": (_bt, "binary translation: compute-bound ratio to native and emulate, one callout, translation speed, "
-                "bounded cache", _bt_arguments),
-    "pv": (_pv, "paravirtualization: µs per hypercall, monitor entries per ported guest under trap, bt and pv, "
-                "the nanobenchmarks' pv column", _pv_arguments),
-    "nano": (_nano, "the Adams & Agesen nanobenchmarks: modelled cycles per iteration under every monitor, next to "
-                    "the paper's figures, and whether the model reproduces the paper's orderings", _nano_arguments),
-    "hvm": (_hvm, "hardware-assisted virtualization: VM exits by reason and modelled cycles per sample guest and "
-                  "nanobenchmark under the kvm and vtx-2005 control sets, against bt", _hvm_arguments),
+    "bt": _module("popek.monitors.bt_bench", "binary translation: compute-bound ratio to native and emulate, one "
+                  "callout, translation speed, bounded cache"),
+    "pv": _module("popek.monitors.pv_bench", "paravirtualization: µs per hypercall, monitor entries per ported guest "
+                  "under trap, bt and pv, the nanobenchmarks' pv column"),
+    "nano": _module("popek.experiments.nanobench", "the Adams & Agesen nanobenchmarks: modelled cycles per iteration "
+                    "under every monitor, next to the paper's figures, and whether the model reproduces the paper's "
+                    "orderings"),
+    "hvm": _module("popek.monitors.hvm.bench", "hardware-assisted virtualization: VM exits by reason and modelled "
+                   "cycles per sample guest and nanobenchmark under the kvm and vtx-2005 control sets, against bt"),
 }
 
 

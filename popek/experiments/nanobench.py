@@ -37,8 +37,8 @@ VARIANTS: dict[str, tuple[tuple[str, dict], ...]] = {
 # The paper's three columns, as popek's columns.
 ROLES = {"native": "native", "software": "bt", "hardware": "hvm:vtx-2005"}
 
-SOURCE = ("Adams & Agesen, ASPLOS 2006, §6 (the nanobenchmark paragraphs; read as quoted verbatim in "
-          "ligurio/openbsd-tests tests/atomics/at_vmm.cc) [checked]; Fig. 4 itself not read")
+SOURCE = ("cycles on a Pentium 4 672 from Adams & Agesen, ASPLOS 2006, §6 (the nanobenchmark paragraphs; read as "
+          "quoted verbatim in ligurio/openbsd-tests tests/atomics/at_vmm.cc) [checked]; Fig. 4 itself not read")
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,11 @@ def test_bench_hvm(capsys):
         assert any(line.startswith(f"  {bench:8} paper: hardware") for line in out.splitlines())
     assert "the model reproduces" in out
     assert main(["bench", "hvm", "-n", "0"]) == 2
+
+
+def test_a_monitor_that_breaks_gets_its_reason_in_its_cell(monkeypatch):
+    monkeypatch.setitem(MONITORS, "broken", ("popek.monitors.native", "NoSuchMonitor"))
+    report = nanobench.nano(10, only=("callret",))
+    cell = report.table[("callret", "broken")]
+    assert cell.cycles is None and "broken failed: AttributeError" in cell.missing
+    assert "n/a[1]" in report.render() and report.table[("callret", "native")].cycles is not None

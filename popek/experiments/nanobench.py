@@ -130,29 +130,19 @@ def measure(bench: str, column: Column, n: int, profile, repeat: int = 1) -> Mea
     """Run ``bench`` and its EMPTY twin (N = ``n``) under ``column``, priced on ``profile`` (a loaded
     Profile); a build or run that fails gives a Measurement with ``missing`` set, never an exception."""
     from popek.errors import PopekError
-    from popek.machine.guest import load_guest
-    from popek.monitors import platform_defines, run_guest
 
     out = Measurement(bench, column.label)
-    platform = platform_defines(column.monitor)
-    if platform and not ported(bench):
-        out.missing = f"no {'/'.join(platform)} build (written for the bare machine, not the platform layer)"
+    try:
+        runs = _runs(bench, column, n, profile, repeat)
+    except PopekError as exc:           # a monitor that cannot take this guest: say so in its cell
+        out.missing = f"{column.label}: {exc}"
         return out
-    path = str(NANOBENCH / f"{bench}.s")
-    runs = []
-    for empty in (False, True):
-        defines = {**platform, "N": n, **({"EMPTY": 1} if empty else {})}
-        try:
-            guest = load_guest(path, defines=defines)
-            results = [run_guest(guest, column.monitor, profile=profile, **column.options) for _ in range(repeat)]
-        except PopekError as exc:       # a monitor that cannot take this guest: say so in its cell
-            out.missing = f"{column.label}: {exc}"
-            return out
-        first = results[0]
-        if (first.exit.reason, first.exit.code) != OK_EXIT:
-            out.missing = f"{'EMPTY build ' if empty else ''}ended {first.exit.reason}: {first.exit.why}".rstrip(": ")
-            return out
-        runs.append((first, min(r.wall_seconds for r in results)))
+    except Exception as exc:            # a monitor that breaks: the table still prints, and says so
+        out.missing = f"{column.label} failed: {type(exc).__name__}: {exc}"
+        return out
+    if isinstance(runs, str):
+        out.missing = runs
+        return out
     (op, op_wall), (none, none_wall) = runs
     out.cycles = (op.extra["cost"].cycles - none.extra["cost"].cycles) / n
     out.instructions = (op.guest_instructions - none.guest_instructions) / n
@@ -164,6 +154,25 @@ def measure(bench: str, column: Column, n: int, profile, repeat: int = 1) -> Mea
                 out.events.setdefault(kind, {})[name] = d / n
     out.fitted = _fitted(bench, out.events, profile)
     return out
+
+
+def _runs(bench: str, column: Column, n: int, profile, repeat: int):
+    """[(op result, best wall), (EMPTY result, best wall)], or why there is none (a string)."""
+    from popek.machine.guest import load_guest
+    from popek.monitors import platform_defines, run_guest
+
+    platform = platform_defines(column.monitor)
+    if platform and not ported(bench):
+        return f"no {'/'.join(platform)} build (written for the bare machine, not the platform layer)"
+    runs = []
+    for empty in (False, True):
+        guest = load_guest(str(NANOBENCH / f"{bench}.s"), defines={**platform, "N": n, **({"EMPTY": 1} if empty else {})})
+        results = [run_guest(guest, column.monitor, profile=profile, **column.options) for _ in range(repeat)]
+        first = results[0]
+        if (first.exit.reason, first.exit.code) != OK_EXIT:
+            return f"{column.label}: {'EMPTY build ' if empty else ''}ended {first.exit.reason}: {first.exit.why}".rstrip(": ")
+        runs.append((first, min(r.wall_seconds for r in results)))
+    return runs
 
 
 def _fitted(bench: str, events: dict[str, dict[str, float]], profile) -> bool:

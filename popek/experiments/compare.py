@@ -278,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--monitors is empty: give at least one monitor")
     if args.max_instructions < 0:
         raise UsageError("--max-instructions must not be negative")
-    comparison = compare(args.guests, monitors, args.max_instructions, args.profile)
+    from popek import api
+    comparison = api.compare(args.guests, monitors, args.profile, max_instructions=args.max_instructions)
     text = {"json": lambda: json.dumps(comparison.to_dict(), indent=2), "csv": comparison.to_csv,
             "text": lambda: render_text(comparison)}[args.format]()
     emit(text)

@@ -247,6 +247,7 @@ def run(args) -> int:
     if args.direct_user:
         options["direct_user"] = True
     options.update(hvm_command.options(args))
-    report = diff(args.guest, args.monitor, max_instructions=args.max_instructions, options=options)
+    from popek import api
+    report = api.diff(args.guest, args.monitor, max_instructions=args.max_instructions, **options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
     return 0 if report.equivalent else 1

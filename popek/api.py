@@ -51,10 +51,11 @@ def scan(paths, *, strategy: str = "linear", mode: int | None = None, base: int 
     return scan_paths(files, classifier, strategy=strategy, mode=mode, base=base, regions=spans, raw=raw)
 
 
-def assemble(source, *, defines: dict | None = None, name: str | None = None):
+def assemble(source, *, defines: dict | None = None, name: str | None = None, include_dirs=()):
     """A guest from popek assembly: ``source`` is a path to a ``.s``/``.S``/``.asm`` file or the program text
     itself (anything with a newline). ``defines`` are ``-D`` symbols (``{"PV": 1}``). Returns a ``Guest``
-    (``.symbols``, ``.segments``, ``.to_dict()``)."""
+    (``.symbols``, ``.segments``, ``.to_dict()``). ``.include`` looks beside the source, then in
+    ``include_dirs``."""
     from popek.asm import assemble_text
     from popek.machine.guest import SOURCE_SUFFIXES, Guest, load_guest
 
@@ -65,9 +66,10 @@ def assemble(source, *, defines: dict | None = None, name: str | None = None):
         if not text.endswith(SOURCE_SUFFIXES):
             raise UsageError(f"assemble: {text} is not an assembly source ({', '.join(SOURCE_SUFFIXES)}); "
                              f"popek.run takes flat images and ELF32 files as they are")
-        return load_guest(text, defines=defines)
+        return load_guest(text, defines=defines, include_dirs=[os.fspath(d) for d in include_dirs])
     samples = Path(__file__).resolve().parent.parent / "samples" / "guests"
-    program = assemble_text(text, defines=defines, include_dirs=[samples] if samples.is_dir() else [])
+    dirs = [os.fspath(d) for d in include_dirs] + ([os.fspath(samples)] if samples.is_dir() else [])
+    program = assemble_text(text, name=name or "<input>", defines=defines, include_dirs=dirs)
     return Guest(name or "<text>", ((program.origin, bytes(program.image)),), program.entry, "asm",
                  dict(program.symbols))
 

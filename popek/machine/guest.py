@@ -56,11 +56,12 @@ class Guest(Tabular):
 
 
 def load_guest(path: str, load_address: int | None = None, entry: int | None = None,
-               ram_size: int = RAM_DEFAULT, defines: dict | None = None) -> Guest:
-    """Read a guest file. Raises BadInput (or a subclass) with a one-line message on anything unusable."""
+               ram_size: int = RAM_DEFAULT, defines: dict | None = None, include_dirs=()) -> Guest:
+    """Read a guest file. Raises BadInput (or a subclass) with a one-line message on anything unusable.
+    ``defines`` and ``include_dirs`` (searched after the source's own folder) apply to assembly sources."""
     name = os.path.basename(path)
     if path.endswith(SOURCE_SUFFIXES):
-        guest = _from_source(path, name, defines, entry)
+        guest = _from_source(path, name, defines, entry, include_dirs)
     else:
         try:
             with open(path, "rb") as f:
@@ -78,14 +79,14 @@ def load_guest(path: str, load_address: int | None = None, entry: int | None = N
     return guest
 
 
-def _from_source(path: str, name: str, defines: dict | None, entry: int | None) -> Guest:
+def _from_source(path: str, name: str, defines: dict | None, entry: int | None, include_dirs=()) -> Guest:
     try:
         from popek.asm import assemble_file
     except ImportError:
         raise BadInput(f"{name}: assembler not available (popek.asm.assemble_file)") from None
     if not os.path.exists(path):
         raise BadInput(f"{path}: no such file")
-    program = assemble_file(path, defines=defines)
+    program = assemble_file(path, defines=defines, include_dirs=include_dirs)
     if not program.image:
         raise BadInput(f"{name}: the source assembles to nothing")
     return Guest(name, ((program.origin, bytes(program.image)),),

@@ -27,7 +27,26 @@ def test_step_three_names_the_diverging_instruction_and_four_rescues_it(capsys):
     main(["demo", "--step", "3"])
     assert "DIVERGES" in capsys.readouterr().out
     main(["demo", "--step", "4"])
-    assert "bt       same as native" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  bt: translates kernel code" in out
+    callouts = next(line for line in out.splitlines() if line.strip().startswith("callout:"))
+    assert all(f"{name} 1" in callouts for name in ("sgdt", "sidt", "sldt", "str", "smsw"))
+
+
+def test_step_four_runs_every_registered_rescuer_on_its_own_build(capsys):
+    from popek.classroom.tour import rescuers
+    from popek.monitors import MONITORS
+
+    assert set(rescuers()) == set(MONITORS) - {"native", "trap"}
+    main(["demo", "--step", "4"])
+    out = capsys.readouterr().out
+    assert "$ popek run samples/guests/store_tables.s -D PV --monitor pv" in out
+    assert "pv (its -D PV build)" in out and "hypercall: " in out and "set_gdt 1" in out
+    assert "crash" not in out                               # pv never runs the unported build here
+    assert "exit: IO_INSTRUCTION" in out                     # hvm: its exits by reason
+    for monitor in rescuers():
+        assert f"  {monitor}" in out
+    assert ("sun4v: registered" in out) == ("sun4v" in MONITORS)
 
 
 def test_never_pauses_without_a_terminal(capsys):

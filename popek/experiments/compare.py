@@ -117,7 +117,6 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
     """Run every guest (paths or loaded Guests) natively and under ``monitors`` (default: every monitor of
     the registry), priced on ``profile``."""
     from popek.cost import load as load_profile
-    from popek.events import monitor_work
     from popek.machine.guest import Guest, load_guest
     from popek.machine.guest import SOURCE_SUFFIXES
     from popek.monitors import MONITORS, platform_defines, run_guest
@@ -144,19 +143,27 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
                 builds[key] = item if isinstance(item, Guest) else load_guest(str(item), defines=defines or None)
             guest = builds[key]
             result = run_guest(guest, monitor=monitor, max_instructions=budget, profile=priced)
-            if reference is None:
-                reference, status, first = result, "reference", None
-            else:
-                status, first = verdict(reference, result, ported=bool(key))
-            cost = result.extra["cost"]
-            exit_text = f"{result.exit.reason} {'' if result.exit.code is None else result.exit.code}".strip()
-            comparison.cells.append(Cell(
-                guest.name, monitor, exit_text, status, first, result.guest_instructions,
+            reference = reference or result
+            comparison.cells.append(cell(guest.name, result, reference, ported=bool(key)))
+    return comparison
+
+
+def cell(guest: str, result, reference, ported: bool = False) -> Cell:
+    """One run's row: ``reference`` is the native run of the same guest (``result`` itself for native);
+    ``ported``: the run is of another build of the source (pv's -D PV), judged on its console and exit."""
+    from popek.events import monitor_work
+
+    if result is reference:
+        status, first = "reference", None
+    else:
+        status, first = verdict(reference, result, ported=ported)
+    cost = result.extra["cost"]
+    exit_text = f"{result.exit.reason} {'' if result.exit.code is None else result.exit.code}".strip()
+    return Cell(guest, result.monitor, exit_text, status, first, result.guest_instructions,
                 monitor_work(result.events), result.modelled_cycles,
                 {k: round(v, 1) for k, v in cost.breakdown.items()}, cost.unpriced,
                 round(result.modelled_cycles / reference.modelled_cycles, 2) if reference.modelled_cycles else None,
-                result.wall_seconds))
-    return comparison
+                result.wall_seconds)
 
 
 def render_text(comparison: Comparison) -> str:
@@ -193,10 +200,10 @@ def render_text(comparison: Comparison) -> str:
     return buf.getvalue()
 
 
-def plot(comparison: Comparison, path: str) -> None:
+def plot(comparison: Comparison, path) -> None:
     """Two panels: the slowdown against native in modelled cycles (log scale), grouped by guest, one bar per
     monitor; and each run's modelled cycles broken down by event kind (stacked, linear, in units of the
-    guest's native cycles). A run that
+    guest's native cycles); ``path`` is a file name or a binary file (PNG). A run that
     diverges or is undecided is drawn hatched, outlined in red and labelled, so it cannot be read as a result."""
     import matplotlib
 

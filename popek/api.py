@@ -7,6 +7,7 @@
     popek.diff(guest, "trap")                        # the divergence report, the instructions named
     popek.compare([guest], profile="p4-2006")        # every monitor side by side
     popek.theorem("ia32")                            # Popek & Goldberg's theorems under a model
+    popek.report([guest]).to_html()                  # the page `popek report` writes
 
 Every result has ``to_dict()`` (the document the command prints with ``--format json``), and those that fit
 a table show one in a notebook (``_repr_html_``) and give it to pandas (``to_dataframe()``, the
@@ -144,6 +145,21 @@ def diff(guest, monitor: str = "trap", *, max_instructions: int | None = None, *
     return divergence.diff(_guest(guest), monitor, max_instructions=budget, options=options)
 
 
+def _guests_and_monitors(guests, monitors):
+    """compare's and report's arguments: one guest or several (paths stay paths: a source is built once per
+    platform, -D PV for pv), and monitors as a list or a comma-separated string."""
+    items = [guests] if isinstance(guests, (str, os.PathLike)) or _is_guest(guests) else list(guests)
+    if not items:
+        raise UsageError("give at least one guest")
+    if isinstance(monitors, str):
+        monitors = [m.strip() for m in monitors.split(",") if m.strip()]
+    # Paths stay paths: compare builds an assembly source once per platform (-D PV for pv).
+    for g in items:
+        if not _is_guest(g) and not isinstance(g, (str, os.PathLike)):
+            raise UsageError(f"expected guests (popek.assemble) or paths, not {type(g).__name__}")
+    return [g if _is_guest(g) else os.fspath(g) for g in items], monitors
+
+
 def compare(guests, monitors: Iterable[str] | None = None, profile: str | None = None, *,
             max_instructions: int | None = None):
     """The same guests natively (the reference) and under every monitor (or ``monitors``), side by side, with
@@ -151,18 +167,20 @@ def compare(guests, monitors: Iterable[str] | None = None, profile: str | None =
     from popek.cost import DEFAULT
     from popek.experiments import compare as comparison
 
-    items = [guests] if isinstance(guests, (str, os.PathLike)) or _is_guest(guests) else list(guests)
-    if not items:
-        raise UsageError("give at least one guest to compare")
-    if isinstance(monitors, str):
-        monitors = [m.strip() for m in monitors.split(",") if m.strip()]
-    # Paths stay paths: compare builds an assembly source once per platform (-D PV for pv).
-    for g in items:
-        if not _is_guest(g) and not isinstance(g, (str, os.PathLike)):
-            raise UsageError(f"expected guests (popek.assemble) or paths, not {type(g).__name__}")
-    return comparison.compare([g if _is_guest(g) else os.fspath(g) for g in items],
-                              None if monitors is None else tuple(monitors), _budget(max_instructions),
+    items, monitors = _guests_and_monitors(guests, monitors)
+    return comparison.compare(items, None if monitors is None else tuple(monitors), _budget(max_instructions),
                               profile or DEFAULT)
+
+
+def report(guests, monitors: Iterable[str] | None = None, profile: str | None = None, *,
+           max_instructions: int | None = None):
+    """What ``popek report`` writes: every guest natively and under every monitor (or ``monitors``), traced
+    instruction by instruction. Returns a ``ReportDocument``: ``.to_html()`` is the self-contained page, and a
+    notebook shows its comparison table."""
+    from popek.experiments import report as reports
+
+    items, monitors = _guests_and_monitors(guests, monitors)
+    return reports.build(items, None if monitors is None else tuple(monitors), profile, _budget(max_instructions))
 
 
 def theorem(model: str | None = None, isa: str | os.PathLike | None = None):

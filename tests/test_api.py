@@ -3,6 +3,7 @@ a notebook, and raises popek's typed errors — never SystemExit, never a bare T
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def test_assemble_text_and_path():
     (lambda: popek.compare([]), UsageError, "at least one guest"),
     (lambda: popek.compare([HELLO], monitors=[]), UsageError, "at least one monitor"),
     (lambda: popek.compare([HELLO], profile="nope"), UsageError, "unknown profile"),
+    (lambda: popek.report([]), UsageError, "at least one guest"),
+    (lambda: popek.report([HELLO], monitors="vmware"), UsageError, "unknown monitor"),
+    (lambda: popek.report([HELLO], monitors=[]), UsageError, "at least one monitor"),
+    (lambda: popek.report([HELLO], max_instructions=-5), UsageError, "max_instructions"),
     (lambda: popek.theorem("nope"), UsageError, "unknown model"),
     (lambda: popek.theorem(isa="/nonexistent.isa"), BadInput, "cannot read"),
     (lambda: popek.assemble("/nonexistent.s"), BadInput, "no such file"),
@@ -138,3 +143,14 @@ def test_a_missing_file_in_a_scan_is_an_entry_not_an_exception():
     # as `popek scan` reports it: the document carries the per-file error, and has_errors is set
     doc = popek.scan(["/nonexistent", VMDETECT])
     assert doc.has_errors and doc.files[0].error and doc.files[1].findings
+
+
+def test_report_gives_the_page_the_command_writes(tmp_path, capsys):
+    doc = popek.report(HELLO, "trap")
+    page = doc.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "<table class=listing>" in page
+    assert doc._repr_html_().startswith('<table class="popek">')
+    out = tmp_path / "r.html"
+    assert main(["report", HELLO, "--monitors", "trap", "-o", str(out)]) == 0
+    strip = lambda text: re.sub(r"<td class=num>[0-9.]+</td></tr>", "", re.sub(r"base64,[^']+", "", text))
+    assert strip(out.read_text()).count("<tr") == strip(page).count("<tr")

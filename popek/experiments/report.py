@@ -82,6 +82,8 @@ def build(guests, monitors=None, profile: str | None = None, max_instructions: i
     from popek.monitors.base import DEFAULT_BUDGET
 
     chosen = tuple(MONITORS) if monitors is None else tuple(monitors)
+    if not chosen:
+        raise UsageError("give at least one monitor")
     unknown = [m for m in chosen if m not in MONITORS]
     if unknown:
         raise UsageError(f"unknown monitor {unknown[0]!r} (known: {', '.join(MONITORS)})")
@@ -375,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise BadInput(f"{args.output}: no such folder {str(out.parent)!r}")
-    doc = build(args.guests, monitors, args.profile, args.max_instructions)
+    from popek import api
+    doc = api.report(args.guests, monitors, args.profile, max_instructions=args.max_instructions)
     try:
         out.write_text(doc.to_html(), encoding="utf-8")
     except OSError as exc:

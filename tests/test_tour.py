@@ -60,3 +60,13 @@ def test_bad_options_are_one_line_errors(bad, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_step_five_draws_the_plot_when_asked(tmp_path, capsys):
+    picture = tmp_path / "cost.png"
+    assert main(["demo", "--step", "5", "--plot", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"the plot: {picture}" in capsys.readouterr().out
+    assert main(["demo", "--step", "5", "--plot", str(tmp_path / "no" / "dir" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the plot" in err

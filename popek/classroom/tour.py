@@ -23,10 +23,11 @@ LEAKY = "guests/store_tables.s"          # the guest whose observations diverge 
 class Step:
     title: str
     commands: tuple[str, ...]           # what reproduces the step
-    show: Callable[[Path], None]
+    show: Callable[[argparse.Namespace], None]      # gets the command's arguments (samples, plot)
 
 
-def _definitions(samples: Path) -> None:
+def _definitions(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     emit("Popek & Goldberg (CACM 1974) on a third-generation machine: an instruction is\n"
@@ -44,7 +45,8 @@ def _definitions(samples: Path) -> None:
         emit(f"  -> {result.conclusion}\n")
 
 
-def _ia32(samples: Path) -> None:
+def _ia32(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     result = api.theorem("ia32")
@@ -63,7 +65,8 @@ def _ia32(samples: Path) -> None:
     emit(render(api.scan(samples / "bin" / "vmdetect"), "text"))
 
 
-def _divergence(samples: Path) -> None:
+def _divergence(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     emit(api.diff(samples / LEAKY, "trap").render_text())
@@ -94,7 +97,8 @@ def _build_flags(monitor: str) -> str:
     return "".join(f" -D {k}" for k in platform_defines(monitor))
 
 
-def _rescue(samples: Path) -> None:
+def _rescue(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
     from popek.events import KINDS, MONITOR, SENSITIVE_UNPRIVILEGED, monitor_work
     from popek.experiments.compare import verdict
@@ -128,10 +132,17 @@ def _rescue(samples: Path) -> None:
                         "not a registered monitor in this build (popek theorem sun4v shows its model)"))
 
 
-def _cost(samples: Path) -> None:
-    from popek.experiments.compare import demo_table
+def _cost(args: argparse.Namespace) -> None:
+    from popek import api
+    from popek.experiments.compare import SAMPLE_GUESTS, plot, render_text
 
-    emit(demo_table(samples))
+    comparison = api.compare([args.samples / "guests" / g for g in SAMPLE_GUESTS])
+    emit(render_text(comparison))
+    if args.plot:
+        plot(comparison, args.plot)
+        emit(f"the plot: {args.plot}")
+    else:
+        emit("the plot: popek demo --step 5 --plot cost.png (or popek compare ... --plot cost.png)")
 
 
 STEPS = (
@@ -147,7 +158,7 @@ STEPS = (
                for m in rescuers()), _rescue),
     Step("What it costs",
          ("popek compare samples/guests/timer.s samples/guests/store_tables.s samples/guests/flags.s "
-          "samples/guests/kernel.s",), _cost),
+          "samples/guests/kernel.s --plot cost.png",), _cost),
 )
 
 
@@ -156,6 +167,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the steps")
     p.add_argument("--step", type=int, metavar="N", help="show step N only")
     p.add_argument("--no-pause", action="store_true", help="never wait for Enter between steps")
+    p.add_argument("--plot", metavar="PNG", help="step 5: also draw the cost plot into this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         step = STEPS[n - 1]
         emit(f"\n{'=' * 100}\n{n}. {step.title}\n{'=' * 100}")
         emit("".join(f"   $ {c}\n" for c in step.commands))
-        step.show(args.samples)
+        step.show(args)
         if pause and i + 1 < len(chosen):
             try:
                 if input("\n[Enter: next step, q: stop] ").strip().lower() == "q":

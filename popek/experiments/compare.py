@@ -17,9 +17,8 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from popek.errors import UsageError
+from popek.errors import BadInput, UsageError
 from popek.tabular import Tabular
 from popek.textout import console, emit
 
@@ -252,15 +251,15 @@ def plot(comparison: Comparison, path) -> None:
     fig.text(0.01, 0.005, f"Events counted exactly by popek; priced on profile {comparison.profile} "
              f"(published numbers where known, otherwise labelled assumptions). Not wall time.", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise BadInput(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
 
 
 SAMPLE_GUESTS = ("timer.s", "store_tables.s", "flags.s", "kernel.s")
-
-
-def demo_table(samples: Path) -> str:
-    return render_text(compare([str(samples / "guests" / g) for g in SAMPLE_GUESTS]))
 
 
 def configure(p: argparse.ArgumentParser) -> None:

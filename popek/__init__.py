@@ -1,11 +1,11 @@
 """popek: can a virtual machine monitor run this x86 code faithfully, and at what cost?
 
-The library API (``popek.api``): ``scan``, ``run``, ``diff``, ``compare``, ``theorem``, ``assemble``. They
+The library API (``popek.api``): ``scan``, ``run``, ``diff``, ``compare``, ``theorem``, ``assemble``, ``report``. They
 are imported on first use, so ``import popek`` stays cheap for the command line."""
 
 __version__ = "0.1.0"
 
-API = ("scan", "run", "diff", "compare", "theorem", "assemble")
+API = ("scan", "run", "diff", "compare", "theorem", "assemble", "report")
 __all__ = [*API, "__version__"]
 
 

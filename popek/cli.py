@@ -27,6 +27,7 @@ COMMANDS = {
     "run": ("popek.machine.command", "run a guest on the bare machine or under a monitor"),
     "compare": ("popek.experiments.compare", "the same guests under every monitor, side by side"),
     "diff": ("popek.experiments.divergence", "run a guest natively and under a monitor; name the instructions that diverge"),
+    "report": ("popek.experiments.report", "one self-contained HTML page: listing marked per monitor, table, plot, divergences"),
     "profiles": ("popek.cost.command", "the cost profiles, or every number of one with its source"),
     "exercise": ("popek.classroom.command", "exercises with checkers: list, show N, check N FILE..."),
     "bench": ("popek.experiments.bench", "benchmarks that print ratios measured in one run"),

@@ -102,3 +102,95 @@ def test_command_exit_codes(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
     assert main(["exercise", "check", "x"]) == 2
+
+
+SOLUTION_3 = (FIXTURES / "03-solution.s").read_text()
+
+
+def _port(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ticker.s"
+    path.write_text(text)
+    return path
+
+
+def test_3_solution_passes_under_pv_and_still_builds_natively():
+    feedback = _check(3, FIXTURES / "03-solution.s")
+    assert feedback.passed, feedback.lines
+    assert "exits with 5" in feedback.lines[0] and "set_timer_op" in feedback.lines[0]
+    assert "still runs natively" in feedback.lines[1]
+
+
+def test_3_the_unported_kernel_crashes_and_the_feedback_names_the_hypercall():
+    feedback = _check(3, ROOT / "samples" / "exercises" / "ticker.s")
+    assert not feedback.passed
+    assert "crashed: lgdt" in feedback.lines[0] and "HYPERVISOR_set_gdt" in feedback.lines[0]
+
+
+def test_3_printing_the_answer_without_the_hypervisors_timer_is_not_a_port(tmp_path):
+    fake = ('        .include "../guests/pm.inc"\n        .include "../guests/console.inc"\n'
+            '        .equ GUEST_ID, 10\n_start:\n        plat_setup\n        print "ticker: ..... 5 ticks\\n"\n'
+            '        exit 5\n        pm_data\n        console_lib\n')
+    feedback = _check(3, _port(tmp_path, fake))
+    text = "\n".join(feedback.lines)
+    assert not feedback.passed
+    assert "no hypercall set_timer_op" in text and "no upcall event" in text
+    assert "does not behave like" not in text            # the output itself is right: the feedback says why it fails
+
+
+def test_3_a_port_that_never_unmasks_events_waits_forever(tmp_path):
+    # `idle` blocks, which unmasks events; spinning with them masked never takes a tick
+    text = SOLUTION_3.replace("        idle\n", "        irq_disable\n")
+    feedback = _check(3, _port(tmp_path, text))
+    assert not feedback.passed
+    assert "had not finished after 2,000,000 instructions" in feedback.lines[0]
+    assert "waiting for an event that never arrives" in feedback.lines[0]
+
+
+def test_3_wrong_output_and_build_errors_are_named(tmp_path):
+    feedback = _check(3, _port(tmp_path, SOLUTION_3.replace(".equ TICKS, 5", ".equ TICKS, 4")))
+    assert not feedback.passed and "console line 1" in feedback.lines[0] and "4 ticks" in feedback.lines[0]
+    feedback = _check(3, _port(tmp_path, SOLUTION_3.replace("        idle\n", "        idle 3\n")))
+    assert not feedback.passed and feedback.lines[0].startswith("your port does not build with -D PV:")
+
+
+def test_4_solution_passes():
+    feedback = _check(4, FIXTURES / "04-solution.toml")
+    assert feedback.passed, feedback.lines
+    assert feedback.lines == ["[kvm] right: 6 exits (CPUID 1, CR_ACCESS 1, IO_INSTRUCTION 4)",
+                              "[vtx-2005] right: 10 exits (CPUID 1, CR_ACCESS 3, INVLPG 2, IO_INSTRUCTION 4)"]
+
+
+def test_4_the_same_answer_for_both_sets_is_wrong_by_the_shadow_paging_exits(tmp_path):
+    answer = tmp_path / "answer.toml"
+    answer.write_text("[kvm]\nCR_ACCESS = 1\nCPUID = 1\nIO_INSTRUCTION = 4\n"
+                      "[vtx-2005]\nCR_ACCESS = 1\nCPUID = 1\nIO_INSTRUCTION = 4\n")
+    feedback = _check(4, answer)
+    assert not feedback.passed
+    assert feedback.lines[0].startswith("[kvm] right")
+    assert "[vtx-2005] CR_ACCESS: you predicted 1, hvm makes 3 (2 too few); look again at the guest's mov_cr" in feedback.lines
+    assert "[vtx-2005] INVLPG: you predicted 0, hvm makes 2 (2 too few); look again at the guest's invlpg" in feedback.lines
+
+
+def test_4_wrong_answers_say_what_is_wrong(tmp_path):
+    answer = tmp_path / "answer.toml"
+    answer.write_text("[kvm]\nCR_ACCESS = 3\nRDTSC = 1\nCPUID = -1\nIO_INSTRUCTION = 4\n[vtx-2005]\nCR_ACESS = 3\n"
+                      "[svm]\nCPUID = 1\n")
+    text = "\n".join(_check(4, answer).lines)
+    assert "[kvm] CR_ACCESS: you predicted 3, hvm makes 1 (2 too many)" in text
+    assert "[kvm] RDTSC: you predicted 1, hvm makes 0 (1 too many); no instruction of this guest" in text
+    assert "[kvm] CPUID = -1: a count is a whole number" in text
+    assert "[vtx-2005] CR_ACESS is not a VT-x basic exit reason" in text
+    assert "[svm] is not one of the control sets asked about" in text
+    answer.write_text("[kvm\nCPUID = 1\n")
+    feedback = _check(4, answer)
+    assert not feedback.passed and "is not TOML" in feedback.lines[0]
+    answer.write_text("[kvm]\nCR_ACCESS = 1\nCPUID = 1\nIO_INSTRUCTION = 4\n")
+    assert "no [vtx-2005] table" in "\n".join(_check(4, answer).lines)
+
+
+def test_show_copies_the_starting_guest(tmp_path, capsys):
+    assert main(["exercise", "show", "3", "--files", str(tmp_path)]) == 0
+    assert (tmp_path / "ticker.s").read_text() == (ROOT / "samples" / "exercises" / "ticker.s").read_text()
+    # the copy still builds: its .include paths are found in samples/guests
+    feedback = _check(3, tmp_path / "ticker.s")
+    assert not feedback.passed and "crashed" in feedback.lines[0]

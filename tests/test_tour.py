@@ -27,7 +27,26 @@ def test_step_three_names_the_diverging_instruction_and_four_rescues_it(capsys):
     main(["demo", "--step", "3"])
     assert "DIVERGES" in capsys.readouterr().out
     main(["demo", "--step", "4"])
-    assert "bt       same as native" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  bt: translates kernel code" in out
+    callouts = next(line for line in out.splitlines() if line.strip().startswith("callout:"))
+    assert all(f"{name} 1" in callouts for name in ("sgdt", "sidt", "sldt", "str", "smsw"))
+
+
+def test_step_four_runs_every_registered_rescuer_on_its_own_build(capsys):
+    from popek.classroom.tour import rescuers
+    from popek.monitors import MONITORS
+
+    assert set(rescuers()) == set(MONITORS) - {"native", "trap"}
+    main(["demo", "--step", "4"])
+    out = capsys.readouterr().out
+    assert "$ popek run samples/guests/store_tables.s -D PV --monitor pv" in out
+    assert "pv (its -D PV build)" in out and "hypercall: " in out and "set_gdt 1" in out
+    assert "crash" not in out                               # pv never runs the unported build here
+    assert "exit: IO_INSTRUCTION" in out                     # hvm: its exits by reason
+    for monitor in rescuers():
+        assert f"  {monitor}" in out
+    assert ("sun4v: registered" in out) == ("sun4v" in MONITORS)
 
 
 def test_never_pauses_without_a_terminal(capsys):
@@ -41,3 +60,13 @@ def test_bad_options_are_one_line_errors(bad, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_step_five_draws_the_plot_when_asked(tmp_path, capsys):
+    picture = tmp_path / "cost.png"
+    assert main(["demo", "--step", "5", "--plot", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"the plot: {picture}" in capsys.readouterr().out
+    assert main(["demo", "--step", "5", "--plot", str(tmp_path / "no" / "dir" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the plot" in err

@@ -190,7 +190,117 @@ def _check_leak(exercise: Exercise, files: list[str], samples: Path) -> Feedback
     return out
 
 
+# --- 3: the port ---------------------------------------------------------------------------------------------
+def _check_port(exercise: Exercise, files: list[str], samples: Path) -> Feedback:
+    from popek import api
+    from popek.experiments.compare import verdict
+    from popek.monitors import platform_defines
+
+    out = Feedback()
+    p = exercise.params
+    monitor, budget = p["monitor"], p["budget"]
+    defines = platform_defines(monitor)
+    native = api.run(samples / p["start"], max_instructions=budget)
+    try:
+        port = api.assemble(files[0], defines=defines, include_dirs=[samples / "guests"])
+    except PopekError as exc:
+        out.wrong(f"your port does not build with {' '.join('-D ' + d for d in defines)}: {exc}")
+        return out
+    result = api.run(port, monitor, max_instructions=budget)
+    if result.exit.reason == "crash":
+        out.wrong(f"under {monitor} the domain crashed: {result.exit.why}")
+    elif result.exit.reason == "budget":
+        out.wrong(f"under {monitor} your kernel had not finished after {budget:,} instructions (the original ends "
+                  f"after {native.guest_instructions:,}); it prints {_tail(result.console)!r}: is it waiting for an "
+                  f"event that never arrives (the timer armed, the event channel bound, events unmasked)?")
+    else:
+        status, first = verdict(native, result, ported=True)
+        if status != "equivalent":
+            out.wrong(f"under {monitor} it does not behave like the original on the bare machine: {first}")
+    work = result.events
+    for key, why in p.get("evidence", {}).items():
+        kind, name = key.split(" ", 1)
+        if not work.get(kind, {}).get(name):
+            out.wrong(f"no {kind} {name} under {monitor}: {why}")
+    if out.passed:
+        calls = ", ".join(f"{n} {c}" for n, c in work.get("hypercall", {}).items())
+        out.right(f"under {monitor} it prints {_tail(result.console)!r} and exits with {result.exit.code}, as the "
+                  f"original does natively; hypercalls: {calls}")
+        try:                            # a port through the platform layer still builds for the bare machine
+            again = api.run(api.assemble(files[0], include_dirs=[samples / "guests"]), max_instructions=budget)
+            same = verdict(native, again, ported=True)[0] == "equivalent"
+        except PopekError:
+            same = False
+        out.right("built without -D PV it still runs natively, the same: one source for both platforms" if same else
+                  "(built without -D PV it does not run natively the same: a port through the platform layer's "
+                  "macros would serve both platforms from one source)")
+    return out
+
+
+def _tail(console: str, width: int = 60) -> str:
+    line = console.rstrip("\n").rsplit("\n", 1)[-1]
+    return line if len(line) <= width else line[:width] + "..."
+
+
+# --- 4: the exits ---------------------------------------------------------------------------------------------
+def _check_exits(exercise: Exercise, files: list[str], samples: Path) -> Feedback:
+    from popek import api
+    from popek.events import EXIT_REASONS
+
+    out = Feedback()
+    try:
+        answer = tomllib.loads(Path(files[0]).read_text(errors="replace"))
+    except tomllib.TOMLDecodeError as exc:
+        out.wrong(f"{files[0]} is not TOML ({exc}); write one table per control set: [kvm] CPUID = 1")
+        return out
+    guest = api.assemble(samples / exercise.params["guest"])
+    sets = exercise.params["controls"]
+    for extra in (k for k in answer if k not in sets):
+        out.wrong(f"[{extra}] is not one of the control sets asked about ({', '.join(sets)})")
+    for controls in sets:
+        predicted = answer.get(controls)
+        if not isinstance(predicted, dict):
+            out.wrong(f"no [{controls}] table: predict the exits under {controls} too")
+            continue
+        records = []
+        result = api.run(guest, "hvm", controls=controls, trace_exits=records.append)
+        actual = result.events.get("exit", {})
+        for reason, count in predicted.items():
+            if reason not in EXIT_REASONS:
+                out.wrong(f"[{controls}] {reason} is not a VT-x basic exit reason (the SDM's names, e.g. "
+                          f"CR_ACCESS, INVLPG, CPUID, IO_INSTRUCTION)")
+            elif not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                out.wrong(f"[{controls}] {reason} = {count!r}: a count is a whole number, 0 or more")
+        wrong = 0
+        for reason in sorted(set(actual) | {r for r in predicted if r in EXIT_REASONS}):
+            want, got = predicted.get(reason, 0), actual.get(reason, 0)
+            if not isinstance(want, int) or want == got:
+                continue
+            wrong += 1
+            off = f"{abs(want - got)} too {'many' if want > got else 'few'}"
+            out.wrong(f"[{controls}] {reason}: you predicted {want}, hvm makes {got} ({off})"
+                      + _which(records, reason, want < got))
+        if not wrong:
+            total = sum(actual.values())
+            out.right(f"[{controls}] right: {total} exits ("
+                      + ", ".join(f"{r} {n}" for r, n in sorted(actual.items())) + ")")
+    return out
+
+
+def _which(lines: list[str], reason: str, missed: bool) -> str:
+    """A hint for a wrong count: which kinds of instruction made those exits (not where, not how many)."""
+    kinds = sorted({line.split(None, 3)[3].split(" ", 1)[0] for line in lines
+                    if len(line.split(None, 3)) > 3 and line.split(None, 3)[2] == reason})
+    if missed and kinds:
+        return f"; look again at the guest's {' and '.join(kinds)}"
+    if not missed and not kinds:
+        return f"; no instruction of this guest makes a {reason} exit under these controls"
+    return ""
+
+
 CHECKERS: dict[str, Callable[[Exercise, list[str], Path], Feedback]] = {
     "theorem": _check_theorem,
     "leak": _check_leak,
+    "port": _check_port,
+    "exits": _check_exits,
 }

@@ -23,10 +23,11 @@ LEAKY = "guests/store_tables.s"          # the guest whose observations diverge 
 class Step:
     title: str
     commands: tuple[str, ...]           # what reproduces the step
-    show: Callable[[Path], None]
+    show: Callable[[argparse.Namespace], None]      # gets the command's arguments (samples, plot)
 
 
-def _definitions(samples: Path) -> None:
+def _definitions(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     emit("Popek & Goldberg (CACM 1974) on a third-generation machine: an instruction is\n"
@@ -44,7 +45,8 @@ def _definitions(samples: Path) -> None:
         emit(f"  -> {result.conclusion}\n")
 
 
-def _ia32(samples: Path) -> None:
+def _ia32(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     result = api.theorem("ia32")
@@ -63,37 +65,84 @@ def _ia32(samples: Path) -> None:
     emit(render(api.scan(samples / "bin" / "vmdetect"), "text"))
 
 
-def _divergence(samples: Path) -> None:
+def _divergence(args: argparse.Namespace) -> None:
+    samples = args.samples
     from popek import api
 
     emit(api.diff(samples / LEAKY, "trap").render_text())
 
 
-def _rescue(samples: Path) -> None:
-    from popek import api
+# What each technique does instead of letting the guest run a sensitive instruction, by the event kinds that
+# show it (popek.events); a monitor whose kinds are not listed shows its largest monitor kinds.
+TECHNIQUE = {
+    "emulate": ("interprets every instruction in software", ("sensitive",)),
+    "bt": ("translates kernel code, sensitive instructions become callouts", ("callout", "translation")),
+    "pv": ("the ported kernel at ring 1: hypercalls instead of privileged instructions", ("hypercall", "upcall")),
+    "hvm": ("runs it unmodified in VMX non-root mode: VM exits by reason", ("exit",)),
+    "sun4v": ("the sun4v model: hyperprivileged traps and hypervisor API calls", ("hypertrap", "hypercall")),
+}
+NOT_RESCUERS = ("native", "trap")
+
+
+def rescuers() -> tuple[str, ...]:
+    """Every registered monitor but the reference and the one that fails: a new monitor joins the step."""
     from popek.monitors import MONITORS
 
-    guest = samples / LEAKY
-    native = api.run(guest)
-    emit(f"{LEAKY} on the bare machine: exit {native.exit.reason} {native.exit.code}")
-    for monitor in (m for m in MONITORS if m not in ("native", "trap")):
-        result = api.run(guest, monitor)
-        same = result.console == native.console and result.exit == native.exit
-        work = _work(result.events)
-        emit(f"  {monitor:8} {'same as native' if same else 'DIFFERS':15} {work}")
+    return tuple(m for m in MONITORS if m not in NOT_RESCUERS)
 
 
-def _work(events: dict) -> str:
-    from popek.events import monitor_work
+def _build_flags(monitor: str) -> str:
+    from popek.monitors import platform_defines
 
-    work = monitor_work(events)
-    return ", ".join(f"{kind} {n:,}" for kind, n in sorted(work.items())) or "no monitor work"
+    return "".join(f" -D {k}" for k in platform_defines(monitor))
 
 
-def _cost(samples: Path) -> None:
-    from popek.experiments.compare import demo_table
+def _rescue(args: argparse.Namespace) -> None:
+    samples = args.samples
+    from popek import api
+    from popek.events import KINDS, MONITOR, SENSITIVE_UNPRIVILEGED, monitor_work
+    from popek.experiments.compare import verdict
+    from popek.monitors import platform_defines
 
-    emit(demo_table(samples))
+    source = samples / LEAKY
+    native = api.run(source)
+    emit(f"{LEAKY} on the bare machine: {native.console.splitlines()[-1]} (exit {native.exit.code})\n")
+    for monitor in rescuers():
+        defines = platform_defines(monitor)
+        result = api.run(api.assemble(source, defines=defines or None), monitor)
+        status, first = verdict(native, result, ported=bool(defines))
+        what, kinds = TECHNIQUE.get(monitor, ("", ()))
+        kinds = kinds or tuple(sorted(monitor_work(result.events), key=lambda k: -monitor_work(result.events)[k])[:2])
+        build = f"{monitor} (its{_build_flags(monitor)} build)" if defines else monitor
+        emit(f"  {build}: {what}")
+        emit(f"    {'same as native' if status == 'equivalent' else status.upper()}: "
+             f"{result.console.splitlines()[-1] if result.console else '(no output)'}"
+             + (f" -- {first}" if first else ""))
+        for kind in kinds:
+            names = result.events.get(kind, {})
+            if names and KINDS[kind].role == MONITOR or kind == "sensitive" and names:
+                # the sensitive-unprivileged instructions first: what the step is about
+                top = sorted(names.items(), key=lambda kv: (kv[0] not in SENSITIVE_UNPRIVILEGED, -kv[1], kv[0]))
+                shown = ", ".join(f"{n} {c:,}" for n, c in top[:8]) + (f", +{len(top) - 8} more" if len(top) > 8 else "")
+                emit(f"    {kind}: {shown}")
+        if monitor == "pv" and status != "equivalent":
+            emit("    (paravirtualization removes the kernel's privileged instructions; the sensitive-unprivileged "
+                 "ones it keeps still read the real tables, so a PV kernel must not rely on them)")
+    emit("\nsun4v: " + ("registered, shown above" if "sun4v" in rescuers() else
+                        "not a registered monitor in this build (popek theorem sun4v shows its model)"))
+
+
+def _cost(args: argparse.Namespace) -> None:
+    from popek import api
+    from popek.experiments.compare import SAMPLE_GUESTS, plot, render_text
+
+    comparison = api.compare([args.samples / "guests" / g for g in SAMPLE_GUESTS])
+    emit(render_text(comparison))
+    if args.plot:
+        plot(comparison, args.plot)
+        emit(f"the plot: {args.plot}")
+    else:
+        emit("the plot: popek demo --step 5 --plot cost.png (or popek compare ... --plot cost.png)")
 
 
 STEPS = (
@@ -105,10 +154,11 @@ STEPS = (
     Step("A guest whose observations diverge under trap-and-emulate, the instructions named",
          (f"popek diff samples/{LEAKY} --monitor trap",), _divergence),
     Step("The same guest rescued: what each technique did instead",
-         tuple(f"popek run samples/{LEAKY} --monitor {m}" for m in ("bt", "emulate")), _rescue),
+         tuple(f"popek run samples/{LEAKY}{_build_flags(m)} --monitor {m}" + (" --trace-exits" if m == "hvm" else "")
+               for m in rescuers()), _rescue),
     Step("What it costs",
          ("popek compare samples/guests/timer.s samples/guests/store_tables.s samples/guests/flags.s "
-          "samples/guests/kernel.s",), _cost),
+          "samples/guests/kernel.s --plot cost.png",), _cost),
 )
 
 
@@ -117,6 +167,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the steps")
     p.add_argument("--step", type=int, metavar="N", help="show step N only")
     p.add_argument("--no-pause", action="store_true", help="never wait for Enter between steps")
+    p.add_argument("--plot", metavar="PNG", help="step 5: also draw the cost plot into this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         step = STEPS[n - 1]
         emit(f"\n{'=' * 100}\n{n}. {step.title}\n{'=' * 100}")
         emit("".join(f"   $ {c}\n" for c in step.commands))
-        step.show(args.samples)
+        step.show(args)
         if pause and i + 1 < len(chosen):
             try:
                 if input("\n[Enter: next step, q: stop] ").strip().lower() == "q":

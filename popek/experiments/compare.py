@@ -17,9 +17,8 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from popek.errors import UsageError
+from popek.errors import BadInput, UsageError
 from popek.tabular import Tabular
 from popek.textout import console, emit
 
@@ -117,7 +116,6 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
     """Run every guest (paths or loaded Guests) natively and under ``monitors`` (default: every monitor of
     the registry), priced on ``profile``."""
     from popek.cost import load as load_profile
-    from popek.events import monitor_work
     from popek.machine.guest import Guest, load_guest
     from popek.machine.guest import SOURCE_SUFFIXES
     from popek.monitors import MONITORS, platform_defines, run_guest
@@ -144,19 +142,27 @@ def compare(guests, monitors: tuple[str, ...] | None = None, max_instructions: i
                 builds[key] = item if isinstance(item, Guest) else load_guest(str(item), defines=defines or None)
             guest = builds[key]
             result = run_guest(guest, monitor=monitor, max_instructions=budget, profile=priced)
-            if reference is None:
-                reference, status, first = result, "reference", None
-            else:
-                status, first = verdict(reference, result, ported=bool(key))
-            cost = result.extra["cost"]
-            exit_text = f"{result.exit.reason} {'' if result.exit.code is None else result.exit.code}".strip()
-            comparison.cells.append(Cell(
-                guest.name, monitor, exit_text, status, first, result.guest_instructions,
+            reference = reference or result
+            comparison.cells.append(cell(guest.name, result, reference, ported=bool(key)))
+    return comparison
+
+
+def cell(guest: str, result, reference, ported: bool = False) -> Cell:
+    """One run's row: ``reference`` is the native run of the same guest (``result`` itself for native);
+    ``ported``: the run is of another build of the source (pv's -D PV), judged on its console and exit."""
+    from popek.events import monitor_work
+
+    if result is reference:
+        status, first = "reference", None
+    else:
+        status, first = verdict(reference, result, ported=ported)
+    cost = result.extra["cost"]
+    exit_text = f"{result.exit.reason} {'' if result.exit.code is None else result.exit.code}".strip()
+    return Cell(guest, result.monitor, exit_text, status, first, result.guest_instructions,
                 monitor_work(result.events), result.modelled_cycles,
                 {k: round(v, 1) for k, v in cost.breakdown.items()}, cost.unpriced,
                 round(result.modelled_cycles / reference.modelled_cycles, 2) if reference.modelled_cycles else None,
-                result.wall_seconds))
-    return comparison
+                result.wall_seconds)
 
 
 def render_text(comparison: Comparison) -> str:
@@ -193,10 +199,10 @@ def render_text(comparison: Comparison) -> str:
     return buf.getvalue()
 
 
-def plot(comparison: Comparison, path: str) -> None:
+def plot(comparison: Comparison, path) -> None:
     """Two panels: the slowdown against native in modelled cycles (log scale), grouped by guest, one bar per
     monitor; and each run's modelled cycles broken down by event kind (stacked, linear, in units of the
-    guest's native cycles). A run that
+    guest's native cycles); ``path`` is a file name or a binary file (PNG). A run that
     diverges or is undecided is drawn hatched, outlined in red and labelled, so it cannot be read as a result."""
     import matplotlib
 
@@ -245,15 +251,15 @@ def plot(comparison: Comparison, path: str) -> None:
     fig.text(0.01, 0.005, f"Events counted exactly by popek; priced on profile {comparison.profile} "
              f"(published numbers where known, otherwise labelled assumptions). Not wall time.", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise BadInput(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
 
 
 SAMPLE_GUESTS = ("timer.s", "store_tables.s", "flags.s", "kernel.s")
-
-
-def demo_table(samples: Path) -> str:
-    return render_text(compare([str(samples / "guests" / g) for g in SAMPLE_GUESTS]))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -278,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--monitors is empty: give at least one monitor")
     if args.max_instructions < 0:
         raise UsageError("--max-instructions must not be negative")
-    comparison = compare(args.guests, monitors, args.max_instructions, args.profile)
+    from popek import api
+    comparison = api.compare(args.guests, monitors, args.profile, max_instructions=args.max_instructions)
     text = {"json": lambda: json.dumps(comparison.to_dict(), indent=2), "csv": comparison.to_csv,
             "text": lambda: render_text(comparison)}[args.format]()
     emit(text)

@@ -169,15 +169,7 @@ def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: di
     report.differences = _differences(a, b)
     if not report.differences:
         return report
-    theirs = {o.key: o for o in native_obs}
-    for o in other_obs:
-        ref = theirs.get(o.key)
-        if ref is not None and ref.seen != o.seen:
-            report.blamed.append({
-                "address": f"{o.address:#x}", "name": o.name, "text": o.text, "occurrence": o.occurrence,
-                "saw": ", ".join(f"{s} {v}" for s, v in o.seen),
-                "native": ", ".join(f"{s} {v}" for s, v in ref.seen),
-            })
+    report.blamed = blame(native_obs, other_obs)
     report.paths = _parting(native_obs, other_obs)
     cpuid = b["events"].get("exit", {}).get("CPUID", 0)
     if cpuid:
@@ -186,6 +178,22 @@ def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: di
                             "0x40000000+): where the difference is in what cpuid returned, that is the "
                             "documented one (docs/hvm.md)")
     return report
+
+
+def blame(native_obs: list[Observation], other_obs: list[Observation]) -> list[dict]:
+    """The executions of sensitive-unprivileged instructions that read different state under the monitor than
+    the same execution (address, n-th time) did on the bare machine."""
+    theirs = {o.key: o for o in native_obs}
+    blamed = []
+    for o in other_obs:
+        ref = theirs.get(o.key)
+        if ref is not None and ref.seen != o.seen:
+            blamed.append({
+                "address": f"{o.address:#x}", "name": o.name, "text": o.text, "occurrence": o.occurrence,
+                "saw": ", ".join(f"{s} {v}" for s, v in o.seen),
+                "native": ", ".join(f"{s} {v}" for s, v in ref.seen),
+            })
+    return blamed
 
 
 CONSOLE_LINES = 12  # differing console lines listed one by one
@@ -247,6 +255,7 @@ def run(args) -> int:
     if args.direct_user:
         options["direct_user"] = True
     options.update(hvm_command.options(args))
-    report = diff(args.guest, args.monitor, max_instructions=args.max_instructions, options=options)
+    from popek import api
+    report = api.diff(args.guest, args.monitor, max_instructions=args.max_instructions, **options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
     return 0 if report.equivalent else 1

@@ -6,7 +6,7 @@ import json
 
 from popek.isa import language
 from popek.isa.model import IsaDescription, Model, Verdict
-from popek.isa.theorem_command import default_model
+from popek.isa.theorem import default_model
 from popek.textout import console, emit
 
 

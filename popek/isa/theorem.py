@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from popek.isa.model import IsaDescription, Model, Verdict
+from popek.errors import UsageError
 from popek.tabular import Tabular
 
 
@@ -77,3 +78,12 @@ class TheoremResult(Tabular):
 def check(isa: IsaDescription, model: Model | str) -> TheoremResult:
     model = isa.model(model) if isinstance(model, str) else model
     return TheoremResult(isa, model, tuple(isa.verdicts(model)))
+
+
+def default_model(isa: IsaDescription, name: str | None) -> str:
+    """``name``, or the description's first model when none is given (ia32 for the bundled one)."""
+    if name:
+        return name
+    if not isa.models:
+        raise UsageError(f"{isa.path} defines no model; add one (`model NAME \"...\" {{ guest-ring 3 }}`)")
+    return next(iter(isa.models))

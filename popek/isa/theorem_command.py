@@ -4,10 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from popek.errors import UsageError
-from popek.isa import language
-from popek.isa.model import IsaDescription
-from popek.isa.theorem import TheoremResult, check
+from popek.isa.theorem import TheoremResult
 from popek.textout import console, emit
 
 
@@ -19,18 +16,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    isa = language.load(args.isa)
-    result = check(isa, default_model(isa, args.model))
+    from popek import api
+
+    result = api.theorem(args.model, args.isa)
     emit(json.dumps(result.to_dict(), indent=2) if args.format == "json" else render_text(result))
     return 0
-
-
-def default_model(isa: IsaDescription, name: str | None) -> str:
-    if name:
-        return name
-    if not isa.models:
-        raise UsageError(f"{isa.path} defines no model; add one (`model NAME \"...\" {{ guest-ring 3 }}`)")
-    return next(iter(isa.models))
 
 
 def render_text(r: TheoremResult) -> str:

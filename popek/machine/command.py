@@ -12,7 +12,7 @@ import sys
 
 from popek.errors import UsageError
 from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
-from popek.monitors import MONITORS, get_monitor, run_guest
+from popek.monitors import MONITORS, get_monitor
 from popek.monitors.base import DEFAULT_BUDGET
 from popek.monitors.hvm import command as hvm_command
 
@@ -51,39 +51,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from popek.machine.guest import load_guest
-    if not 1 <= args.ram <= RAM_MAX // MIB:
-        raise UsageError(f"--ram must be between 1 and {RAM_MAX // MIB} MiB")
-    if args.max_instructions < 0:
-        raise UsageError("--max-instructions must not be negative")
-    if args.monitor not in MONITORS:
-        raise UsageError(f"unknown monitor {args.monitor!r} (known: {', '.join(MONITORS)})")
+    from popek import api
+    from popek.asm.assemble import parse_define
+    from popek.machine.guest import SOURCE_SUFFIXES, load_guest
+
     options = {} if args.ring is None else {"ring": args.ring}
     if args.direct_user:
         options["direct_user"] = True
     if args.cmdline is not None:
         options["cmdline"] = args.cmdline
-    if options:
-        try:
-            get_monitor(args.monitor, **options)         # a monitor without the option rejects it here
-        except TypeError:
-            flags = " and ".join(f"--{name.replace('_', '-')}" for name in options)
-            raise UsageError(f"{flags} does not apply to monitor {args.monitor!r}") from None
-    from popek.cost import load as load_profile
-    profile = load_profile(args.profile)                # a bad profile is an error before the run
     options.update(hvm_command.options(args))
-    if args.monitor == "hvm":
-        get_monitor("hvm", **options)                   # a bad control set is an error before the guest loads
     ram = args.ram * MIB
-    from popek.asm.assemble import parse_define
-    from popek.machine.guest import SOURCE_SUFFIXES
+    if not 1 <= args.ram <= RAM_MAX // MIB:
+        raise UsageError(f"--ram must be between 1 and {RAM_MAX // MIB} MiB")
+    if args.max_instructions < 0:
+        raise UsageError("--max-instructions must not be negative")
+    get_monitor(args.monitor, **options)            # a bad monitor, flag or control set: before the guest loads
+    from popek.cost import load as load_profile
+    profile = load_profile(args.profile)
     defines = dict(parse_define(d) for d in args.defines)
     if defines and not args.guest.endswith(SOURCE_SUFFIXES):
         raise UsageError("-D applies to assembly sources (.s, .S, .asm) only")
     guest = load_guest(args.guest, load_address=args.load_address, entry=args.entry, ram_size=ram,
                        defines=defines or None)
-    result = run_guest(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
-                       umip=args.umip, profile=profile, **options)
+    result = api.run(guest, args.monitor, max_instructions=args.max_instructions, ram_size=ram,
+                     umip=args.umip, profile=profile, **options)
     if args.format == "json":
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

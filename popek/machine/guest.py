@@ -15,18 +15,36 @@ from dataclasses import dataclass, field
 
 from popek.errors import BadInput, TruncatedFile, UnsupportedFormat, WrongArch
 from popek.machine.memory import RAM_DEFAULT
+from popek.tabular import Tabular
 
 LOAD_ADDRESS = 0x00100000
 SOURCE_SUFFIXES = (".s", ".S", ".asm")
 
 
 @dataclass(frozen=True)
-class Guest:
+class Guest(Tabular):
     name: str
     segments: tuple[tuple[int, bytes], ...]      # (physical address, bytes), zero fill included
     entry: int
     format: str                                  # "flat", "elf32", "asm"
     symbols: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """What was loaded where: the segments (address, size, sha256), the entry, the symbols."""
+        import hashlib
+
+        return {"name": self.name, "format": self.format, "entry": f"{self.entry:#010x}",
+                "segments": [{"address": f"{a:#010x}", "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                             for a, d in self.segments],
+                "symbols": {k: f"{v:#010x}" for k, v in sorted(self.symbols.items(), key=lambda kv: kv[1])}}
+
+    def caption(self) -> str:
+        size = sum(len(d) for _, d in self.segments)
+        return f"{self.name} ({self.format}): {size:,} bytes in {len(self.segments)} segment(s), entry {self.entry:#010x}"
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """The symbols, by address."""
+        return ["symbol", "address"], [[k, f"{v:#010x}"] for k, v in sorted(self.symbols.items(), key=lambda kv: kv[1])]
 
     def check_fits(self, ram_size: int) -> None:
         for address, data in self.segments:
@@ -38,11 +56,12 @@ class Guest:
 
 
 def load_guest(path: str, load_address: int | None = None, entry: int | None = None,
-               ram_size: int = RAM_DEFAULT, defines: dict | None = None) -> Guest:
-    """Read a guest file. Raises BadInput (or a subclass) with a one-line message on anything unusable."""
+               ram_size: int = RAM_DEFAULT, defines: dict | None = None, include_dirs=()) -> Guest:
+    """Read a guest file. Raises BadInput (or a subclass) with a one-line message on anything unusable.
+    ``defines`` and ``include_dirs`` (searched after the source's own folder) apply to assembly sources."""
     name = os.path.basename(path)
     if path.endswith(SOURCE_SUFFIXES):
-        guest = _from_source(path, name, defines, entry)
+        guest = _from_source(path, name, defines, entry, include_dirs)
     else:
         try:
             with open(path, "rb") as f:
@@ -60,14 +79,14 @@ def load_guest(path: str, load_address: int | None = None, entry: int | None = N
     return guest
 
 
-def _from_source(path: str, name: str, defines: dict | None, entry: int | None) -> Guest:
+def _from_source(path: str, name: str, defines: dict | None, entry: int | None, include_dirs=()) -> Guest:
     try:
         from popek.asm import assemble_file
     except ImportError:
         raise BadInput(f"{name}: assembler not available (popek.asm.assemble_file)") from None
     if not os.path.exists(path):
         raise BadInput(f"{path}: no such file")
-    program = assemble_file(path, defines=defines)
+    program = assemble_file(path, defines=defines, include_dirs=include_dirs)
     if not program.image:
         raise BadInput(f"{name}: the source assembles to nothing")
     return Guest(name, ((program.origin, bytes(program.image)),),

@@ -7,6 +7,7 @@ break the others.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from popek.errors import UsageError
 
@@ -37,7 +38,13 @@ def get_monitor(name: str, **options):
         if exc.name != module:
             raise
         raise UsageError(f"monitor {name!r} is not built yet") from None
-    return getattr(mod, cls)(**options)
+    ops = getattr(mod, cls)
+    try:                    # the option names against the constructor, before it runs (its own errors are its own)
+        inspect.signature(ops).bind(**options)
+    except TypeError:
+        flags = " and ".join(f"--{key.replace('_', '-')}" for key in options)
+        raise UsageError(f"{flags} does not apply to monitor {name!r}") from None
+    return ops(**options)
 
 
 def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,

@@ -483,6 +483,35 @@ class BinaryTranslation(Deprivileged):
                                           or cache.guest_address(value) is not None):
                 raise AssertionError(f"bt: guest stack [esp+{4 * i}] holds cache address {value:#x}")
 
+    def translation_map(self) -> dict[int, str]:
+        """How each guest instruction in the cache now was translated, by linear guest address: ``ident``
+        (copied unchanged), ``rewritten`` (a branch or a return sent through exits and lookups) or ``callout
+        NAME`` (the instruction became a call into its emulation routine). For ``popek report``; a flush
+        forgets the translations, so read it before one (and at the end of the run)."""
+        cache, marks = self.cache, {}
+        rank = {"ident": 0, "rewritten": 1}
+        for unit in cache.units:
+            if not unit.alive:
+                continue
+            ends = [at for at, _ in unit.insns[1:]] + [unit.cache_end]
+            for (at, guest), end in zip(unit.insns, ends):
+                code = cache.read(at, end - at) if end > at else b""
+                try:
+                    same = bool(code) and self.m.memory.read(guest, len(code)) == code
+                except Exception:                   # outside RAM (paging): it was translated, not copied
+                    same = False
+                mark = "ident" if same else "rewritten"
+                if rank.get(marks.get(guest), -1) < rank[mark]:
+                    marks.setdefault(guest, mark)
+                    if marks[guest] != mark and not marks[guest].startswith("callout"):
+                        marks[guest] = mark
+        for site in cache.sites.values():
+            if site.kind in ("emulate", "emulate-last") and site.recipe is not None:
+                marks[site.guest] = f"callout {site.recipe.name}"
+            elif site.kind in ("exit", "lookup") and not marks.get(site.guest, "").startswith("callout"):
+                marks[site.guest] = "rewritten"
+        return marks
+
     # exposed for tests and the benchmark
     def cache_address(self, guest: int) -> int | None:
         return self.cache.index.get((guest, self._key()))

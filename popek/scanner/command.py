@@ -8,11 +8,7 @@ import sys
 from pathlib import Path
 
 from popek.cli import EXIT_BAD_INPUT, EXIT_FOUND, EXIT_OK
-from popek.errors import BadInput, UsageError
-from popek.isa import language
-from popek.isa.classify import Classifier
-from popek.loaders import parse_region_spec
-from popek.scanner import scan_paths
+from popek.errors import BadInput
 from popek.scanner.document import ScanDocument
 from popek.scanner.engine import STRATEGIES
 
@@ -52,12 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.load:
         doc = _load_saved(args.load)
     else:
-        if not args.paths:
-            raise UsageError("give at least one FILE or directory to scan")
-        regions = [parse_region_spec(s) for s in args.region] or None
-        classifier = Classifier(language.load(args.isa), args.model, extended=args.extended)
-        doc = scan_paths(args.paths, classifier, strategy=args.strategy, mode=args.mode, base=args.base,
-                         regions=regions, raw=args.raw)
+        from popek import api
+        doc = api.scan(args.paths, strategy=args.strategy, mode=args.mode, base=args.base,
+                       regions=args.region or None, raw=args.raw, extended=args.extended, isa=args.isa,
+                       model=args.model)
     text = render(doc, args.format)
     if args.output:
         Path(args.output).write_text(text)

@@ -128,11 +128,17 @@ sys_exit:
         print " after "
         print_dec dword ptr [nsyscalls]
         print " system calls and "
+        expect esi, 7
+        ; 3 slept, about 6 during the sum. The exact count depends on how many instructions the build runs
+        ; (the PV build prints by hypercall and runs fewer), so the line says only what every build must show;
+        ; the count itself is in guest RAM ([ticks]), which popek diff compares.
+        cmp dword ptr [ticks], 8
+        jb sys_exit_few_ticks
+        print "at least 8 ticks"
+        jmp sys_exit_ticks
+sys_exit_few_ticks:
         print_dec dword ptr [ticks]
         print " ticks"
-        expect esi, 7
-        cmp dword ptr [ticks], 8        ; 3 slept, about 6 during the sum
-        jae sys_exit_ticks
         mov byte ptr [con_bad], 1
 sys_exit_ticks:
         verdict

@@ -220,23 +220,26 @@ class Sun4v(MonitorOps):
             m.stop_chunk()
             return (A.EOK,)
         if any(e.peer.owner is not None and e.peer.owner.running for e in self.endpoints.values()):
-            self.yielding = True                    # until an entry arrives (waits_outside)
+            self.yielding = True                    # until an entry arrives or a channel changes state
+            self._states = self._channel_states()
             m.halt()
             return (A.EOK,)
         m.finish(HLT, None, "cpu_yield with no timer armed and no running domain on a channel: nothing can "
                             "wake the strand")
         return None
 
+    def _channel_states(self) -> tuple[int, ...]:
+        return tuple(e.state() for _, e in sorted(self.endpoints.items()))
+
     def _woken(self) -> bool:
         return self.interrupt_pending(self.m) or any(e.rx.unread() for e in self.endpoints.values())
 
     def waits_outside(self, machine: Machine) -> bool:
-        """In cpu_yield on a channel: wait until an entry arrives or the channel's other domain stops."""
+        """In cpu_yield on a channel: wait until an entry arrives or a channel's state changes (the other end
+        configured its queues, or its domain stopped)."""
         if not self.yielding:
             return False
-        down = any(e.state() == A.CHANNEL_DOWN and e.peer.owner is not None and not e.peer.owner.running
-                   for e in self.endpoints.values())
-        if self._woken() or down:
+        if self._woken() or self._channel_states() != self._states:
             self.yielding, machine.halted = False, False
             return False
         return True

@@ -228,6 +228,7 @@ class DomainsResult:
     results: list[RunResult]
     channels: list[Channel]
     slice: int
+    machines: list = None           # the domains' machines, for a caller that inspects their memory
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "chip": self.config.chip.name,
@@ -297,4 +298,4 @@ def run_domains(config: Config, max_instructions: int, slice_: int = DEFAULT_SLI
         if profile is not None:
             apply(result, profile)
         results.append(result)
-    return DomainsResult(config, results, channels, slice_)
+    return DomainsResult(config, results, channels, slice_, [r.machine for r in runs])

@@ -228,15 +228,17 @@ class Sun4v(MonitorOps):
                             "wake the strand")
         return None
 
-    def _channel_states(self) -> tuple[int, ...]:
-        return tuple(e.state() for _, e in sorted(self.endpoints.items()))
+    def _channel_states(self) -> tuple[tuple[int, bool], ...]:
+        """Each channel's state and whether its other domain still runs (what cpu_yield's wait watches)."""
+        return tuple((e.state(), e.peer.owner is not None and e.peer.owner.running)
+                     for _, e in sorted(self.endpoints.items()))
 
     def _woken(self) -> bool:
         return self.interrupt_pending(self.m) or any(e.rx.unread() for e in self.endpoints.values())
 
     def waits_outside(self, machine: Machine) -> bool:
-        """In cpu_yield on a channel: wait until an entry arrives or a channel's state changes (the other end
-        configured its queues, or its domain stopped)."""
+        """In cpu_yield on a channel: wait until an entry arrives or a channel changes (the other end
+        configured its queues, or its domain stopped: no entry can come any more)."""
         if not self.yielding:
             return False
         if self._woken() or self._channel_states() != self._states:

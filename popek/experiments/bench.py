@@ -205,6 +205,18 @@ def _pv_arguments(b: argparse.ArgumentParser) -> None:
     pv_bench.arguments(b)
 
 
+def _sun4v(args: argparse.Namespace) -> str:
+    """The sun4v model: µs per fast trap, monitor entries per guest against the other techniques, the
+    nanobenchmarks' sun4v column, compare's sun4v column on ultrasparc-t1 (popek.monitors.sun4v.bench)."""
+    from popek.monitors.sun4v import bench
+    return bench.run(args)
+
+
+def _sun4v_arguments(b: argparse.ArgumentParser) -> None:
+    from popek.monitors.sun4v import bench
+    bench.arguments(b)
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
@@ -217,6 +229,9 @@ BENCHMARKS = {
                 "bounded cache", _bt_arguments),
     "pv": (_pv, "paravirtualization: µs per hypercall, monitor entries per ported guest under trap, bt and pv, "
                 "the nanobenchmarks' pv column", _pv_arguments),
+    "sun4v": (_sun4v, "the sun4v model: µs per fast trap, monitor entries per sample guest under trap, bt, pv, hvm "
+                      "and sun4v, the nanobenchmarks' sun4v column, compare's sun4v column on ultrasparc-t1",
+              _sun4v_arguments),
 }
 
 

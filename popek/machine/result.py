@@ -155,4 +155,6 @@ class RunResult(Tabular):
             lines.append(f"  {kind}: " + ", ".join(f"{n} {c}" for n, c in names.items()) + "\n")
         if "cost" in self.extra:
             lines.append(self.extra["cost"].summary() + "\n")
+        if "note" in self.extra:
+            lines.append(f"note: {self.extra['note']}\n")
         return "".join(lines)

@@ -52,6 +52,7 @@ class MonitorOps:
     """The bare machine's behaviour; a monitor overrides what it changes."""
 
     name = "native"
+    note: str | None = None             # one line the text result ends with (what the technique is)
 
     def attach(self, machine: Machine) -> None:
         """Prepare the machine before the first guest instruction."""
@@ -200,7 +201,7 @@ class Run:
         return RunResult(monitor=ops.name, guest=m.guest.name if m.guest else "", exit=m.end,
                          console=m.serial.output.decode("utf-8", "replace"), state=ops.state(m),
                          events=m.events.to_dict(), guest_instructions=m.instructions,
-                         wall_seconds=round(self.wall, 6))
+                         wall_seconds=round(self.wall, 6), extra={"note": ops.note} if ops.note else {})
 
 
 def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:

@@ -295,6 +295,7 @@ def run_domains(config: Config, max_instructions: int, slice_: int = DEFAULT_SLI
     results = []
     for r in runs:
         result = r.result()
+        result.extra.pop("note", None)          # said once, in the header of the text
         if profile is not None:
             apply(result, profile)
         results.append(result)

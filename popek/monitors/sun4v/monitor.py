@@ -72,6 +72,8 @@ class Sun4v(MonitorOps):
 
     name = "sun4v"
     source_defines = {"SUN4V": 1}                   # its guests are the -D SUN4V builds (platform.inc)
+    note = ("sun4v is a model: UltraSPARC T1/T2's three privilege levels and hypervisor API applied to popek's "
+            "x86 machine (Unicorn cannot run privileged SPARC code)")
 
     def __init__(self, domain: str = "primary", endpoints: dict[int, Endpoint] | None = None):
         """``endpoints``: channel number -> this domain's end of a channel (none in a single-domain run)."""

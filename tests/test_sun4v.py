@@ -363,3 +363,43 @@ def test_bad_command_line(capsys, tmp_path):
     assert main(["domains", str(tmp_path / "none.toml")]) == 2
     assert main(["domains", str(DOMAINS / "ping-pong.toml"), "--profile", "nope"]) == 2
     assert all(line.startswith("popek domains: error: ") for line in capsys.readouterr().err.splitlines())
+
+
+def test_cpu_yield_sleeps_until_the_strands_timer_fires():
+    body = """
+        plat_setup
+        plat_timer tick, 1000
+        sti
+wait:
+        mov ebp, 0x12                               ; cpu_yield
+        int 0x80
+        cmp dword ptr [ticks], 3
+        jb wait
+        cli
+        mov ebx, dword ptr [ticks]
+        mov ebp, 0
+        int 0x80
+"""
+    handler = """
+ticks:  .dword 0
+tick:   inc dword ptr [ticks]
+        push eax
+        irq_eoi
+        pop eax
+        kiret
+"""
+    machine, result = execute(body, handler)
+    assert (result.exit.reason, result.exit.code) == ("mach-exit", 3)
+    assert result.events["idle"]["clocks"] > 2000             # the strand slept, it did not spin
+    assert result.events["hypercall"]["cpu_yield"] <= 4
+    assert "hypertrap" not in result.events                 # the PIC and PIT are the strand's own
+
+
+def test_cpu_yield_with_nothing_to_wake_it_ends_the_run():
+    _machine, result = execute(call(0, 0x12) + call(1, 0x12))
+    assert result.exit.reason == "hlt" and "nothing can wake the strand" in result.exit.why
+
+
+def test_options_of_other_monitors_do_not_apply(capsys):
+    assert main(["run", str(GUESTS / "hello.s"), "--monitor", "sun4v", "--ring", "1"]) == 2
+    assert "--ring does not apply to monitor 'sun4v'" in capsys.readouterr().err

@@ -403,3 +403,42 @@ def test_cpu_yield_with_nothing_to_wake_it_ends_the_run():
 def test_options_of_other_monitors_do_not_apply(capsys):
     assert main(["run", str(GUESTS / "hello.s"), "--monitor", "sun4v", "--ring", "1"]) == 2
     assert "--ring does not apply to monitor 'sun4v'" in capsys.readouterr().err
+
+
+# Every instruction of the ISA description's `model sun4v` trap lines, executed once at CPL 0: the
+# hypervisor counts it by name, and the guest gets the fault the model says (#GP(0), or #UD as natively).
+TRAPPING = {
+    "in": ("ec", 13), "out": ("ee", 13), "ins": ("6c", 13), "outs": ("6e", 13), "rdmsr": ("0f32", 13),
+    "wrmsr": ("0f30", 13), "sysenter": ("0f34", 13), "wbinvd": ("0f09", 13), "invd": ("0f08", 13),
+    "wbnoinvd": ("f30f09", 13), "syscall": ("0f05", 13), "swapgs": ("0f01f8", 6), "rsm": ("0faa", 6),
+    "vmx": ("0f01c4", 6), "vmcall": ("0f01c1", 6), "svm": ("0f01d8", 6), "vmmcall": ("0f01d9", 6),
+}
+
+
+def test_the_trap_lines_of_the_sun4v_model_are_what_the_monitor_traps():
+    from popek.isa.language import bundled
+    assert set(TRAPPING) == set(bundled().model("sun4v").traps)
+    for name, (code, vector) in TRAPPING.items():
+        body = f"""
+        pm_setup
+        set_gate 6, fault, TRAPGATE
+        set_gate 13, fault_err, TRAPGATE
+        mov dx, 0x3F8
+        mov edi, 0x300400
+        mov esi, 0x300400
+        mov dword ptr [resume], after
+        .byte {", ".join("0x" + code[i:i + 2] for i in range(0, len(code), 2))}
+after:
+"""
+        handler = """
+fault_err:
+        add esp, 4
+fault:  mov dword ptr [0x300300], 1
+        push dword ptr [resume]
+        pop dword ptr [esp]
+        iretd
+resume: .dword 0
+"""
+        machine, result = execute(body, handler)
+        assert result.events.get("hypertrap") == {name: 1}, (name, result.events)
+        assert result.events["exception"] == {"#GP" if vector == 13 else "#UD": 1}, (name, result.events)

@@ -61,6 +61,8 @@ INSTEAD = {
     "wrmsr": "MSRs are hyperprivileged registers: no hypervisor call hands them to a domain",
     "sysenter": "sysenter enters the code hyperprivileged MSRs name: a sun4v kernel's system calls are int n "
                 "below 0x80, as ta below 0x80",
+    "syscall": "syscall enters the code hyperprivileged MSRs name: a sun4v kernel's system calls are int n "
+               "below 0x80, as ta below 0x80",
     "wbinvd": "machine-wide cache flushes are the hypervisor's",
     "invd": "machine-wide cache flushes are the hypervisor's",
     "wbnoinvd": "machine-wide cache flushes are the hypervisor's",

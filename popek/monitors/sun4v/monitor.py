@@ -12,10 +12,10 @@ entry at all. Only the platform is the hypervisor's:
   ``FAST_TRAPS``), 0x83/0x84 are mmu_map_addr/mmu_unmap_addr (ENOTSUPPORTED: the guest's own page tables
   translate), any other is EBADTRAP. From CPL 3 an ``int n`` goes through the guest's IDT as any other.
 - Hyperprivileged traps: what the ISA description's ``model sun4v`` lists as trapping (what traps is data).
-  Those that run at CPL 0 on this machine (port I/O beyond the strand's ports, rdmsr, wrmsr, sysenter,
-  wbinvd, invd, wbnoinvd) are found by a ``popek.machine.watch.Watch``; the hook decides from the operands
+  Those that run at CPL 0 on this machine (port I/O beyond the strand's ports, rdmsr, wrmsr, wbinvd,
+  invd, wbnoinvd; syscall and sysenter at any CPL) are found by a ``popek.machine.watch.Watch``; the hook decides from the operands
   (the port) and stops the chunk before the instruction with #GP(0), which goes through the guest's own
-  IDT. Those that are #UD on this machine (syscall, swapgs, rsm, the VMX/SVM instructions) are seen at
+  IDT. Those that are #UD on this machine (swapgs, rsm, the VMX/SVM instructions) are seen at
   their #UD, which the guest then gets as natively. An access beyond the domain's real addresses (its
   RAM) is the bare machine's #GP(0), counted as a hyperprivileged trap on ``memory``. The guest kernel's
   own protection comes first: a port access its IOPL and I/O bitmap refuse at CPL 3, or a privileged
@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 
 IOPL_SHIFT = 12
 # Instructions of the model's trap lines that are #UD on this machine: the hypervisor sees them at the #UD.
-AT_UD = frozenset({"syscall", "swapgs", "rsm", "vmx", "vmcall", "svm", "vmmcall"})
+AT_UD = frozenset({"swapgs", "rsm", "vmx", "vmcall", "svm", "vmmcall"})
+# Hyperprivileged at every CPL: system-call instructions that enter code the (hyperprivileged) MSRs name.
+MSR_ENTRIES = frozenset({"syscall", "sysenter"})
 
 
 class Status(Exception):
@@ -128,7 +130,7 @@ class Sun4v(MonitorOps):
             if cpl > iopl and not ioperm.bitmap_allows(m.address_space(), m.table("tr"), port, size):
                 return None                         # the kernel's own I/O protection refuses it first
             return f"{r.name} {port:#x}", A.port_instead(ports)
-        if cpl:
+        if cpl and r.name not in MSR_ENTRIES:
             return None                             # privileged: the hardware's #GP at CPL 3
         return r.text, A.INSTEAD.get(r.name, "hyperprivileged state")
 

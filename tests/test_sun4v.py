@@ -442,3 +442,35 @@ resume: .dword 0
         machine, result = execute(body, handler)
         assert result.events.get("hypertrap") == {name: 1}, (name, result.events)
         assert result.events["exception"] == {"#GP" if vector == 13 else "#UD": 1}, (name, result.events)
+
+
+def test_every_event_is_in_the_vocabulary_and_priced_on_the_t1_profile():
+    from popek.events import undocumented
+    from popek.machine.guest import load_guest
+    outcome = run_domains(load_config(str(DOMAINS / "ping-pong.toml")), 1_000_000)
+    runs = list(outcome.results) + [run_guest(str(GUESTS / "hello.s"), "sun4v", profile="ultrasparc-t1"),
+                                    run_guest(load_guest(str(GUESTS / "kernel.s"), defines={"SUN4V": 1}), "sun4v",
+                                              profile="ultrasparc-t1")]
+    for result in runs:
+        assert undocumented(result.events) == [], result.events
+        assert result.profile["unpriced"] == [], result.profile
+
+
+def test_compare_runs_the_sun4v_build_and_shows_no_trap_for_the_timer():
+    from popek.experiments.compare import compare
+    comparison = compare([str(GUESTS / "timer.s")], ("sun4v",), profile="ultrasparc-t1")
+    native, sun4v = comparison.cells
+    assert (sun4v.monitor, sun4v.status, sun4v.exit) == ("sun4v", "equivalent", "mach-exit 10")
+    assert sun4v.work == {"hypercall": 3}                    # two console calls and mach_exit: no tick, no cli
+
+
+def test_a_guest_that_does_not_fit_or_does_not_assemble_names_the_line(tmp_path, capsys):
+    (tmp_path / "big.s").write_text("_start:\n        hlt\n        .org 0x200000\n        .byte 1\n")
+    (tmp_path / "bad.s").write_text("_start:\n        frobnicate eax\n")
+    for guest, message in (("big.s", "do not fit"), ("bad.s", "bad.s")):
+        path = tmp_path / f"{guest}.toml"
+        path.write_text(f'[[domain]]\nname = "a"\nguest = "{guest}"\nmemory = "1M"\n')
+        assert main(["domains", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"popek domains: error: {path}:3: domain 'a': ") and message in err, err
+        assert len(err.splitlines()) == 1

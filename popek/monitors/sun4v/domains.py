@@ -59,6 +59,7 @@ class DomainSpec:
     guest: str          # the guest's path (relative paths resolved against the configuration's directory)
     memory: int
     strand: int
+    line: int = 0       # the line of its guest key, for errors found when the guest is loaded
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def load_config(path: str) -> Config:
         guest = Path(d["guest"]) if Path(d["guest"]).is_absolute() else base / d["guest"]
         if not guest.is_file():
             raise at.error(f"domain {name!r}: guest {d['guest']!r} not found", "domain", i, "guest")
-        domains.append(DomainSpec(name, str(guest), size, strands - 1))
+        domains.append(DomainSpec(name, str(guest), size, strands - 1, at.of("domain", i, "guest")))
     channels: list[ChannelSpec] = []
     used: set[tuple[str, int]] = set()
     known = {d.name for d in domains}
@@ -275,7 +276,7 @@ def run_domains(config: Config, max_instructions: int, slice_: int = DEFAULT_SLI
             machine = Machine(ram_size=d.memory)
             machine.load(guest)
         except PopekError as exc:
-            raise BadInput(f"{config.path}: domain {d.name!r}: {exc}") from None
+            raise BadInput(f"{config.path}:{d.line}: domain {d.name!r}: {exc}") from None
         ends = {end.id: end for ch in channels for end in ch.ends if end.domain == d.name}
         runs.append(Run(machine, Sun4v(d.name, ends), max_instructions))
     running = list(runs)

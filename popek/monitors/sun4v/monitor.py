@@ -9,7 +9,7 @@ entry at all. Only the platform is the hypervisor's:
 
 - Hypervisor calls: ``int n`` with n >= 0x80 at CPL 0 (``ta n`` in privileged mode) reach ``intercept``
   as a software interrupt before the guest's IDT: 0x80 is the fast trap (function in EBP = %o5, the table
-  ``FAST_TRAPS``), 0x83/0x84 are mmu_map_addr/mmu_unmap_addr (ENOTSUPPORTED: the guest's own page tables
+  ``fast_traps``), 0x83/0x84 are mmu_map_addr/mmu_unmap_addr (ENOTSUPPORTED: the guest's own page tables
   translate), any other is EBADTRAP. From CPL 3 an ``int n`` goes through the guest's IDT as any other.
 - Hyperprivileged traps: what the ISA description's ``model sun4v`` lists as trapping (what traps is data).
   Those that run at CPL 0 on this machine (port I/O beyond the strand's ports, rdmsr, wrmsr, wbinvd,
@@ -83,7 +83,7 @@ class Sun4v(MonitorOps):
         self.endpoints = dict(endpoints or {})
         isa = bundled()
         self.traps = frozenset(isa.model("sun4v").traps) & set(isa.instructions)
-        self.FAST_TRAPS: dict[int, Callable[..., tuple[int, ...] | None]] = {
+        self.fast_traps: dict[int, Callable[..., tuple[int, ...] | None]] = {
             number: getattr(self, f"hv_{name}") for number, name in A.FUNCTIONS.items()}
 
     # --- set-up ----------------------------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class Sun4v(MonitorOps):
         self._recipes: dict[tuple[int, bytes], Recipe | None] = {}
         self.first_trap: str | None = None          # the first hyperprivileged trap, for the end of the run
         self.yielding = False                       # in cpu_yield, waiting for a channel entry
+        self._states: tuple = ()                    # the channels as cpu_yield found them
         self.running = True
         for end in self.endpoints.values():
             end.owner = self
@@ -170,7 +171,7 @@ class Sun4v(MonitorOps):
         o = m.registers(A.O_REGS)
         m.set_reg("eip", event.eip)                 # continue after the int, as after ta's done/retry
         if event.vector == A.FAST_TRAP:
-            handler = self.FAST_TRAPS.get(o["ebp"])
+            handler = self.fast_traps.get(o["ebp"])
             name = A.FUNCTIONS.get(o["ebp"], A.BAD_TRAP)
         else:
             handler, name = None, A.HYPER_FAST.get(event.vector, A.BAD_TRAP)

@@ -26,6 +26,7 @@ COMMANDS = {
     "asm": ("popek.asm.command", "assemble a guest source into a flat image and a listing"),
     "run": ("popek.machine.command", "run a guest on the bare machine or under a monitor"),
     "compare": ("popek.experiments.compare", "the same guests under every monitor, side by side"),
+    "domains": ("popek.monitors.sun4v.command", "run sun4v logical domains with channels on one modelled chip"),
     "diff": ("popek.experiments.divergence", "run a guest natively and under a monitor; name the instructions that diverge"),
     "report": ("popek.experiments.report", "one self-contained HTML page: listing marked per monitor, table, plot, divergences"),
     "profiles": ("popek.cost.command", "the cost profiles, or every number of one with its source"),

@@ -159,7 +159,8 @@ KINDS: dict[str, Kind] = _kinds(
          "never reaches a real device)", ("trap", "bt", "pv", "hvm", "sun4v"), MONITOR, family=DEVICE),
     Kind("timer", "an edge of the PIT output (its interrupt is counted as external-interrupt)", ("machine",), INFO,
          {"irq0": Name("IRQ 0 raised at the PIC")}),
-    Kind("idle", "time the CPU spent halted, skipped to the next timer event", ("machine",), INFO,
+    Kind("idle", "time the CPU spent halted (sun4v: waiting in cpu_yield), skipped to the next timer event",
+         ("machine", "sun4v"), INFO,
          {"clocks": Name("instruction-clocks skipped while halted", unit="clocks")}),
     Kind("umip", "bookkeeping of the CR4.UMIP model (popek run --umip)", ("machine",), INFO,
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
@@ -167,6 +168,10 @@ KINDS: dict[str, Kind] = _kinds(
          ("hvm",), INFO,
          {"blocks-rescanned": Name("translated blocks retranslated so that a newly found exiting instruction "
                                    "gets its hook")}),
+    Kind("sun4v", "bookkeeping of sun4v's search for hyperprivileged instructions (popek.machine.watch): not a "
+         "trap", ("sun4v",), INFO,
+         {"blocks-rescanned": Name("translated blocks retranslated so that a newly found hyperprivileged "
+                                   "instruction gets its hook")}),
     # --- trap-and-emulate --------------------------------------------------------------------------------
     Kind("trap", "an instruction that left the deprivileged guest for the monitor: a #GP at an instruction "
          "with an emulation routine, or a port access the real CPU refused (pv: an access to a granted port)",
@@ -246,8 +251,12 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("direct-trap", "an int n from guest user mode delivered straight to the guest kernel through a trap "
          "table entry, with no hypervisor work per call (Xen's direct trap gates)", ("pv",), GUEST,
          family=SOFTWARE),
-    Kind("hypertrap", "a hyperprivileged trap: the guest touched state that belongs to the hypervisor (sun4v)",
-         ("sun4v",), MONITOR, family=INSTRUCTION),
+    Kind("hypertrap", "a hyperprivileged trap: the guest kernel touched state that belongs to the hypervisor "
+         "(sun4v: a port other than the strand's timer and interrupt controller, an MSR, a machine-wide cache "
+         "flush, by instruction; or memory beyond the domain's real addresses), answered with #GP(0) through "
+         "the guest's own IDT", ("sun4v",), MONITOR,
+         {"memory": Name("an access beyond the domain's real addresses (0 .. its memory size)")},
+         INSTRUCTION),
 )
 
 

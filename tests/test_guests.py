@@ -82,16 +82,32 @@ class Crashes:
     reason: str
 
 
+@dataclass(frozen=True)
+class Unported:
+    """An unported guest under sun4v: its first hyperprivileged trap (the console, or the exit port for a
+    guest that prints nothing) is a #GP through its own IDT, and the run's end names that instruction and
+    what a sun4v kernel calls instead (cons_putchar / cons_write, mach_exit)."""
+
+    reason: str
+
+
 SAME = Same()
 TRAP_PENDING = Pending("trap column not filled in yet (the trap monitor is being written)")
-CELLS = (Same, Diverges, Pending, Crashes)
+CELLS = (Same, Diverges, Pending, Crashes, Unported)
 # A monitor's cell for the rows that do not name one. An unported kernel under pv runs at ring 1 and its
 # first privileged instruction (pm_setup's lgdt, for every guest built on pm.inc) is a #GP with no trap
 # table: the domain crashes, and the message says what a PV kernel does instead.
-DEFAULT_CELLS = {"pv": Crashes("lgdt", "unported: lgdt at ring 1 is a #GP the hypervisor does not emulate")}
+# Under sun4v the kernel keeps ring 0 and its own tables, but the console and the exit port are the
+# hypervisor's: an unported guest's first `in`/`out` there is a hyperprivileged trap.
+DEFAULT_CELLS = {"pv": Crashes("lgdt", "unported: lgdt at ring 1 is a #GP the hypervisor does not emulate"),
+                 "sun4v": Unported("unported: the console UART is hyperprivileged (cons_putchar instead)")}
 # Guests with a paravirtual port (the same source built with -D PV, samples/guests/platform.inc): their PV
 # build under pv must print exactly the native build's console and exit code.
 PV_PORTS = ("hello", "timer", "syscall", "kernel", "critical_section")
+# The same for sun4v (-D SUN4V): the observation guests too, since the sensitive-unprivileged instructions
+# read the kernel's own state on its own strand.
+SUN4V_PORTS = ("hello", "timer", "syscall", "kernel", "critical_section", "store_tables", "flags",
+               "segments_read", "descriptors", "far_transfers")
 
 
 @dataclass(frozen=True)
@@ -196,7 +212,7 @@ call far 0008: cs=0008 esp=0007fef8 ret=0008:site -> ok
 retf to 0008: cs=0008 esp=0007ff00 -> ok
 call far gate 0040 (DPL 0): cs=0008 esp=0007fef8 ret=0008:site -> ok
 retf from the gate: cs=0008 esp=0007ff00 -> ok
-int 0x81 (DPL-0 gate): cs=0008 esp=0007fef4 ret=0008:site -> ok
+int 0x41 (DPL-0 gate): cs=0008 esp=0007fef4 ret=0008:site -> ok
 iretd to 0008: cs=0008 esp=0007ff00 -> ok
 iretd to ring 3: cs=001b esp=00070000 -> ok
 int 0x82 (DPL-3 gate) from ring 3: cs=0008 esp=0007ffec ret=001b:site from=0023:00070000 -> ok
@@ -378,6 +394,14 @@ def judge(native: Native, cell, result) -> str | None:
         assert differs is None, describe(native, result.console, differs) + f"\n{result.console}"
         assert (result.exit.reason, result.exit.code) == ("exit-port", native.exit_code), result.exit
         return None
+    if isinstance(cell, Unported):
+        assert result.exit.reason not in ("exit-port", "mach-exit"), (result.exit, cell.reason)
+        why = result.exit.why
+        assert "first hyperprivileged trap: in 0x3f" in why or "first hyperprivileged trap: out 0x3f" in why \
+            or "first hyperprivileged trap: out 0xf4" in why, why
+        assert "cons_putchar" in why or "mach_exit" in why, why
+        assert set(result.events["hypertrap"]) & {"in", "out"}, result.events
+        return None
     if isinstance(cell, Crashes):
         assert result.exit.reason == "crash", (result.exit, cell.reason)
         assert result.exit.why.startswith(f"{cell.at} at "), result.exit.why
@@ -408,6 +432,29 @@ def test_pv_build_under_pv_prints_what_native_prints(guest: str):
     a.pop("wall_seconds"), b.pop("wall_seconds")
     assert a == b
     judge(ROWS[guest].native, SAME, first)
+
+
+@functools.lru_cache(maxsize=None)
+def run_sun4v_build_twice(guest: str):
+    from popek.machine.guest import load_guest
+    build = load_guest(str(GUESTS / f"{guest}.s"), defines={"SUN4V": 1})
+    return run_guest(build, monitor="sun4v"), run_guest(build, monitor="sun4v")
+
+
+@pytest.mark.parametrize("guest", SUN4V_PORTS)
+def test_sun4v_build_under_sun4v_prints_what_native_prints(guest: str):
+    first, second = run_sun4v_build_twice(guest)
+    a, b = first.to_dict(), second.to_dict()
+    a.pop("wall_seconds"), b.pop("wall_seconds")
+    assert a == b
+    # mach_exit is the port's exit: the same code as the native build's exit port.
+    assert (first.exit.reason, first.exit.code) == ("mach-exit", ROWS[guest].native.exit_code), first.exit
+    assert first_difference(ROWS[guest].native, first.console) is None, \
+        describe(ROWS[guest].native, first.console, first_difference(ROWS[guest].native, first.console))
+    # No hyperprivileged trap: the kernel's cli/sti, timer programming, table loads and system calls are
+    # its own on its strand; only the console and the exit reach the hypervisor, by hypervisor calls.
+    assert "hypertrap" not in first.events
+    assert set(first.events["hypercall"]) <= {"cons_write", "cons_putchar", "mach_exit"}
 
 
 # --- the table itself ------------------------------------------------------------------------------------

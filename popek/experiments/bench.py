@@ -191,6 +191,7 @@ def _module(name: str, help_text: str) -> tuple:
             lambda b: importlib.import_module(name).arguments(b))
 
 
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
@@ -208,6 +209,9 @@ BENCHMARKS = {
                     "orderings"),
     "hvm": _module("popek.monitors.hvm.bench", "hardware-assisted virtualization: VM exits by reason and modelled "
                    "cycles per sample guest and nanobenchmark under the kvm and vtx-2005 control sets, against bt"),
+    "sun4v": _module("popek.monitors.sun4v.bench", "the sun4v model: µs per fast trap, monitor entries per sample guest "
+                     "under trap, bt, pv, hvm and sun4v, the nanobenchmarks' sun4v column, compare's sun4v column "
+                     "on ultrasparc-t1"),
 }
 
 

@@ -6,9 +6,9 @@ instructions ran, what the monitor did (its own event kinds, summed through the 
 (``popek.cost``: the events priced from published numbers or labelled assumptions) and the slowdown against
 native in those cycles. Wall time is measured too, and labelled as what it is: this Python model on this
 host, not real hardware. Native always runs, as the reference, whatever ``--monitors`` lists. A monitor
-whose guests are ported (pv) runs its platform's build of an assembly source (the same source with -D PV,
-``popek.monitors.platform_defines``); that build is another program, so it is judged on what it prints and
-how it exits, not on its machine state.
+whose guests are ported (pv, sun4v) runs its platform's build of an assembly source (the same source with
+-D PV or -D SUN4V, ``popek.monitors.platform_defines``); that build is another program, so it is judged on
+what it prints and how it exits (sun4v's mach_exit counting as the exit port), not on its machine state.
 """
 from __future__ import annotations
 
@@ -96,9 +96,13 @@ def verdict(reference, result, ported: bool = False) -> tuple[str, str | None]:
         return "undecided", f"{who} ended on its instruction budget: nothing can be said past it"
     from popek.experiments.divergence import _differences
 
+    from popek.machine.result import PORTED_EXITS
+
     theirs = result.to_dict()
     if ported:                      # another program: its output and exit, not its registers
         theirs["state"] = reference.to_dict()["state"]
+        reason = theirs["exit"]["reason"]       # (sun4v: mach_exit is the port's exit port)
+        theirs["exit"] = dict(theirs["exit"], reason=PORTED_EXITS.get(reason, reason))
     differences = _differences(reference.to_dict(), theirs)
     return ("diverges", differences[0]) if differences else ("equivalent", None)
 

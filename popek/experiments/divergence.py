@@ -177,6 +177,10 @@ def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: di
                             "control cpuid-hypervisor-bit, reports a hypervisor (CPUID.1:ECX[31], leaves "
                             "0x40000000+): where the difference is in what cpuid returned, that is the "
                             "documented one (docs/hvm.md)")
+    if "first hyperprivileged trap: " in other.exit.why:
+        trap = other.exit.why.split("first hyperprivileged trap: ", 1)[1]
+        report.notes.append(f"{monitor}: the guest is not ported: its first hyperprivileged trap was {trap}; "
+                            f"build its source with -D SUN4V (docs/sun4v.md)")
     return report
 
 

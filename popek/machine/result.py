@@ -18,10 +18,13 @@ SCHEMA = 1
 
 # End reasons (DESIGN §3.4). Each run ends with exactly one.
 # ``shutdown`` and ``crash`` end a paravirtual domain (pv: sched_op shutdown with its reason as the code; the
-# hypervisor crashing the domain, e.g. an exception with no trap-table entry).
+# hypervisor crashing the domain, e.g. an exception with no trap-table entry). ``mach-exit`` ends a sun4v
+# domain that called the hypervisor's mach_exit (its code is %o0 & 0xFF).
 EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET = "exit-port", "hlt", "triple-fault", "budget"
-SHUTDOWN, CRASH = "shutdown", "crash"
-REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, SHUTDOWN, CRASH)
+SHUTDOWN, CRASH, MACH_EXIT = "shutdown", "crash", "mach-exit"
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, SHUTDOWN, CRASH, MACH_EXIT)
+# How a ported build ends where the native build writes the exit port (compare judges them as one end).
+PORTED_EXITS = {MACH_EXIT: EXIT_PORT}
 
 # The guest-visible state, in document order.
 GENERAL = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags")
@@ -152,4 +155,6 @@ class RunResult(Tabular):
             lines.append(f"  {kind}: " + ", ".join(f"{n} {c}" for n, c in names.items()) + "\n")
         if "cost" in self.extra:
             lines.append(self.extra["cost"].summary() + "\n")
+        if "note" in self.extra:
+            lines.append(f"note: {self.extra['note']}\n")
         return "".join(lines)

@@ -18,12 +18,13 @@ MONITORS: dict[str, tuple[str, str]] = {
     "bt": ("popek.monitors.bt", "BinaryTranslation"),
     "pv": ("popek.monitors.pv", "ParaVirtual"),
     "hvm": ("popek.monitors.hvm", "HardwareAssisted"),
+    "sun4v": ("popek.monitors.sun4v", "Sun4v"),
 }
 
 
 def platform_defines(name: str) -> dict[str, int]:
     """The -D symbols that build a source guest for monitor ``name``'s platform (samples/guests/platform.inc):
-    ``{"PV": 1}`` for pv, whose guests are ported; empty for the monitors that run unmodified guests."""
+    ``{"PV": 1}`` for pv and ``{"SUN4V": 1}`` for sun4v, whose guests are ported; empty for the monitors that run unmodified guests."""
     return dict(getattr(get_monitor(name), "source_defines", {}))
 
 

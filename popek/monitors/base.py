@@ -8,7 +8,8 @@ trap-and-emulate monitor emulates a privileged instruction that raised #GP.
 
 The loop is a ``Run`` that can be stepped: ``Run.step(limit)`` runs at most ``limit`` more guest
 instructions, so one runner can interleave several machines in fixed instruction slices (sun4v domains)
-with the same loop; ``run()`` steps one machine to its end.
+with the same loop; ``run()`` steps one machine to its end. A machine whose CPU waits for another
+(``waits_outside``: a sun4v domain in cpu_yield on a channel) makes ``step`` return early, still running.
 
 What a monitor can rely on, for the next ones (``trap``, ``bt``, ``pv``, ``hvm``, ``sun4v``, ``emulate``):
 - ``attach`` runs before the first guest instruction: allocate shadow tables in monitor memory
@@ -51,6 +52,7 @@ class MonitorOps:
     """The bare machine's behaviour; a monitor overrides what it changes."""
 
     name = "native"
+    note: str | None = None             # one line the text result ends with (what the technique is)
 
     def attach(self, machine: Machine) -> None:
         """Prepare the machine before the first guest instruction."""
@@ -104,6 +106,11 @@ class MonitorOps:
         """Whether the next timer event can wake a halted CPU (IRQ 0 not masked or blocked at the PIC)."""
         return machine.pic.could_take(0)
 
+    def waits_outside(self, machine: Machine) -> bool:
+        """The halted CPU waits for something only another machine can do (an entry on a channel from another
+        domain): ``Run.step`` returns and the runner steps the others. False: the usual hlt wait."""
+        return False
+
     def detach(self, machine: Machine) -> None:
         """The run is over; last chance to add events."""
 
@@ -138,7 +145,10 @@ class Run:
                     break
                 left = min(left, stop_at - m.instructions)
             if m.halted:
-                self._wait()
+                if ops.waits_outside(m):
+                    break                       # another machine must act first (a sun4v domain's cpu_yield)
+                if m.halted:                    # (waits_outside may have woken it)
+                    self._wait()
                 continue
             event = ops.next_event(m)
             chunk = min(left, max(1, event - m.time) if event is not None else left)
@@ -191,11 +201,13 @@ class Run:
         return RunResult(monitor=ops.name, guest=m.guest.name if m.guest else "", exit=m.end,
                          console=m.serial.output.decode("utf-8", "replace"), state=ops.state(m),
                          events=m.events.to_dict(), guest_instructions=m.instructions,
-                         wall_seconds=round(self.wall, 6))
+                         wall_seconds=round(self.wall, 6), extra={"note": ops.note} if ops.note else {})
 
 
 def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:
     """Run the loaded guest under ``ops`` until it ends."""
     r = Run(machine, ops, max_instructions)
-    r.step()
+    if r.step():                                # alone, nothing else can wake a machine that waits outside
+        machine.finish(HLT_END, None, "waiting for another machine, and there is none")
+        r.step()
     return r.result()

@@ -12,7 +12,7 @@
 ; lines after it; the ring-3 lines whose answer is a #GP stay ok if the monitor reflects the fault.
 ;
 ; Layout: the GDT of pm.inc plus two call gates, 0x40 (DPL 0) and 0x48 (DPL 3), both to ring-0 code.
-; IDT: 0x81 DPL-0 interrupt gate, 0x82 DPL-3 trap gate (both land in ring 0), 0x80 the ring-3 printing
+; IDT: 0x41 and 0x81 DPL-0 interrupt gates, 0x82 DPL-3 trap gate (all land in ring 0), 0x80 the ring-3 printing
 ; service, 0x86 the ring-3 "report" service, 0x87 the end. Every case starts from a fixed stack pointer,
 ; KSP (ring 0) or USTACK (ring 3), so the expected ESP values are constants.
         .include "pm.inc"
@@ -80,6 +80,7 @@ _start:
         pm_setup
         set_gate 13, probe_gp, INTGATE
         set_gate 0x80, con_syscall, USERGATE
+        set_gate 0x41, int41_target, INTGATE
         set_gate 0x81, int81_target, INTGATE
         set_gate 0x82, int82_target, USERGATE
         set_gate 0x86, report_service, USERGATE
@@ -117,10 +118,10 @@ k_gate_back:
 
         mov esp, KSP
         start k_int_back
-        int 0x81
+        int 0x41                        ; below 0x80: at CPL 0 int 0x80 and up are sun4v hypervisor traps
 k_int_back:
         call took_return
-        check "int 0x81 (DPL-0 gate)", KCODE, KSP - 12, RET, NO_FAULT, KCODE, kernel, k_int_back
+        check "int 0x41 (DPL-0 gate)", KCODE, KSP - 12, RET, NO_FAULT, KCODE, kernel, k_int_back
         call return_landing
         check "iretd to 0008", KCODE, KSP, NONE, NO_FAULT, 0, kernel
 
@@ -191,6 +192,7 @@ u_retf_back:
 k_call_target:
         land
         retf
+int41_target:
 int81_target:
 int82_target:
         land

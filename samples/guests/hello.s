@@ -1,10 +1,11 @@
 ; hello.s: console output on COM1, waiting for "transmitter empty" in the line status register
 ; (port 0x3FD) before each byte, then exit code 0. Runs in the boot state: no setup at all.
-; `-D PV` builds the paravirtual version: one console_io hypercall instead of a port access per byte.
+; `-D PV` builds the paravirtual version, `-D SUN4V` the sun4v one: one hypervisor console call (console_io,
+; cons_write) instead of a port access per byte, and the platform's exit.
 ; (The native build runs under pv too: the domain is granted COM1 and the exit port.)
         .include "pm.inc"
 _start:
-        .ifdef PV
+        .ifdef HV_CONSOLE
         mov esi, message
         mov ecx, message_end - message
         con_write

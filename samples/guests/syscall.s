@@ -49,7 +49,7 @@ sys_write:
         kiret
 sys_exit:
         mov al, bl
-        out EXIT, al
+        exit_al
 
 text:
         .asciz "ring 3 says hi\n"

@@ -19,7 +19,7 @@ spin:
         mov al, '\n'
         putc
         mov al, bl
-        out EXIT, al
+        exit_al
 
 irq0:
         inc ebx

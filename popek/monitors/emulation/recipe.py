@@ -103,6 +103,16 @@ def _operand(insn, op) -> Operand:
 _SREGS = frozenset({"cs", "ds", "es", "fs", "gs", "ss"})
 
 
+def port_access(r: Recipe, dx: int) -> tuple[int, int, bool]:
+    """(port, bytes per access, inbound) of an in/out/ins/outs recipe; ``dx``: the guest's DX, the port
+    of every form but ``in``/``out`` with an immediate."""
+    inbound = r.name in ("in", "ins")
+    if r.name in ("in", "out"):
+        data, port = (r.operands[0], r.operands[1]) if inbound else (r.operands[1], r.operands[0])
+        return (port.number if port.kind == IMM else dx & 0xFFFF), data.size, inbound
+    return dx & 0xFFFF, (r.operands[0] if inbound else r.operands[1]).size, inbound
+
+
 class Recipes:
     """Recipes by EIP, checked against the guest's bytes at CS:EIP on every use (one raw read)."""
 

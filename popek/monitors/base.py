@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import time
 
-from popek.machine.machine import END, Machine
 from popek.machine.faults import EXTERNAL, Interrupt
-from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
+from popek.machine.interruptible import interruptible
+from popek.machine.machine import END, Machine
+from popek.machine.result import BUDGET, HLT as HLT_END, INTERRUPTED, RunResult
 
 # When the CPU looks at its interrupt line. Unicorn cannot tell us when IF changes (sti, popf, iret), so the
 # loop samples: when the line changes (a PIT edge, a write to the PIC or PIT), at hlt, and, while a request
@@ -37,6 +38,8 @@ from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
 # be taken up to POLL_MAX instructions after the sti, and a short sti ... cli window can miss it. Every
 # sample point is a guest instruction count, so runs are deterministic and the same for every monitor.
 POLL, POLL_MAX = 64, 4096
+# The one default instruction budget of every command and API that runs a guest (run, diff, compare,
+# popek.monitors.run_guest, popek.experiments.differential).
 DEFAULT_BUDGET = 100_000_000
 
 
@@ -71,13 +74,28 @@ class MonitorOps:
 
 
 def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:
-    """Run the loaded guest under ``ops`` until it ends; every end is a result, never an exception."""
+    """Run the loaded guest under ``ops`` until it ends; every end is a result, never an exception.
+    SIGINT ends it early with reason ``interrupted`` (popek.machine.interruptible)."""
     assert max_instructions >= 0
     machine.ops = ops
     started = time.perf_counter()
     ops.attach(machine)
+    with interruptible(machine):
+        _loop(machine, ops, max_instructions)
+    ops.detach(machine)
+    end = machine.end
+    return RunResult(monitor=ops.name, guest=machine.guest.name if machine.guest else "", exit=end,
+                     console=machine.serial.output.decode("utf-8", "replace"), state=ops.state(machine),
+                     events=machine.events.to_dict(), guest_instructions=machine.instructions,
+                     wall_seconds=round(time.perf_counter() - started, 6), memory=machine.memory.image())
+
+
+def _loop(machine: Machine, ops: MonitorOps, max_instructions: int) -> None:
     window, sample_at = POLL, None
     while machine.end is None:
+        if machine.stop_requested:
+            machine.finish(INTERRUPTED, None, "SIGINT")
+            break
         left = max_instructions - machine.instructions
         if left <= 0:
             machine.finish(BUDGET, None, f"{max_instructions} instructions")
@@ -102,12 +120,6 @@ def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGE
                 window = min(2 * window, POLL_MAX)
             else:
                 sample_at = None
-    ops.detach(machine)
-    end = machine.end
-    return RunResult(monitor=ops.name, guest=machine.guest.name if machine.guest else "", exit=end,
-                     console=machine.serial.output.decode("utf-8", "replace"), state=ops.state(machine),
-                     events=machine.events.to_dict(), guest_instructions=machine.instructions,
-                     wall_seconds=round(time.perf_counter() - started, 6))
 
 
 def _until_next_event(machine: Machine) -> int:

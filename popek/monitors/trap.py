@@ -169,6 +169,7 @@ class TrapAndEmulate(MonitorOps):
         elif event.vector == PF and event.source == EXCEPTION:
             if self.shadow.paging_changed():
                 machine.events.count("shadow", "hidden-page-fault")
+                machine.uncount()                   # the faulting attempt was the monitor's, not the guest's
                 return True                         # the guest's tables allow it now: run it again
             v.cr2 = machine.reg("cr2")
             if event.error_code is not None:        # U/S: the virtual privilege, not the real one

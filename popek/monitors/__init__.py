@@ -7,6 +7,7 @@ break the others.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from popek.errors import UsageError
 
@@ -18,8 +19,8 @@ MONITORS: dict[str, tuple[str, str]] = {
 }
 
 
-def get_monitor(name: str, **options):
-    """A fresh ops object for monitor ``name``; UsageError names the known ones."""
+def monitor_class(name: str) -> type:
+    """The ops class of monitor ``name``; UsageError names the known ones."""
     if name not in MONITORS:
         raise UsageError(f"unknown monitor {name!r} (known: {', '.join(MONITORS)})")
     module, cls = MONITORS[name]
@@ -29,13 +30,30 @@ def get_monitor(name: str, **options):
         if exc.name != module:
             raise
         raise UsageError(f"monitor {name!r} is not built yet") from None
-    return getattr(mod, cls)(**options)
+    return getattr(mod, cls)
+
+
+def get_monitor(name: str, **options):
+    """A fresh ops object for monitor ``name``. An option the monitor's constructor does not take is a
+    UsageError that names it as the command-line flag (``direct_user`` -> ``--direct-user``); a bad value
+    is the constructor's own UsageError."""
+    cls = monitor_class(name)
+    accepted = inspect.signature(cls).parameters
+    foreign = [option for option in options if option not in accepted]
+    if foreign:
+        flags = " and ".join(f"--{option.replace('_', '-')}" for option in foreign)
+        raise UsageError(f"{flags} does not apply to monitor {name!r}")
+    return cls(**options)
 
 
 def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,
               ram_size: int | None = None, umip: bool = False, **options):
-    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``."""
+    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``.
+    Raises KeyboardInterrupt instead of starting when Ctrl-C ended an earlier run (machine.interruptible)."""
+    from popek.machine import interruptible
     from popek.machine.guest import Guest, load_guest
+    if interruptible.pending():
+        raise KeyboardInterrupt
     from popek.machine.machine import Machine
     from popek.machine.memory import RAM_DEFAULT
     from popek.monitors.base import DEFAULT_BUDGET, run

@@ -167,7 +167,7 @@ class PopfIgnoresIF(Emulate):
         super().attach(machine)
 
         def before(uc, address, size, _):
-            if self.names.get(address) == "popf":
+            if self.decoder.names.get(address) == "popf":
                 esp = machine.reg("esp")
                 value = int.from_bytes(machine.memory.read(esp, 4), "little")
                 value = (value & ~0x200) | (machine.reg("eflags") & 0x200)

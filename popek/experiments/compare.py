@@ -39,12 +39,12 @@ def _work(events: dict) -> dict[str, int]:
 
 
 def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instructions: int = 10_000_000) -> list[Cell]:
-    from popek.machine.guest import load_guest
+    from popek.machine.guest import Guest, load_guest
     from popek.monitors import run_guest
 
     cells = []
     for path in guests:
-        guest = load_guest(path)
+        guest = path if isinstance(path, Guest) else load_guest(path)
         reference = None
         for monitor in monitors:
             result = run_guest(guest, monitor=monitor, max_instructions=max_instructions).to_dict()

@@ -26,6 +26,7 @@ from popek.machine.faults import GuestFault
 from popek.machine.memory import RAM_DEFAULT
 from popek.monitors.base import DEFAULT_BUDGET
 from popek.scan import engine
+from popek.tabular import Tabular
 
 EQUIVALENT, DIVERGES, UNDECIDED = "equivalent", "diverges", "undecided"
 MEMORY_RANGES = 8   # differing RAM ranges named one by one
@@ -191,7 +192,7 @@ class Writers:
 
 
 @dataclass
-class Report:
+class Report(Tabular):
     guest: str
     monitor: str
     native: dict
@@ -217,6 +218,15 @@ class Report:
                 "equivalent": self.equivalent, "undecided_reason": self.verdict.reason,
                 "differences": self.differences, "memory_writers": self.writers, "instructions": self.blamed,
                 "paths": self.paths, "native": self.native, "monitored": self.other}
+
+    def caption(self) -> str:
+        verdict = "equivalent" if self.equivalent else f"diverges in {len(self.differences)} places"
+        return f"{self.guest}: native vs {self.monitor}: {verdict}"
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per sensitive instruction execution that saw different state than on the bare machine."""
+        return (["address", "instruction", "text", "execution", "read", "bare machine"],
+                [[b["address"], b["name"], b["text"], b["occurrence"], b["saw"], b["native"]] for b in self.blamed])
 
     def render_text(self) -> str:
         lines = [f"popek diff {self.guest}: native vs {self.monitor}"]
@@ -273,11 +283,12 @@ def _run(guest, monitor: str, classifier: Classifier, budget: int, options: dict
     return result, observer.records
 
 
-def diff(guest_path: str, monitor: str, *, max_instructions: int = DEFAULT_BUDGET, options: dict | None = None,
+def diff(guest, monitor: str, *, max_instructions: int = DEFAULT_BUDGET, options: dict | None = None,
          ram_size: int = RAM_DEFAULT, umip: bool = False) -> Report:
-    from popek.machine.guest import load_guest
+    """``guest``: a path or a loaded ``popek.machine.Guest``."""
+    from popek.machine.guest import Guest, load_guest
 
-    guest = load_guest(guest_path, ram_size=ram_size)
+    guest = guest if isinstance(guest, Guest) else load_guest(guest, ram_size=ram_size)
     machine = {"ram_size": ram_size, "umip": umip}
     classifier = Classifier(language.bundled())
     native, native_obs = _run(guest, "native", classifier, max_instructions, {}, machine)

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from popek.isa.model import IsaDescription, Model, Verdict
+from popek.tabular import Tabular
 
 
 @dataclass(frozen=True)
-class TheoremResult:
+class TheoremResult(Tabular):
     isa: IsaDescription
     model: Model
     verdicts: tuple[Verdict, ...]
@@ -47,6 +48,15 @@ class TheoremResult:
                     "mode can be built (Theorem 3)")
         return ("not virtualizable: neither a VMM (Theorem 1) nor a hybrid VMM (Theorem 3) can be built by "
                 "trap-and-emulate alone; binary translation, paravirtualization or hardware support is needed")
+
+    def caption(self) -> str:
+        return f"{self.isa.name} under {self.model.name}: {self.conclusion}"
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per instruction of the description: its verdict under the model."""
+        return (["instruction", "sensitive", "traps", "breaks theorem 1", "breaks theorem 3", "why"],
+                [[v.instruction.name, v.sensitive, v.traps, v.breaks_theorem1, v.breaks_theorem3, v.why]
+                 for v in self.verdicts])
 
     def to_dict(self) -> dict:
         def part(violations: list[Verdict]) -> dict:

@@ -4,7 +4,7 @@ Read in this order: ``engine`` (what Unicorn hides, found by calibration), ``mem
 paging), ``descriptors`` and ``faults`` (pure data), ``devices`` (COM1, exit port, 8259, 8254),
 ``interrupts`` (SDM delivery through the IDT), ``ioperm`` and ``umip`` (checks Unicorn does not make),
 ``machine`` (the ``Machine`` that owns the ``Uc`` and its hooks), ``guest`` (loading), ``result`` (the run
-document), ``command`` (``popek run``). The run loop is ``popek.monitors.base.run``, one for every monitor;
+document), ``command`` (``popek run``). The run loop is ``popek.monitors.base.Run``, one for every monitor;
 ``popek.monitors.run_guest`` loads a guest on a fresh machine and runs it.
 """
 from popek.machine.faults import GuestFault, Interrupt

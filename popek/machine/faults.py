@@ -42,6 +42,12 @@ class GuestFault(Exception):
         super().__init__(f"{name(vector)}({error_code:#x}) {why}" if error_code is not None else why)
         self.vector, self.error_code, self.why, self.address = vector, error_code, why, address
 
+    def event(self, insn: int) -> Interrupt:
+        """This fault as the exception the guest takes at the instruction ``insn`` (a fault's frame points at
+        the instruction that faulted); a page fault carries its address for CR2."""
+        return Interrupt(self.vector, EXCEPTION, self.error_code if self.vector in ERROR_CODE else None,
+                         eip=insn, insn=insn, why=self.why, address=self.address if self.vector == PF else None)
+
 
 # Where an event comes from; the SDM treats them differently (gate DPL check, EXT bit, pushed EIP).
 EXCEPTION, SOFTWARE, EXTERNAL = "exception", "software", "external"
@@ -53,7 +59,9 @@ class Interrupt:
 
     ``eip`` is what the frame will hold: the faulting instruction for a fault, the next instruction for
     ``int n`` and for an external interrupt. ``insn`` is the address of the instruction that caused it,
-    which is where a fault raised while delivering it points.
+    which is where a fault raised while delivering it points. ``address``: for a page fault found by
+    machine or monitor code (not by Unicorn, which sets the real CR2 itself), the linear address that
+    delivery writes into the CR2 the guest sees.
     """
 
     vector: int
@@ -62,6 +70,7 @@ class Interrupt:
     eip: int = 0
     insn: int = 0
     why: str = ""
+    address: int | None = None
 
     @property
     def name(self) -> str:

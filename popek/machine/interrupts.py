@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from popek.machine.descriptors import ACCESSED, IDT_GATES, INTERRUPT_GATES, Descriptor
-from popek.machine.faults import (DF, ERROR_CODE, EXCEPTION, GP, NP, PF, SOFTWARE, SS, TS, GuestFault, Interrupt,
-                                  double_fault)
+from popek.machine.faults import (DF, ERROR_CODE, EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, SS, TS, GuestFault,
+                                  Interrupt, double_fault)
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
@@ -55,23 +55,55 @@ def escalate(first: Interrupt, second: Interrupt) -> Interrupt | None:
     return second
 
 
-def deliver(m: Machine, event: Interrupt, outer: Interrupt | None = None, depth: int = 0) -> None:
-    """Deliver ``event`` (raised while delivering ``outer``, if given) or end the run with a triple fault."""
+class Cpu:
+    """What an event is delivered to: the bare machine's CPU (here) or a monitor's virtual CPU
+    (``popek.monitors.vcpu.VCpu``). Each says how to enter a handler for an event (through its IDT, at its
+    CPL: ``enter_handler``) and where a page fault's address goes (``fault_address``); ``deliver`` below is
+    the one loop around them, with the SDM's double-fault rules and the machine's handler-fault rule."""
+
+    __slots__ = ()
+    entry: Entry | None             # the last delivery, for the handler-fault rule (None: none pending)
+
+    def enter_handler(self, m: Machine, event: Interrupt, depth: int) -> None:
+        """Push the frame and load the handler; raise GuestFault as the SDM's checks do."""
+        raise NotImplementedError
+
+    def fault_address(self, m: Machine, address: int) -> None:
+        """Set the CR2 this CPU's guest sees."""
+        raise NotImplementedError
+
+
+def deliver(m: Machine, cpu: Cpu, event: Interrupt) -> None:
+    """Deliver ``event`` to ``cpu`` or end the run with a triple fault; count what the guest's IDT receives.
+
+    A fault on the first instruction of a handler just entered (no handler instruction completed; the
+    faulting one is counted) counts as a fault while delivering that handler's event (module docstring)."""
+    entry, cpu.entry = cpu.entry, None
+    outer, depth = None, 0
+    if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
+            and m.total_instructions() <= entry.total + 1):
+        outer, depth = entry.event, entry.depth + 1
+    m.events.count(KIND[event.source], event.name)
+    if event.address is not None:
+        cpu.fault_address(m, event.address)
     current = escalate(outer, event) if outer is not None else event
     why = f"{event.name} ({event.why}) while entering {outer.name}" if outer is not None else ""
     while current is not None and depth <= MAX_DEPTH:
         try:
-            _through_gate(m, current, depth)
+            cpu.enter_handler(m, current, depth)
             return
         except GuestFault as fault:
             if fault.vector == PF and fault.address is not None:
-                m.set_cr2(fault.address)
-            second = Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE else None,
-                               eip=current.insn, insn=current.insn, why=fault.why)
+                cpu.fault_address(m, fault.address)
+            second = fault.event(current.insn)
             m.events.count("delivery-fault", second.name)
             why = f"{second.name} ({fault.why}) while delivering {current.name}"
             current, depth = escalate(current, second), depth + 1
     m.triple_fault(why if current is None else f"more than {MAX_DEPTH} nested faults: {why}")
+
+
+# The event kinds the guest's IDT receives, by source (the machine's event vocabulary).
+KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
 
 
 def checked_gate(space, idtr: tuple[int, int], event: Interrupt, cpl: int) -> tuple[Descriptor, Descriptor, int]:
@@ -132,24 +164,35 @@ def push_frame(space, gate: Descriptor, code: Descriptor, ext: int, cpl: int, wo
     return new_cpl, new_ss, new_esp, stack
 
 
-def _through_gate(m: Machine, event: Interrupt, depth: int) -> None:
-    regs = m.registers()
-    cpl = regs["cs"] & 3
-    space = m.address_space()
-    gate, code, ext = checked_gate(space, m.idtr(), event, cpl)
-    words = [regs["eflags"], regs["cs"], event.eip]
-    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
-        words.append(event.error_code)
-    new_cpl, new_ss, esp, stack = push_frame(space, gate, code, ext, cpl, words, regs["ss"], regs["ss"],
-                                             regs["esp"], m.tss_stack)
-    width = 4 if gate.gate_bits == 32 else 2
+class RealCpu(Cpu):
+    """The bare machine's CPU: its real IDT, CPL, TSS and CR2."""
 
-    eflags = regs["eflags"] & ~(TF | NT | RF | VM)
-    if gate.type in INTERRUPT_GATES:
-        eflags &= ~IF
-    eip = gate.offset if width == 4 else gate.offset & 0xFFFF
-    cs = (gate.selector & 0xFFFC) | new_cpl
-    accessed = code.high & stack.high & ACCESSED
-    m.enter(cs=cs, eip=eip, eflags=eflags, esp=esp, cpl=new_cpl,
-            ss=None if new_ss is None else (new_ss & 0xFFFC) | new_cpl, space=None if accessed else space)
-    m.entered(Entry(eip, m.total_instructions(), event, depth))
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry = None
+
+    def fault_address(self, m: Machine, address: int) -> None:
+        m.set_cr2(address)
+
+    def enter_handler(self, m: Machine, event: Interrupt, depth: int) -> None:
+        regs = m.registers()
+        cpl = regs["cs"] & 3
+        space = m.address_space()
+        gate, code, ext = checked_gate(space, m.idtr(), event, cpl)
+        words = [regs["eflags"], regs["cs"], event.eip]
+        if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
+            words.append(event.error_code)
+        new_cpl, new_ss, esp, stack = push_frame(space, gate, code, ext, cpl, words, regs["ss"], regs["ss"],
+                                                 regs["esp"], m.tss_stack)
+        width = 4 if gate.gate_bits == 32 else 2
+
+        eflags = regs["eflags"] & ~(TF | NT | RF | VM)
+        if gate.type in INTERRUPT_GATES:
+            eflags &= ~IF
+        eip = gate.offset if width == 4 else gate.offset & 0xFFFF
+        cs = (gate.selector & 0xFFFC) | new_cpl
+        accessed = code.high & stack.high & ACCESSED
+        m.enter(cs=cs, eip=eip, eflags=eflags, esp=esp, cpl=new_cpl,
+                ss=None if new_ss is None else (new_ss & 0xFFFC) | new_cpl, space=None if accessed else space)
+        self.entry = Entry(eip, m.total_instructions(), event, depth)

@@ -3,7 +3,7 @@
 ``Machine`` owns the ``Uc`` and registers every hook here, in ``_install_hooks``. It runs the guest in
 chunks (``execute(count)``, always with ``count > 0``: alternating with ``count = 0`` would flush Unicorn's
 translation cache, and the count is what makes instruction counting exact). The run loop that decides chunk
-sizes, timer interrupts, hlt and the budget is ``popek.monitors.base.run``, written once for every monitor.
+sizes, timer interrupts, hlt and the budget is ``popek.monitors.base.Run``, written once for every monitor.
 
 Guest faults become guest events, never Python exceptions: Unicorn's exceptions (``UC_HOOK_INTR``), memory
 errors outside RAM (#GP(0)), invalid opcodes (#UD), denied port I/O (#GP(0)) and UMIP all become an
@@ -29,11 +29,12 @@ from typing import Any
 import unicorn
 from unicorn import x86_const as X
 
+from popek.events import IO, VIRTUAL_IO
 from popek.machine import interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
-from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, EXTERNAL, GP, OF, SOFTWARE, TS, UD, GuestFault, \
+from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS, UD, GuestFault, \
     Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
@@ -64,8 +65,6 @@ _MEMORY_ERRORS = {
     unicorn.UC_ERR_FETCH_UNMAPPED: "fetch", unicorn.UC_ERR_READ_PROT: "read",
     unicorn.UC_ERR_WRITE_PROT: "write", unicorn.UC_ERR_FETCH_PROT: "fetch",
 }
-
-_EVENT_KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
 
 # Why a chunk ended (Machine.execute).
 COUNT, HLT, STOPPED, END = "count", "hlt", "stopped", "end"
@@ -101,7 +100,7 @@ class Machine:
         self._pending: Interrupt | None = None
         self._saved: dict[str, int] = {}     # registers to put back before raising _pending
         self._last_access: tuple[str, int] | None = None
-        self._entry: interrupts.Entry | None = None
+        self.cpu = interrupts.RealCpu()      # what the guest's IDT delivers to when no monitor takes an event
         self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
         self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
         self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
@@ -136,8 +135,7 @@ class Machine:
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access, None, 0, 0xFFFFFFFF)
         if self.umip:
             from popek.machine.umip import Umip
-            self.umip_detector = Umip(self)
-            uc.hook_add(unicorn.UC_HOOK_BLOCK, self.umip_detector.on_block, None, 0, 0xFFFFFFFF)
+            self.umip_detector = Umip(self)             # its block hook: popek.machine.watch
 
     def load(self, guest: Guest) -> None:
         guest.check_fits(self.memory.ram_size)
@@ -448,29 +446,18 @@ class Machine:
 
     # --- events -----------------------------------------------------------------------------------------
     def raise_interrupt(self, event: Interrupt) -> None:
-        """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does.
-
-        A fault on the first instruction of a handler the machine just entered (no handler instruction
-        completed; the faulting one is counted) counts as a fault while delivering that handler's event.
-        """
+        """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does
+        (``popek.machine.interrupts.deliver``, which also counts it)."""
         self.raised += 1
         if self.ops is not None and self.ops.intercept(self, event):
-            self._entry = None
+            self.cpu.entry = None
             return
-        self.events.count(_EVENT_KIND[event.source], event.name)     # what the guest's IDT receives
-        entry, self._entry = self._entry, None
-        if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
-                and self.total_instructions() <= entry.total + 1):
-            interrupts.deliver(self, event, outer=entry.event, depth=entry.depth + 1)
-        else:
-            interrupts.deliver(self, event)
+        interrupts.deliver(self, self.cpu, event)
 
     def deliver(self, event: Interrupt) -> None:
-        """Deliver through the guest's IDT without asking the monitor (for monitors reflecting an event)."""
-        interrupts.deliver(self, event)
-
-    def entered(self, entry: interrupts.Entry) -> None:
-        self._entry = entry
+        """Deliver through the guest's real IDT without asking the monitor (for a monitor reflecting an event
+        to a guest that owns its IDT)."""
+        interrupts.deliver(self, self.cpu, event)
 
     def _on_intr(self, uc, vector: int, _) -> None:
         # Clears old_exception too: Unicorn never does, which is the repeated-#GP bug.
@@ -492,13 +479,16 @@ class Machine:
         return False                            # emu_start fails; execute() turns it into #GP(0)
 
     # --- port I/O ---------------------------------------------------------------------------------------
-    def _io_allowed(self, port: int, size: int) -> bool:
+    def _io_allowed(self, port: int, size: int) -> str | None:
+        """The event kind of an allowed access (``io`` when the hardware allowed it, ``virtual-io`` when a
+        monitor answered for its virtual CPU and so completes it against its device model), None if denied."""
         verdict = self.ops.io_allowed(self, port, size) if self.ops is not None else None
         if verdict is not None:
-            return verdict                              # a monitor answers for its virtual CPU
+            return VIRTUAL_IO if verdict else None
         cpl = self.cpl()
         iopl = (self.reg("eflags") >> IOPL_SHIFT) & 3
-        return cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size)
+        return IO if cpl <= iopl or ioperm.bitmap_allows(self.address_space(), self.table("tr"), port, size) \
+            else None
 
     def _deny_io(self, port: int) -> None:
         eip = self.reg("eip")                           # Unicorn reports I/O hooks at the instruction
@@ -508,25 +498,28 @@ class Machine:
                                   why=f"port {port:#x} at CPL {self.cpl()} > IOPL"), restore)
 
     def _on_in(self, uc, port: int, size: int, _) -> int:
-        if not self._io_allowed(port, size):
+        kind = self._io_allowed(port, size)
+        if kind is None:
             self._deny_io(port)
             return self.reg("eax") & ((1 << (8 * size)) - 1)    # leave EAX as it was
-        return self.port_read(port, size)
+        return self.port_read(port, size, kind)
 
     def _on_out(self, uc, port: int, size: int, value: int, _) -> None:
-        if not self._io_allowed(port, size):
+        kind = self._io_allowed(port, size)
+        if kind is None:
             self._deny_io(port)
             return
-        self.port_write(port, size, value)
+        self.port_write(port, size, value, kind)
 
-    def port_read(self, port: int, size: int) -> int:
-        """A port read that was allowed (by the hardware check above, or by a monitor emulating I/O)."""
-        self.events.count("io", self.ports.name(port))
+    def port_read(self, port: int, size: int, kind: str = VIRTUAL_IO) -> int:
+        """A port read that was allowed: by the hardware check above (``kind`` io), or by a monitor emulating
+        I/O (virtual-io, the default: emulation routines call this)."""
+        self.events.count(kind, self.ports.name(port))
         return self.ports.read(port, size)
 
-    def port_write(self, port: int, size: int, value: int) -> None:
+    def port_write(self, port: int, size: int, value: int, kind: str = VIRTUAL_IO) -> None:
         """A port write that was allowed (see port_read)."""
-        self.events.count("io", self.ports.name(port))
+        self.events.count(kind, self.ports.name(port))
         if self.ports.write(port, size, value):
             self.devices_changed = True         # the PIT or PIC changed: the run loop plans again
             if self._running:

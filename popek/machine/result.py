@@ -16,6 +16,9 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+from popek.events import kind as documented_kind
+from popek.tabular import Tabular
+
 SCHEMA = 2
 
 # End reasons. Each run ends with exactly one.
@@ -87,7 +90,8 @@ class Events:
     and UMIP rescans (``umip``). A monitor adds its own kinds (``trap``, ``exit``, ``hypercall``,
     ``callout``, ``translation``, ``invalidation``), named by the canonical instruction names of DESIGN
     §3.1 where an instruction is the cause. An event a monitor handles never reaches the guest's IDT and
-    is not counted by the machine.
+    is not counted by the machine. Every kind is one of popek.events.KINDS (that module documents the kinds
+    and names); counting an undocumented kind raises KeyError.
     """
 
     def __init__(self):
@@ -96,13 +100,14 @@ class Events:
     def count(self, kind: str, name: str, n: int = 1) -> None:
         counter = self._kinds.get(kind)
         if counter is None:
-            counter = self._kinds[kind] = Counter()
+            counter = self.counter(kind)
         counter[name] += n
 
     def counter(self, kind: str) -> Counter:
         """The live counts of one kind, for a hook that counts on every event (``counter[name] += 1``)."""
         counter = self._kinds.get(kind)
         if counter is None:
+            documented_kind(kind)
             counter = self._kinds[kind] = Counter()
         return counter
 
@@ -124,7 +129,7 @@ class Exit:
 
 
 @dataclass
-class RunResult:
+class RunResult(Tabular):
     monitor: str
     guest: str
     exit: Exit
@@ -176,6 +181,16 @@ class RunResult:
                    memory=RamImage.from_dict(doc["memory"]) if doc["memory"] is not None else None,
                    modelled_cycles=doc["modelled_cycles"],
                    profile=doc["profile"])
+
+    def caption(self) -> str:
+        code = f" {self.exit.code}" if self.exit.code is not None else ""
+        return (f"{self.guest} under {self.monitor}: {self.exit.reason}{code} after "
+                f"{self.guest_instructions:,} guest instructions")
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per counted event."""
+        return (["kind", "name", "count"],
+                [[kind, name, n] for kind, names in self.events.items() for name, n in names.items()])
 
     def render_text(self) -> str:
         s = self.state

@@ -6,6 +6,10 @@ IF), let the machine execute it, advance the devices, take an interrupt if one i
 machine asks the ops about every event before the guest's IDT sees it (``intercept``), which is where a
 trap-and-emulate monitor emulates a privileged instruction that raised #GP.
 
+The loop is a ``Run`` that can be stepped: ``Run.step(limit)`` runs at most ``limit`` more guest
+instructions, so one runner can interleave several machines in fixed instruction slices (sun4v domains)
+with the same loop; ``run()`` steps one machine to its end.
+
 What a monitor can rely on, for the next ones (``trap``, ``bt``, ``pv``, ``hvm``, ``sun4v``, ``emulate``):
 - ``attach`` runs before the first guest instruction: allocate shadow tables in monitor memory
   (``machine.memory.alloc``/``monitor_write``, read-only to the guest: set the accessed bit of every
@@ -16,6 +20,9 @@ What a monitor can rely on, for the next ones (``trap``, ``bt``, ``pv``, ``hvm``
   machine has already cleared Unicorn's exception state). ``machine.deliver`` reflects an event through
   the IDT the machine sees; ``popek.machine.interrupts`` has the SDM pieces to deliver through a virtual one.
 - ``interrupts_enabled`` is the IF the timer interrupt obeys (a virtual IF for a deprivileged kernel);
+- the platform's interrupt sources are ``next_event``, ``advance``, ``interrupt_pending``,
+  ``take_interrupt`` and ``can_wake``: by default the bare machine's PIT ticking into the PIC's IRQ 0; a
+  monitor whose guest has other sources (pv: event channels and a one-shot timer) overrides them;
   ``io_allowed`` may decide port I/O instead of the hardware check (for a virtual CPL and IOPL);
   ``machine.halted = True`` is how an emulated ``hlt`` waits for the next interrupt.
 - ``state`` is what the result reports: the *virtual* CPU for a monitor (``vcpu.py``), the real one natively.
@@ -69,94 +76,137 @@ class MonitorOps:
         """The CPU state the guest can see (DESIGN §3.4)."""
         return machine.state()
 
+    # --- the platform's interrupt sources -------------------------------------------------------------------
+    def next_event(self, machine: Machine) -> int | None:
+        """Machine time of the next timer event, or None when nothing is armed."""
+        return machine.pit.next_event()
+
+    def advance(self, machine: Machine) -> int:
+        """Fire what is due at ``machine.time``; the number of timer events that fired."""
+        fired = machine.pit.advance(machine.time)
+        if fired:
+            machine.events.count("timer", "irq0", fired)
+            machine.pic.raise_irq(0)
+        return fired
+
+    def interrupt_pending(self, machine: Machine) -> bool:
+        """An interrupt request waits for the guest."""
+        return machine.pic.pending()
+
+    def take_interrupt(self, machine: Machine) -> bool:
+        """Deliver one pending interrupt if the guest accepts it now; True when one was taken."""
+        if machine.end is None and machine.pic.pending() and self.interrupts_enabled(machine):
+            vector = machine.pic.acknowledge()
+            eip = machine.reg("eip")
+            machine.halted = False
+            machine.raise_interrupt(Interrupt(vector, EXTERNAL, None, eip=eip, insn=eip, why="PIC"))
+            return True
+        return False
+
+    def can_wake(self, machine: Machine) -> bool:
+        """Whether the next timer event can wake a halted CPU (IRQ 0 not masked or blocked at the PIC)."""
+        return machine.pic.could_take(0)
+
     def detach(self, machine: Machine) -> None:
         """The run is over; last chance to add events."""
 
 
-def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:
-    """Run the loaded guest under ``ops`` until it ends; every end is a result, never an exception.
-    SIGINT ends it early with reason ``interrupted`` (popek.machine.interruptible)."""
-    assert max_instructions >= 0
-    machine.ops = ops
-    started = time.perf_counter()
-    ops.attach(machine)
-    with interruptible(machine):
-        _loop(machine, ops, max_instructions)
-    ops.detach(machine)
-    end = machine.end
-    return RunResult(monitor=ops.name, guest=machine.guest.name if machine.guest else "", exit=end,
-                     console=machine.serial.output.decode("utf-8", "replace"), state=ops.state(machine),
-                     events=machine.events.to_dict(), guest_instructions=machine.instructions,
-                     wall_seconds=round(time.perf_counter() - started, 6), memory=machine.memory.image())
+class Run:
+    """One machine's run under one monitor; ``step`` it, then take its ``result``. Every end is a result,
+    never an exception."""
 
+    def __init__(self, machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET):
+        assert max_instructions >= 0
+        self.machine, self.ops, self.budget = machine, ops, max_instructions
+        self.window, self.sample_at = POLL, None
+        self._detached = False
+        machine.ops = ops
+        started = time.perf_counter()
+        ops.attach(machine)
+        self.wall = time.perf_counter() - started
 
-def _loop(machine: Machine, ops: MonitorOps, max_instructions: int) -> None:
-    window, sample_at = POLL, None
-    while machine.end is None:
-        if machine.stop_requested:
-            machine.finish(INTERRUPTED, None, "SIGINT")
-            break
-        left = max_instructions - machine.instructions
-        if left <= 0:
-            machine.finish(BUDGET, None, f"{max_instructions} instructions")
-            break
-        if machine.halted:
-            _wait(machine, ops)
-            continue
-        chunk = min(left, _until_next_event(machine))
-        if sample_at is not None:
-            chunk = min(chunk, max(1, sample_at - machine.time))
-        machine.devices_changed = False
-        if machine.execute(chunk) == END:
-            break
-        fired = _advance(machine)
-        if machine.halted:
-            continue                            # hlt: _wait decides (it also takes a pending interrupt)
-        if fired or machine.devices_changed or (sample_at is not None and machine.time >= sample_at):
-            if _take_interrupt(machine, ops):
-                window, sample_at = POLL, None
-            elif machine.pic.pending():
-                sample_at = machine.time + window
-                window = min(2 * window, POLL_MAX)
-            else:
-                sample_at = None
+    def step(self, limit: int | None = None) -> bool:
+        """Run until ``limit`` more guest instructions have executed (None: no limit) or the run ends; True
+        while it goes on."""
+        m, ops = self.machine, self.ops
+        started = time.perf_counter()
+        stop_at = None if limit is None else m.instructions + limit
+        with interruptible(m):              # SIGINT ends the run with reason `interrupted`
+            self._loop(stop_at)
+        self.wall += time.perf_counter() - started
+        if m.end is not None and not self._detached:
+            self._detached = True
+            ops.detach(m)
+        return m.end is None
 
+    def _loop(self, stop_at: int | None) -> None:
+        m, ops = self.machine, self.ops
+        while m.end is None:
+            if m.stop_requested:
+                m.finish(INTERRUPTED, None, "SIGINT")
+                break
+            left = self.budget - m.instructions
+            if left <= 0:
+                m.finish(BUDGET, None, f"{self.budget} instructions")
+                break
+            if stop_at is not None:
+                if m.instructions >= stop_at:
+                    break
+                left = min(left, stop_at - m.instructions)
+            if m.halted:
+                self._wait()
+                continue
+            event = ops.next_event(m)
+            chunk = min(left, max(1, event - m.time) if event is not None else left)
+            if self.sample_at is not None:
+                chunk = min(chunk, max(1, self.sample_at - m.time))
+            m.devices_changed = False
+            if m.execute(chunk) == END:
+                break
+            fired = ops.advance(m)
+            if m.halted:
+                continue                        # hlt: _wait decides (it also takes a pending interrupt)
+            if fired or m.devices_changed or (self.sample_at is not None and m.time >= self.sample_at):
+                self._sample()
 
-def _until_next_event(machine: Machine) -> int:
-    event = machine.pit.next_event()
-    return max(1, event - machine.time) if event is not None else 1 << 62
+    def _sample(self) -> None:
+        """The CPU looks at its interrupt line (see POLL)."""
+        m, ops = self.machine, self.ops
+        if ops.take_interrupt(m):
+            self.window, self.sample_at = POLL, None
+        elif ops.interrupt_pending(m):
+            self.sample_at = m.time + self.window
+            self.window = min(2 * self.window, POLL_MAX)
+        else:
+            self.sample_at = None
 
-
-def _advance(machine: Machine) -> int:
-    fired = machine.pit.advance(machine.time)
-    if fired:
-        machine.events.count("timer", "irq0", fired)
-        machine.pic.raise_irq(0)
-    return fired
-
-
-def _take_interrupt(machine: Machine, ops: MonitorOps) -> bool:
-    if machine.end is None and machine.pic.pending() and ops.interrupts_enabled(machine):
-        vector = machine.pic.acknowledge()
-        eip = machine.reg("eip")
-        machine.halted = False
-        machine.raise_interrupt(Interrupt(vector, EXTERNAL, None, eip=eip, insn=eip, why="PIC"))
-        return True
-    return False
-
-
-def _wait(machine: Machine, ops: MonitorOps) -> None:
-    """hlt: with IF clear the run ends; otherwise skip time to the interrupt that will wake the CPU, or end
-    the run when nothing armed can (no PIT event, or IRQ 0 masked or blocked at the PIC)."""
-    if not ops.interrupts_enabled(machine):
-        machine.finish(HLT_END, None, "hlt with interrupts disabled")
-        return
-    if not machine.pic.pending():
-        event = machine.pit.next_event()
-        if event is None or not machine.pic.could_take(0):
-            machine.finish(HLT_END, None, "hlt with no interrupt source armed")
+    def _wait(self) -> None:
+        """hlt: with IF clear the run ends; otherwise skip time to the interrupt that will wake the CPU, or end
+        the run when nothing armed can."""
+        m, ops = self.machine, self.ops
+        if not ops.interrupts_enabled(m):
+            m.finish(HLT_END, None, "hlt with interrupts disabled")
             return
-        machine.events.count("idle", "clocks", event - machine.time)
-        machine.time = event
-        _advance(machine)
-    _take_interrupt(machine, ops)
+        if not ops.interrupt_pending(m):
+            event = ops.next_event(m)
+            if event is None or not ops.can_wake(m):
+                m.finish(HLT_END, None, "hlt with no interrupt source armed")
+                return
+            m.events.count("idle", "clocks", event - m.time)
+            m.time = event
+            ops.advance(m)
+        ops.take_interrupt(m)
+
+    def result(self) -> RunResult:
+        m, ops = self.machine, self.ops
+        return RunResult(monitor=ops.name, guest=m.guest.name if m.guest else "", exit=m.end,
+                         console=m.serial.output.decode("utf-8", "replace"), state=ops.state(m),
+                         events=m.events.to_dict(), guest_instructions=m.instructions,
+                         wall_seconds=round(self.wall, 6), memory=m.memory.image())
+
+
+def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:
+    """Run the loaded guest under ``ops`` until it ends."""
+    r = Run(machine, ops, max_instructions)
+    r.step()
+    return r.result()

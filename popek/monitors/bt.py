@@ -21,7 +21,7 @@ cheap but cannot redirect EIP, ``int n`` can but costs 1.6 µs through the machi
 callout can write registers, flags, segments or EIP. The hook (bt_fast: registered without the binding's
 wrappers, EIP read from Unicorn's live CPU state) finds the *site* by EIP: the recipe decoded at
 translation time and the shared routine to run (bt_routines). Guest faults a routine raises are delivered
-at the guest instruction through the guest's virtual IDT (``vcpu.deliver``); a routine that transfers
+at the guest instruction through the guest's virtual IDT (``Deprivileged.reflect``); a routine that transfers
 control continues through the monitor's lookup. A guest's own ``syscall`` in translated code is no site
 and stays what Unicorn makes of it natively, a no-op. Port I/O that reaches the machine's own hooks
 (ins/outs, copied unchanged; user code run directly) is decided by ``io_allowed`` for the virtual CPU.
@@ -84,34 +84,33 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from popek.machine import ioperm
-from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, PF, SOFTWARE, UD, GuestFault, Interrupt
+from popek.machine.faults import BP, EXCEPTION, GP, PF, SOFTWARE, UD, GuestFault, Interrupt
 from popek.machine.memory import CR0_PG, PAGE
 from popek.monitors import bt_emit as emit
-from popek.monitors.base import MonitorOps
+from popek.monitors.deprivilege import TABLE_CHANGES, Deprivileged
 from popek.monitors.bt_cache import CodeCache
 from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
 from popek.monitors.bt_guard import RESYNC, Guard
 from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
 from popek.monitors.bt_routines import peek, push
-from popek.monitors.shadow import Shadow
-from popek.monitors.vcpu import deliver
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
 EIP = X.UC_X86_REG_EIP
-SEGMENTS = ("ds", "es", "fs", "gs")
 # Loads after which the guest's descriptor gets its accessed bit (below): what native runs write.
 DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
 # Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
 TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
+PAGING_CHANGES = frozenset({"cr0", "cr3", "cr4", "tlb"})
 
 
-class BinaryTranslation(MonitorOps):
+class BinaryTranslation(Deprivileged):
     name = "bt"
+    ring = 0                                # the guest kernel at real ring 0: only the tables are the monitor's
+    vcpu_type = CachedSegments
 
     def __init__(self, direct_user: bool = False, cache_size: int = 0x180000, cap: int = 12, ways: int = 4,
                  max_run: int = 48, paranoid: bool = False):
@@ -126,20 +125,15 @@ class BinaryTranslation(MonitorOps):
         self._flush_wanted: str | None = None
         self._accessed_known: set[tuple[int, int]] = set()
         self._base = 0                      # CS base of the translation running now (set by _goto)
+        self._paging = False                # the guest's CR0.PG as last followed
 
     # --- MonitorOps ---------------------------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
-        self.m = m = machine
-        v = self.vcpu = CachedSegments.from_machine(m, 0)
-        self.shadow = Shadow(m, v)
-        v.on_change = self._changed
-        self.shadow.paging_changed()
-        for sreg in SEGMENTS + ("ss",):             # reload the descriptor caches from the shadow GDT
-            selector = m.reg(sreg)
-            m.set_reg(sreg, selector if selector & 0xFFFC or sreg == "ss" else 0)
+        super().attach(machine)
+        m = self.m
         self.cache = CodeCache(m, self.cache_size, self.cache_size)     # glue: about as much as code
         self._map_for_paging()
-        self.translator = Translator(m, v, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
+        self.translator = Translator(m, self.vcpu, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
         self._count_guest_only()
         uc, cache = m.uc, self.cache
         # Unicorn checks an instruction hook's range against EIP, which is CS-relative: watch every EIP
@@ -172,18 +166,8 @@ class BinaryTranslation(MonitorOps):
         memory.monitor_write(shadow.pt + ((cache.base - start) >> 12) * 4, entries)
         self._pageable = cache.end <= start + 0x400000
 
-    def interrupts_enabled(self, machine: Machine) -> bool:
-        return bool(self.vcpu.iflag)
-
-    def io_allowed(self, machine: Machine, port: int, size: int) -> bool:
-        """Port I/O that reaches the machine's hooks (ins/outs copied unchanged at virtual CPL 0, any I/O of
-        user code run directly) is checked against the virtual CPU: the real TR is the monitor's TSS, which
-        has no I/O bitmap."""
-        v = self.vcpu
-        return v.cpl <= v.iopl or ioperm.bitmap_allows(v.space(machine), tuple(v.tr), port, size)
-
     def state(self, machine: Machine) -> dict:
-        s = self.vcpu.state(machine)
+        s = super().state(machine)
         base = self._key()[1]
         if self.cache.contains((s["eip"] + base) & 0xFFFFFFFF):
             s["eip"] = self._guest_of((s["eip"] + base) & 0xFFFFFFFF)
@@ -203,28 +187,21 @@ class BinaryTranslation(MonitorOps):
             ev.count("callout", name, n)
         for (kind, name), n in self.counts.items():
             ev.count(kind, name, n)
-        if self.shadow.edits:
-            ev.count("shadow", "guest-table-writes", self.shadow.edits)
+        super().detach(machine)
 
     # --- the virtual CPU follows the guest ----------------------------------------------------------------
-    def _changed(self, what: str) -> None:
-        shadow = self.shadow
-        if what == "gdtr":
-            shadow.gdt_changed()
-        elif what == "ldtr":
-            shadow.ldt_changed()
-        elif what == "tr":
-            shadow.tss_changed()
-        elif what in ("cr0", "cr3", "cr4", "tlb"):
-            paging = bool(self.m.reg("cr0") & CR0_PG)
-            if self.vcpu.cr0 & CR0_PG and not self._pageable:
+    def followed(self, what: str) -> None:
+        """After the shadow structures followed the vcpu: translations made for another address space or other
+        descriptors are stale."""
+        if what in PAGING_CHANGES:
+            paged, self._paging = self._paging, bool(self.vcpu.cr0 & CR0_PG)
+            if self._paging and not self._pageable:
                 self.m.triple_fault(f"bt: a {self.cache_size:#x}-byte cache does not fit the 4 MiB the monitor "
                                     "maps into a paging guest's address space")
                 return
-            shadow.paging_changed()
-            if paging or self.vcpu.cr0 & CR0_PG:
+            if paged or self._paging:
                 self._flush_wanted = "address-space"    # linear addresses may mean other bytes now
-        if what in ("gdtr", "ldtr", "descriptors"):
+        if what in TABLE_CHANGES:
             self._cs.clear()
             self._accessed_known.clear()
             self.vcpu.forget()
@@ -282,8 +259,7 @@ class BinaryTranslation(MonitorOps):
         try:
             found = self._find(linear, key)
         except GuestFault as fault:         # the target cannot be fetched: the guest's fault, at the target
-            self._deliver(Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE
-                                    else None, eip=eip, insn=eip, why=fault.why), fault, callout)
+            self._deliver(fault.event(eip), callout)
             return
         except Untranslatable as exc:
             m.triple_fault(f"bt: {exc} at {eip:#x} is not translated")
@@ -292,12 +268,10 @@ class BinaryTranslation(MonitorOps):
         real = (found - key[1]) & 0xFFFFFFFF
         m.engine.write(EIP, (real - 2) & 0xFFFFFFFF if callout else real)
 
-    def _deliver(self, event: Interrupt, fault: GuestFault | None, callout: bool) -> None:
+    def _deliver(self, event: Interrupt, callout: bool) -> None:
         """Deliver ``event`` through the guest's virtual IDT and continue in the handler's translation."""
-        if fault is not None and fault.vector == PF and fault.address is not None:
-            self.vcpu.cr2 = fault.address
         cpl = self.vcpu.cpl
-        deliver(self.m, self.vcpu, event)
+        self.reflect(self.m, event)
         self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
         if self.paranoid:
             self._check_invisible()
@@ -394,9 +368,7 @@ class BinaryTranslation(MonitorOps):
         self._goto(eip, callout=True)
 
     def _fault_at(self, site, fault: GuestFault) -> None:
-        eip = (site.guest - self._key()[1]) & 0xFFFFFFFF
-        code = fault.error_code if fault.vector in ERROR_CODE else None
-        self._deliver(Interrupt(fault.vector, EXCEPTION, code, eip=eip, insn=eip, why=fault.why), fault, True)
+        self._deliver(fault.event((site.guest - self._key()[1]) & 0xFFFFFFFF), True)
 
     def _exit(self, site) -> None:
         """A direct branch reached its stub: translate the target and link the branch to it."""
@@ -421,9 +393,7 @@ class BinaryTranslation(MonitorOps):
         self.m.engine.write(EIP, (found - base - 2) & 0xFFFFFFFF)
 
     def _fault_at_target(self, eip: int, fault: GuestFault) -> None:
-        code = fault.error_code if fault.vector in ERROR_CODE else None
-        self._deliver(Interrupt(fault.vector, EXCEPTION, code, eip=eip & 0xFFFFFFFF, insn=eip & 0xFFFFFFFF,
-                                why=fault.why), fault, True)
+        self._deliver(fault.event(eip & 0xFFFFFFFF), True)
 
     def _lookup(self, site) -> None:
         """An inline lookup missed: carry out the return or indirect branch, then add its target."""
@@ -493,13 +463,8 @@ class BinaryTranslation(MonitorOps):
             if event.source == SOFTWARE:        # int3 copied unchanged: the frame holds the next instruction
                 event.eip = guest + 1
         if event.vector == PF and event.source == EXCEPTION:
-            self.vcpu.cr2 = machine.reg("cr2")
-        cpl = self.vcpu.cpl
-        deliver(machine, self.vcpu, event)
-        self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
-        if self.paranoid:
-            self._check_invisible()
-        self._goto(machine.reg("eip"), callout=False)
+            event.address = machine.reg("cr2")
+        self._deliver(event, callout=False)
         return True
 
     # --- tests: what the monitor writes where the guest can see it holds no cache address ------------------

@@ -65,28 +65,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from unicorn.x86_const import UC_X86_REG_CS as UC_CS, UC_X86_REG_EIP as UC_EIP
+from unicorn.x86_const import UC_X86_REG_EIP as UC_EIP
 
 from popek.errors import UsageError
-from popek.machine import ioperm
-from popek.machine.descriptors import Descriptor
-from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, GuestFault, Interrupt
-from popek.monitors.base import MonitorOps
+from popek.machine.faults import EXCEPTION, EXTERNAL, GP, PF, GuestFault, Interrupt
+from popek.monitors.deprivilege import Deprivileged
 from popek.monitors.emulation import TABLE, Recipes
-from popek.monitors.shadow import Shadow
-from popek.monitors.vcpu import VCpu, deliver
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
-SEGMENTS = ("ds", "es", "fs", "gs")
-# What the shadow structures redo when the vcpu changes (VCpu.on_change): event name and Shadow method.
-_SHADOW_WORK = {"gdtr": "gdt", "ldtr": "ldt", "tr": "tss", "cr0": "paging", "cr3": "paging", "cr4": "paging",
-                "tlb": "paging"}
 IN_OUT = frozenset({"in", "out"})
 
 
-class TrapAndEmulate(MonitorOps):
+class TrapAndEmulate(Deprivileged):
     name = "trap"
 
     def __init__(self, ring: int = 3):
@@ -94,122 +86,70 @@ class TrapAndEmulate(MonitorOps):
             raise UsageError(f"--ring must be 1, 2 or 3 for trap-and-emulate, not {ring}")
         self.ring = ring
         self.recipes = Recipes()
-        self._code: dict[int, tuple[int, int]] = {}     # real CS -> (virtual CPL, base)
 
     def attach(self, machine: Machine) -> None:
         self._traps, self._emulated = machine.events.counter("trap"), machine.events.counter("emulate")
-        v = self.vcpu = VCpu.from_machine(machine, self.ring)
-        self.shadow = Shadow(machine, v)
-        v.on_change = self._changed
-        self.shadow.paging_changed()
-        regs = machine.registers(("eflags", "cs", "ss", "esp", "eip"))
-        ring = v.real_cpl(v.cpl)
-        machine.enter(cs=v.real_selector(regs["cs"], v.cpl), eip=regs["eip"], esp=regs["esp"],
-                      eflags=v.set_eflags(regs["eflags"]), cpl=ring, ss=v.real_selector(regs["ss"], v.cpl))
-        for sreg in SEGMENTS:                       # reload the descriptor caches from the shadow GDT
-            selector = machine.reg(sreg)
-            machine.set_reg(sreg, selector if selector & 0xFFFC else 0)
+        super().attach(machine)
 
-    def _changed(self, what: str) -> None:
-        """The vcpu changed something the real machine follows (see VCpu.on_change)."""
-        shadow = self.shadow
-        work = _SHADOW_WORK.get(what)
-        if work is not None:
-            shadow.m.events.count("shadow", work)
-            getattr(shadow, f"{work}_changed")()
-        if what in ("gdtr", "ldtr", "descriptors"):
-            self._code.clear()                      # the virtual CPL of a code selector may differ now
-
-    # --- the virtual CPL ----------------------------------------------------------------------------------
-    def _code_segment(self, m: Machine) -> int:
-        """Bring the vcpu's CPL up to date from the real CS; the base of that code segment."""
-        cs = m.engine.read(UC_CS) & 0xFFFF
-        known = self._code.get(cs)
-        if known is None:
-            known = self._code[cs] = self._derive(m, cs)
-        v = self.vcpu
-        if known[0] >= 0:
-            v.cpl = known[0]
-        elif v.real_cpl(v.cpl) != cs & 3:       # conforming code keeps the caller's CPL, if it can
-            v.cpl = cs & 3
-        return known[1]
-
-    def _derive(self, m: Machine, cs: int) -> tuple[int, int]:
-        """(virtual CPL or -1 for "the caller's", base) of the code segment the real CS selects."""
-        v = self.vcpu
-        cpl = cs & 3 if cs & 3 > v.ring else -1     # rings above the compressed ones are exact
-        try:
-            desc: Descriptor = v.space(m).descriptor(cs, GP, 0)
-        except GuestFault:
-            return cpl, 0
-        if cpl < 0 and desc.is_code and not desc.conforming:
-            cpl = desc.dpl
-        return cpl, desc.base
+    def routing(self):
+        return {(EXCEPTION, GP): self._on_gp, (EXCEPTION, PF): self._on_pf, (EXTERNAL, None): self._on_external}
 
     # --- events --------------------------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:
+        self._cs_base = self.sync_cpl(machine)      # every route and the reflection use the virtual CPL
+        return super().intercept(machine, event)
+
+    def _on_gp(self, machine: Machine, event: Interrupt) -> bool:
+        """A #GP at an instruction with an emulation routine: a trap. Emulate it and move past it."""
         v = self.vcpu
-        cs_base = self._code_segment(machine)
-        if event.vector == GP and event.source == EXCEPTION:
-            try:
-                recipe = self.recipes.get(machine, v, event.eip, cs_base)
-            except GuestFault:
-                recipe = None
-            routine = TABLE.get(recipe.name) if recipe is not None else None
-            if routine is not None:
-                self._traps[recipe.name] += 1
-                try:
-                    eip = routine(machine, v, recipe)
-                except GuestFault as fault:
-                    self._reflect(machine, fault, event.eip)
-                    return True
-                self._emulated[recipe.name] += 1
-                machine.engine.write(UC_EIP, eip)
-                return True
-        elif event.vector == PF and event.source == EXCEPTION:
-            if self.shadow.paging_changed():
-                machine.events.count("shadow", "hidden-page-fault")
-                machine.uncount()                   # the faulting attempt was the monitor's, not the guest's
-                return True                         # the guest's tables allow it now: run it again
-            v.cr2 = machine.reg("cr2")
-            if event.error_code is not None:        # U/S: the virtual privilege, not the real one
-                event.error_code = (event.error_code & ~4) | (4 if v.cpl == 3 else 0)
-        elif event.source == EXTERNAL:
-            machine.events.count("inject", event.name)
-        deliver(machine, v, event)
+        try:
+            recipe = self.recipes.get(machine, v, event.eip, self._cs_base)
+        except GuestFault:
+            return False
+        routine = TABLE.get(recipe.name) if recipe is not None else None
+        if routine is None:
+            return False
+        self._traps[recipe.name] += 1
+        try:
+            eip = routine(machine, v, recipe)
+        except GuestFault as fault:
+            self.reflect_fault(machine, fault, event.eip)
+            return True
+        self._emulated[recipe.name] += 1
+        machine.engine.write(UC_EIP, eip)
         return True
+
+    def _on_pf(self, machine: Machine, event: Interrupt) -> bool:
+        if self.shadow.paging_changed():
+            machine.events.count("shadow", "hidden-page-fault")
+            machine.uncount()                       # the faulting attempt was the monitor's, not the guest's
+            return True                             # the guest's tables allow it now: run it again
+        event.address = machine.reg("cr2")
+        if event.error_code is not None:            # U/S: the virtual privilege, not the real one
+            event.error_code = (event.error_code & ~4) | (4 if self.vcpu.cpl == 3 else 0)
+        return False
+
+    def _on_external(self, machine: Machine, event: Interrupt) -> bool:
+        machine.events.count("inject", event.name)
+        return False
 
     def io_allowed(self, machine: Machine, port: int, size: int) -> bool:
         """An in/out the real CPU would refuse (IOPL 0, no bitmap): trap and emulate it in the I/O hook,
         with the virtual permission check. String I/O is refused here and emulated whole after its #GP, so
         that a ``rep`` instruction is one trap, as on hardware."""
         v = self.vcpu
-        cs_base = self._code_segment(machine)
         try:
-            recipe = self.recipes.get(machine, v, machine.engine.read(UC_EIP), cs_base)
+            recipe = self.recipes.get(machine, v, machine.engine.read(UC_EIP), self.sync_cpl(machine))
         except GuestFault:
             return False
         if recipe is None or recipe.name not in IN_OUT:
             return False
-        if v.cpl > v.iopl and not ioperm.bitmap_allows(v.space(machine), tuple(v.tr), port, size):
+        if not v.io_permitted(machine, port, size):
             return False                            # the #GP path delivers the virtual #GP
         self._traps[recipe.name] += 1
         self._emulated[recipe.name] += 1
         return True
 
-    def _reflect(self, m: Machine, fault: GuestFault, eip: int) -> None:
-        if fault.vector == PF and fault.address is not None:
-            self.vcpu.cr2 = fault.address
-        code = fault.error_code if fault.vector in ERROR_CODE else None
-        deliver(m, self.vcpu, Interrupt(fault.vector, EXCEPTION, code, eip=eip, insn=eip, why=fault.why))
-
-    def interrupts_enabled(self, machine: Machine) -> bool:
-        return bool(self.vcpu.iflag)
-
     def state(self, machine: Machine) -> dict:
-        self._code_segment(machine)                 # the guest may have changed rings since the last trap
-        return self.vcpu.state(machine)
-
-    def detach(self, machine: Machine) -> None:
-        if self.shadow.edits:
-            machine.events.count("shadow", "guest-table-writes", self.shadow.edits)
+        self.sync_cpl(machine)                      # the guest may have changed rings since the last trap
+        return super().state(machine)

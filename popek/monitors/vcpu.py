@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from unicorn import x86_const as X
 
-from popek.machine import interrupts
-from popek.machine.descriptors import INTERRUPT_GATES, tss_stack_offsets
-from popek.machine.faults import ERROR_CODE, EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, TS, GuestFault, Interrupt
+from popek.events import REFLECT
+from popek.machine import interrupts, ioperm
+from popek.machine.descriptors import INTERRUPT_GATES, Descriptor, tss_stack_offsets
+from popek.machine.faults import ERROR_CODE, EXCEPTION, GP, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Table(NamedTuple):
 
 
 @dataclass(slots=True)
-class VCpu:
+class VCpu(interrupts.Cpu):
     ring: int = 3
     cpl: int = 0
     iflag: int = 0
@@ -141,63 +142,54 @@ class VCpu:
         s.update(cr0=self.cr0, cr2=self.cr2, cr3=self.cr3, cr4=self.cr4)
         return s
 
+    def io_permitted(self, machine: Machine, port: int, size: int) -> bool:
+        """The I/O-permission check at the virtual CPL and IOPL, then the guest's own TSS bitmap (virtual TR)."""
+        return self.cpl <= self.iopl or ioperm.bitmap_allows(self.space(machine), tuple(self.tr), port, size)
 
-# --- delivery through the virtual IDT (SDM Vol. 3A §6.12, at the virtual CPL) ---------------------------
+    # --- delivery through the virtual IDT (SDM Vol. 3A §6.12, at the virtual CPL) -----------------------
+    # ``popek.machine.interrupts.deliver(machine, vcpu, event)`` delivers to the guest through its virtual
+    # IDT with the same rules as the bare machine's delivery (double faults, triple fault, the handler-fault
+    # rule), but every privilege check uses the virtual CPL, the gate and code descriptors come from the
+    # guest's tables, a stack switch takes the guest's ring-n stack from its TSS, and the frame holds what
+    # the guest would see (virtual EFLAGS, CS and SS with the virtual RPL).
+    def fault_address(self, machine: Machine, address: int) -> None:
+        self.cr2 = address
+
+    def gate(self, space: AddressSpace, event: Interrupt) -> tuple[Descriptor, Descriptor, int]:
+        """The gate an event goes through and its code segment, checked (a monitor whose guest registers its
+        handlers otherwise, such as a PV trap table, overrides this)."""
+        return interrupts.checked_gate(space, self.idtr, event, self.cpl)
+
+    def enter_handler(self, m: Machine, event: Interrupt, depth: int) -> None:
+        regs = m.registers()
+        cpl = self.cpl
+        space = self.space(m)
+        gate, code, ext = self.gate(space, event)
+        eflags = self.eflags(regs["eflags"])
+        words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
+        if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
+            words.append(event.error_code)
+        new_cpl, new_ss, esp, _stack = interrupts.push_frame(space, gate, code, ext, cpl, words, regs["ss"],
+                                                            (regs["ss"] & 0xFFFC) | cpl, regs["esp"],
+                                                            self.tss_stack)
+        width = 4 if gate.gate_bits == 32 else 2
+
+        eflags &= ~(TF | NT | RF | VM)
+        if gate.type in INTERRUPT_GATES:
+            eflags &= ~IF
+        real_eflags = self.set_eflags(eflags)
+        eip = gate.offset if width == 4 else gate.offset & 0xFFFF
+        real_cpl = self.real_cpl(new_cpl)
+        m.enter(cs=(gate.selector & 0xFFFC) | real_cpl, eip=eip, eflags=real_eflags, esp=esp, cpl=real_cpl,
+                ss=None if new_ss is None else (new_ss & 0xFFFC) | real_cpl)
+        self.cpl = new_cpl
+        self.entry = interrupts.Entry(eip, m.total_instructions(), event, depth)
+
+
 def deliver(machine: Machine, vcpu: VCpu, event: Interrupt) -> None:
-    """Deliver ``event`` to the guest through its virtual IDT, or end the run with a triple fault.
-
-    The same rules as ``popek.machine.interrupts.deliver`` (faults while delivering become #DF, a fault
-    while delivering #DF is a triple fault, a fault on a handler's first instruction counts as a fault
-    while delivering its event), but every privilege check uses the virtual CPL, the gate and code
-    descriptors come from the guest's tables, a stack switch takes the guest's ring-n stack from its TSS,
-    and the frame holds what the guest would see (virtual EFLAGS, CS and SS with the virtual RPL).
-    """
-    entry, vcpu.entry = vcpu.entry, None
-    outer, depth = None, 0
-    if (entry is not None and event.source == EXCEPTION and event.insn == entry.eip
-            and machine.total_instructions() <= entry.total + 1):
-        outer, depth = entry.event, entry.depth + 1
-    machine.events.count(_KIND[event.source], event.name)
-    current = interrupts.escalate(outer, event) if outer is not None else event
-    why = f"{event.name} ({event.why}) while entering {outer.name}" if outer is not None else ""
-    while current is not None and depth <= interrupts.MAX_DEPTH:
-        try:
-            _through_gate(machine, vcpu, current, depth)
-            return
-        except GuestFault as fault:
-            if fault.vector == PF and fault.address is not None:
-                vcpu.cr2 = fault.address
-            second = Interrupt(fault.vector, EXCEPTION, fault.error_code if fault.vector in ERROR_CODE else None,
-                               eip=current.insn, insn=current.insn, why=fault.why)
-            machine.events.count("delivery-fault", second.name)
-            why = f"{second.name} ({fault.why}) while delivering {current.name}"
-            current, depth = interrupts.escalate(current, second), depth + 1
-    machine.triple_fault(why if current is None else f"more than {interrupts.MAX_DEPTH} nested faults: {why}")
+    """Deliver ``event`` to the guest through its virtual IDT (``VCpu.enter_handler``), or end the run with a
+    triple fault."""
+    machine.events.count(REFLECT, event.name)          # the monitor's software delivery (popek.events)
+    interrupts.deliver(machine, vcpu, event)
 
 
-_KIND = {EXCEPTION: "exception", SOFTWARE: "software-interrupt", EXTERNAL: "external-interrupt"}
-
-
-def _through_gate(m: Machine, v: VCpu, event: Interrupt, depth: int) -> None:
-    regs = m.registers()
-    cpl = v.cpl
-    space = v.space(m)
-    gate, code, ext = interrupts.checked_gate(space, v.idtr, event, cpl)
-    eflags = v.eflags(regs["eflags"])
-    words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
-    if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
-        words.append(event.error_code)
-    new_cpl, new_ss, esp, _stack = interrupts.push_frame(space, gate, code, ext, cpl, words, regs["ss"],
-                                                        (regs["ss"] & 0xFFFC) | cpl, regs["esp"], v.tss_stack)
-    width = 4 if gate.gate_bits == 32 else 2
-
-    eflags &= ~(TF | NT | RF | VM)
-    if gate.type in INTERRUPT_GATES:
-        eflags &= ~IF
-    real_eflags = v.set_eflags(eflags)
-    eip = gate.offset if width == 4 else gate.offset & 0xFFFF
-    real_cpl = v.real_cpl(new_cpl)
-    m.enter(cs=(gate.selector & 0xFFFC) | real_cpl, eip=eip, eflags=real_eflags, esp=esp, cpl=real_cpl,
-            ss=None if new_ss is None else (new_ss & 0xFFFC) | real_cpl)
-    v.cpl = new_cpl
-    v.entry = interrupts.Entry(eip, m.total_instructions(), event, depth)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from popek import __version__
+from popek.tabular import Tabular
 
 SCHEMA = 1
 
@@ -117,7 +118,7 @@ class FileReport:
 
 
 @dataclass(frozen=True)
-class ScanDocument:
+class ScanDocument(Tabular):
     files: tuple[FileReport, ...]
     strategy: str = "linear"
     model: str = "ia32"
@@ -129,6 +130,19 @@ class ScanDocument:
     @property
     def has_errors(self) -> bool:
         return any(f.error is not None for f in self.files)
+
+    def caption(self) -> str:
+        return (f"{len(self.files)} file{'s' * (len(self.files) != 1)}, {self.sensitive_unprivileged} "
+                f"sensitive-unprivileged site{'s' * (self.sensitive_unprivileged != 1)} (model {self.model})")
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per finding (a file that could not be scanned is one row with its error)."""
+        rows = []
+        for f in self.files:
+            if f.error is not None:
+                rows.append([f.path, None, None, "error", f.error, None, None])
+            rows += [[f.path, f"{x.address:#x}", x.name, x.cls, x.text, x.idiom, x.why] for x in f.findings]
+        return ["file", "address", "instruction", "class", "text", "idiom", "why"], rows
 
     @property
     def sensitive_unprivileged(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from popek.machine import ioperm
 from popek.machine.faults import GP, SS, GuestFault
 from popek.machine.memory import AddressSpace
 from popek.monitors.emulation.recipe import IMM, MEM, SREG, Operand, Recipe
@@ -121,5 +120,5 @@ def umip(v: VCpu, r: Recipe) -> None:
 
 
 def io_allowed(m: Machine, v: VCpu, port: int, size: int) -> None:
-    if v.cpl > v.iopl and not ioperm.bitmap_allows(v.space(m), tuple(v.tr), port, size):
+    if not v.io_permitted(m, port, size):
         raise GuestFault(GP, 0, f"port {port:#x} at CPL {v.cpl} > IOPL {v.iopl}")

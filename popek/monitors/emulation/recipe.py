@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from capstone import x86_const as C
@@ -61,11 +60,9 @@ class Recipe:
     next: int                       # address + size
 
 
-@lru_cache(maxsize=1)
 def classifier():
-    from popek.isa import language
-    from popek.isa.classify import Classifier
-    return Classifier(language.bundled(), "ia32", extended=True)
+    from popek.isa import bundled_classifier
+    return bundled_classifier(extended=True)
 
 
 def decode(raw: bytes, address: int) -> Recipe | None:

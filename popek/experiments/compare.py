@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from popek.monitors.base import DEFAULT_BUDGET
 from popek.textout import console, emit
 
 MONITORS = ("native", "trap", "bt", "emulate")
@@ -38,7 +39,7 @@ def _work(events: dict) -> dict[str, int]:
     return {kind: sum(names.values()) for kind, names in events.items() if kind.startswith(_WORK)}
 
 
-def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instructions: int = 10_000_000) -> list[Cell]:
+def compare(guests: list[str], monitors: tuple[str, ...] = MONITORS, max_instructions: int = DEFAULT_BUDGET) -> list[Cell]:
     from popek.machine.guest import Guest, load_guest
     from popek.monitors import run_guest
 
@@ -128,9 +129,13 @@ def demo_table(samples: Path) -> str:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("guests", nargs="+", metavar="GUEST", help="flat images, ELF32 files or popek asm sources")
     p.add_argument("--monitors", default=",".join(MONITORS), help=f"comma-separated (default {','.join(MONITORS)})")
-    p.add_argument("--max-instructions", type=int, default=10_000_000)
+    from popek import arguments
+    from popek.monitors.base import DEFAULT_BUDGET
+    p.add_argument("--max-instructions", type=arguments.budget, default=DEFAULT_BUDGET, metavar="N",
+                   help=f"instruction budget of each run (default {DEFAULT_BUDGET:,})")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a picture")
+    p.add_argument("--plot", metavar="PNG", type=arguments.output_file(".png", ".svg", ".pdf"),
+                   help="also draw the comparison as a picture (.png, .svg or .pdf)")
 
 
 def run(args: argparse.Namespace) -> int:

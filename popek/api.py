@@ -22,9 +22,6 @@ from typing import Iterable
 
 from popek.errors import UsageError
 
-GuestLike = "str | os.PathLike | Guest"     # a file (flat image, ELF32, popek asm source) or an assembled Guest
-
-
 def _paths(paths) -> list[str]:
     if isinstance(paths, (str, os.PathLike)):
         return [os.fspath(paths)]
@@ -41,8 +38,8 @@ def scan(paths, *, strategy: str = "linear", mode: int | None = None, base: int 
     from popek.isa import language
     from popek.isa.classify import Classifier
     from popek.loaders import parse_region_spec
-    from popek.scan import scan_paths
-    from popek.scan.engine import STRATEGIES
+    from popek.scanner import scan_paths
+    from popek.scanner.engine import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
@@ -78,13 +75,14 @@ def _guest(guest):
 
 
 def run(guest, monitor: str = "native", *, max_instructions: int | None = None, ram_size: int | None = None,
-        umip: bool = False, **options):
-    """Run ``guest`` on a fresh machine under ``monitor`` (``popek.monitors.MONITORS``); monitor options
-    (``ring=1``, ``direct_user=True``, ...) as keywords. Returns the ``RunResult``."""
+        umip: bool = False, profile: str | None = "modern", **options):
+    """Run ``guest`` on a fresh machine under ``monitor`` (``popek.monitors.MONITORS``), priced on the cost
+    ``profile``; monitor options (``ring=1``, ``direct_user=True``, ...) as keywords. Returns the
+    ``RunResult``."""
     from popek.monitors import run_guest
 
     return run_guest(_guest(guest), monitor=monitor, max_instructions=max_instructions, ram_size=ram_size,
-                     umip=umip, **options)
+                     umip=umip, profile=profile, **options)
 
 
 def diff(guest, monitor: str = "trap", *, max_instructions: int | None = None, **options):
@@ -99,16 +97,14 @@ def diff(guest, monitor: str = "trap", *, max_instructions: int | None = None, *
 
 def compare(guests, monitors: Iterable[str] | None = None, profile: str | None = None, *,
             max_instructions: int | None = None):
-    """The same guests natively and under every monitor (or ``monitors``), side by side."""
+    """The same guests natively (the reference) and under every monitor (or ``monitors``), side by side, with
+    modelled cycles on ``profile`` (default ``modern``). Returns a ``Comparison``."""
+    from popek.cost import DEFAULT
     from popek.experiments import compare as comparison
-    from popek.monitors.base import DEFAULT_BUDGET
 
-    names = tuple(monitors) if monitors is not None else comparison.MONITORS
-    if not names:
-        raise UsageError("compare: give at least one monitor")
     loaded = [_guest(g) for g in ([guests] if isinstance(guests, (str, os.PathLike)) else guests)]
-    budget = DEFAULT_BUDGET if max_instructions is None else max_instructions
-    return comparison.compare(loaded, names, budget)
+    return comparison.compare(loaded, None if monitors is None else tuple(monitors), max_instructions,
+                              profile or DEFAULT)
 
 
 def theorem(model: str = "ia32", isa: str | os.PathLike | None = None):

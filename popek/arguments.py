@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Callable
 
 ArgumentType = Callable[[str], object]
@@ -34,10 +35,10 @@ count = in_range(1)
 address = in_range(0, 0xFFFFFFFF)
 
 
-def existing_directory(text: str) -> str:
+def existing_directory(text: str) -> Path:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    return text
+    return Path(text)
 
 
 def output_file(*suffixes: str) -> ArgumentType:
@@ -66,5 +67,26 @@ def monitor_name(text: str) -> str:
     try:
         monitor_class(text)
     except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def monitor_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of at least one monitor name, each one popek has."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("is empty: give at least one monitor")
+    for name in names:
+        monitor_name(name)
+    return names
+
+
+def profile(text: str) -> str:
+    """A bundled cost profile's name or a profile file that parses (popek.cost)."""
+    from popek.cost import load
+    from popek.errors import PopekError
+    try:
+        load(text)
+    except PopekError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text

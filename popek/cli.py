@@ -23,13 +23,14 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): partial re
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "demo": ("popek.classroom.tour", "a guided tour in steps: Popek-Goldberg, IA-32, the monitors, the cost"),
-    "scan": ("popek.scan.command", "classify every instruction of binaries in Popek-Goldberg terms"),
+    "scan": ("popek.scanner.command", "classify every instruction of binaries in Popek-Goldberg terms"),
     "isa": ("popek.isa.command", "print the ISA description table under a model"),
     "theorem": ("popek.isa.theorem_command", "check Popek-Goldberg Theorems 1 and 3 for a model"),
     "asm": ("popek.asm.command", "assemble a guest source into a flat image and a listing"),
     "run": ("popek.machine.command", "run a guest on the bare machine or under a monitor"),
     "compare": ("popek.experiments.compare", "the same guests under every monitor, side by side"),
     "diff": ("popek.experiments.divergence", "run a guest natively and under a monitor; name the instructions that diverge"),
+    "profiles": ("popek.cost.command", "the cost profiles, or every number of one with its source"),
     "exercise": ("popek.classroom.command", "exercises with checkers: list, show N, check N FILE..."),
     "bench": ("popek.experiments.bench", "benchmarks that print ratios measured in one run"),
 }

@@ -50,9 +50,16 @@ EXIT_REASONS = frozenset({
     "EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INTERRUPT_WINDOW", "CPUID", "HLT", "INVD", "INVLPG",
     "RDPMC", "RDTSC", "VMCALL", "CR_ACCESS", "DR_ACCESS", "IO_INSTRUCTION", "MSR_READ", "MSR_WRITE", "GDTR_IDTR",
     "LDTR_TR", "EPT_VIOLATION", "WBINVD",
-    # AMD-V exit codes with no VT-x counterpart (APM Vol. 2 appendix C), for --vendor svm.
-    "PUSHF", "POPF", "IRET", "SWINT",
+    # The VMX instructions' own reasons (they always exit in non-root operation).
+    "VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE", "VMXOFF", "VMXON", "INVEPT",
+    "INVVPID", "VMFUNC",
+    # AMD-V exit codes (APM Vol. 2 appendix C) by their names without VMEXIT_, for --vendor svm; the CR, DR and
+    # exception families carry the register number or vector (CR3_WRITE, DR7_READ, EXCP14).
+    "PUSHF", "POPF", "IRET", "SWINT", "INTR", "SHUTDOWN", "VINTR", "INVD", "IOIO", "MSR", "IDTR_READ", "GDTR_READ",
+    "LDTR_READ", "TR_READ", "IDTR_WRITE", "GDTR_WRITE", "LDTR_WRITE", "TR_WRITE", "NPF", "VMMCALL", "VMRUN", "VMLOAD",
+    "VMSAVE", "STGI", "CLGI", "SKINIT", "INVLPGA",
 })
+_SVM_FAMILY = re.compile(r"(CR|DR)([0-9]|1[0-5])_(READ|WRITE)|EXCP([0-9]|[12][0-9]|3[01])")
 
 # Xen's 32-bit PV hypercalls (xen/include/public/xen.h) and sun4v hypervisor API functions
 # (Linux arch/sparc/include/asm/hypervisor.h), by their names in those headers.
@@ -87,7 +94,8 @@ EXTERNAL = Family("an external interrupt by IDT vector: 'vector 0xNN'", pattern=
 ANY_EVENT = Family("an exception, software interrupt or external interrupt, by the names above",
                    EXCEPTIONS, re.compile(f"{_SOFTWARE.pattern}|{_VECTOR.pattern}"))
 DEVICE = Family("a device of the machine: " + ", ".join(sorted(DEVICES)), DEVICES)
-EXIT_REASON = Family("a VT-x basic exit reason by its SDM name (or an AMD-V-only exit code)", EXIT_REASONS)
+EXIT_REASON = Family("a VT-x basic exit reason by its SDM name, or an AMD-V exit code by its APM name (--vendor svm)",
+                     EXIT_REASONS, _SVM_FAMILY)
 HYPERCALL = Family("a Xen hypercall (pv) or a sun4v hypervisor function (sun4v) by its header name",
                    XEN_HYPERCALLS | SUN4V_FUNCTIONS)
 
@@ -144,7 +152,7 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("external-interrupt", "an interrupt from the PIC delivered through the guest's IDT, with its iret",
          ("machine", "trap", "bt", "pv", "hvm"), GUEST, family=EXTERNAL),
     Kind("delivery-fault", "a fault raised while delivering another event (it escalates, SDM Table 6-5)",
-         ("machine", "trap", "bt"), GUEST, family=EXCEPTION),
+         ("machine", "trap", "bt", "pv"), GUEST, family=EXCEPTION),
     Kind("io", "a port access the hardware allowed, completed by a device of the machine", ("machine",), GUEST,
          family=DEVICE),
     Kind("virtual-io", "a port access a monitor decided and completed against its device model (the access "
@@ -164,18 +172,23 @@ KINDS: dict[str, Kind] = _kinds(
           "int6-software-interrupt": Name("int 6 taken as the software interrupt it is, not #UD")}),
     Kind("umip", "bookkeeping of the CR4.UMIP model (popek run --umip)", ("machine",), INFO,
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
+    Kind("hvm", "bookkeeping of hvm's search for exiting instructions (popek.machine.watch): not an exit",
+         ("hvm",), INFO,
+         {"blocks-rescanned": Name("translated blocks retranslated so that a newly found exiting instruction "
+                                   "gets its hook")}),
     # --- trap-and-emulate --------------------------------------------------------------------------------
     Kind("trap", "an instruction that left the deprivileged guest for the monitor: a #GP at an instruction "
-         "with an emulation routine, or a port access the real CPU refused", ("trap",), MONITOR,
+         "with an emulation routine, or a port access the real CPU refused (pv: an access to a granted port)",
+         ("trap", "pv"), MONITOR,
          family=INSTRUCTION),
     Kind("emulate", "an instruction carried out by its emulation routine against the virtual CPU",
          ("trap",), MONITOR, family=INSTRUCTION),
     Kind("reflect", "a guest event the monitor received and delivered through the guest's virtual IDT in "
          "software (the guest's own delivery is counted under its machine kind as well)",
-         ("trap", "bt"), MONITOR, family=ANY_EVENT),
+         ("trap", "bt", "pv"), MONITOR, family=ANY_EVENT),
     Kind("inject", "an external interrupt a monitor took and gave to the guest (its cost is in reflect, or, "
          "under hvm, in the EXTERNAL_INTERRUPT exit)", ("trap", "hvm"), INFO, family=EXTERNAL),
-    Kind("shadow", "shadow structures a monitor keeps for the guest's tables", ("trap", "bt", "hvm"), MONITOR, {
+    Kind("shadow", "shadow structures a monitor keeps for the guest's tables", ("trap", "bt", "pv", "hvm"), MONITOR, {
         "gdt": Name("shadow GDT rebuilt (lgdt, or a traced descriptor change)"),
         "ldt": Name("shadow LDT rebuilt (lldt)"),
         "tss": Name("shadow TSS stack fields rebuilt (ltr)"),
@@ -201,7 +214,7 @@ KINDS: dict[str, Kind] = _kinds(
              "lookup": Name("an inline-cache miss of a return or indirect branch"),
              "continue": Name("a run ended at its length cap: continue in the next translation"),
              "poison": Name("an instruction start of an invalidated unit was entered"),
-             "branch16": Name("a 16-bit near branch, which is not translated (#UD)"),
+             "near-branch": Name("a jmp through r/m, or a near branch with a 16-bit operand or address size, carried out by the monitor"),
          }, INSTRUCTION, includes="emulate"),
     Kind("chain", "translator bookkeeping on a branch", ("bt",), MONITOR, {
         "patched": Name("a direct branch linked to its target's translation (later runs of it are chained: a "
@@ -226,8 +239,8 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("sensitive", "executions of listed instructions, by canonical name (their cost is in interpret)",
          ("emulate",), INFO, family=INSTRUCTION),
     # --- techniques to come: their rows are here so that their events are priced from the first run ------
-    Kind("exit", "a VM exit and the VM entry that resumes the guest, by exit reason", ("hvm",), MONITOR,
-         family=EXIT_REASON),
+    Kind("exit", "a VM exit and the VM entry that resumes the guest, by exit reason (VT-x basic exit reason; "
+         "AMD-V exit code under --vendor svm)", ("hvm",), MONITOR, family=EXIT_REASON),
     Kind("hypercall", "a call into the hypervisor by the guest kernel and its return, by function name",
          ("pv", "sun4v"), MONITOR, family=HYPERCALL),
     Kind("multicall", "one operation carried out inside a multicall (its entry is the multicall hypercall)",
@@ -235,6 +248,9 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("upcall", "an event delivered to a paravirtual guest's callback (Xen event channels)", ("pv",), MONITOR,
          {"event": Name("an upcall to the event callback"),
           "failsafe": Name("an upcall to the failsafe callback")}),
+    Kind("crash", "the hypervisor ended the domain (Xen's domain_crash; the run ends with reason crash)", ("pv",),
+         INFO, {"domain": Name("the domain crashed: an event with no trap-table entry, an upcall with no "
+                               "callback, an upcall frame that could not be written")}),
     Kind("direct-trap", "an int n from guest user mode delivered straight to the guest kernel through a trap "
          "table entry, with no hypervisor work per call (Xen's direct trap gates)", ("pv",), GUEST,
          family=SOFTWARE),
@@ -261,6 +277,17 @@ def undocumented(events: dict[str, dict[str, int]]) -> list[str]:
             continue
         problems.extend(f"{k}: {n!r}" for n in names if not known.knows(n))
     return problems
+
+
+# The kinds that each count one passage of control from the guest into the monitor: a trap, a callout from
+# translated code, a hypercall, an event the monitor delivered in software, an upcall, a VM exit, a
+# hyperprivileged trap. (emulate, translation, shadow... are work done during such an entry, not entries.)
+ENTRY_KINDS = ("trap", "callout", "hypercall", "reflect", "upcall", "exit", "hypertrap")
+
+
+def monitor_entries(events: dict[str, dict[str, int]]) -> int:
+    """How many times a run entered the monitor (ENTRY_KINDS): the number to compare across techniques."""
+    return sum(sum(events.get(k, {}).values()) for k in ENTRY_KINDS)
 
 
 def monitor_work(events: dict[str, dict[str, int]]) -> dict[str, int]:

@@ -31,7 +31,7 @@ def test_trap_leaves_the_accessed_bits_of_the_guest_gdt_clear():
     # loads from the shadow GDT, so the guest's copy keeps it clear: a RAM difference the judge must see.
     report = diff(str(GUESTS / "timer.s"), "trap")
     assert report.status == "diverges"
-    assert report.differences[0] == "guest RAM differs on 1 page"
+    assert report.differences[0] == "guest RAM differs on 1 page, first at 0x001000fd"
     assert any(w["native"] and "mov" in w["native"] for w in report.writers)
     assert all(w["monitored"] is None for w in report.writers), report.writers
 

@@ -11,7 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from popek.decode import sweep
-from popek.scan.idioms import IDIOMS, TRIGGERS, find_idioms
+from popek.isa import bundled_classifier
+from popek.loaders import load
+from popek.scanner import scan_image
+from popek.scanner.idioms import IDIOMS, TRIGGERS, find_idioms
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "idioms"
 AS, OBJCOPY = shutil.which("as") or "/usr/bin/as", shutil.which("objcopy") or "/usr/bin/objcopy"
@@ -53,7 +56,8 @@ def sites_of(code: bytes, base: int, mode: int) -> list[tuple[int, str]]:
 def test_readme_lists_every_sample_and_every_idiom():
     listed = {name for name, *_ in EXPECTED}
     assert listed == {p.name for p in SAMPLES.glob("*.s")}
-    assert {idiom for *_, idiom in EXPECTED if idiom} == {i.name for i in IDIOMS}
+    # rdtsc-delta is tested on C code compiled by mingw (below), where its two reads are two sites.
+    assert {idiom for *_, idiom in EXPECTED if idiom} | {"rdtsc-delta"} == {i.name for i in IDIOMS}
     assert {mode for _, mode, site, _ in EXPECTED if site in ("sidt", "cpuid")} >= {32, 64}
 
 
@@ -77,10 +81,21 @@ def test_sample(name, mode, site, idiom, base, tmp_path):
 
 
 def test_sites_that_trigger_nothing_are_ignored():
-    # rdtsc is a site but no row triggers on it; unknown names are not an error either.
-    code = bytes.fromhex("0f31" "0f31")      # rdtsc; rdtsc
-    assert find_idioms(code, 0x1000, 32, [(0x1000, "rdtsc"), (0x1002, "no-such-name")]) == {}
-    assert "rdtsc" not in TRIGGERS
+    # hlt is a site but no row triggers on it; unknown names are not an error either.
+    code = bytes.fromhex("f4" "0f31")      # hlt; rdtsc
+    assert find_idioms(code, 0x1000, 32, [(0x1000, "hlt"), (0x1001, "no-such-name")]) == {}
+    assert "hlt" not in TRIGGERS
+
+
+def test_a_lone_rdtsc_or_two_unsubtracted_are_no_delta():
+    assert find_idioms(bytes.fromhex("0f31" "0f31"), 0x1000, 32, [(0x1000, "rdtsc"), (0x1002, "rdtsc")]) == {}
+    # rdtsc; mov esi, eax; cpuid; rdtsc; sub eax, esi: the first read is the timed one
+    code = bytes.fromhex("0f31" "89c6" "0fa2" "0f31" "29f0")
+    assert find_idioms(code, 0x1000, 32, [(0x1000, "rdtsc"), (0x1006, "rdtsc")]) == {0x1000: (
+        "rdtsc-delta", next(i.why for i in IDIOMS if i.name == "rdtsc-delta"))}
+    # the same, but a ret between the reads: another path
+    code = bytes.fromhex("0f31" "89c6" "c3" "0f31" "29f0")
+    assert find_idioms(code, 0x1000, 32, [(0x1000, "rdtsc"), (0x1005, "rdtsc")]) == {}
 
 
 def test_site_outside_region_is_a_precondition():
@@ -104,3 +119,47 @@ def test_never_raises_on_arbitrary_bytes(code, mode, names):
     sites = [(a, names[i % len(names)]) for i, a in enumerate(addresses)]
     result = find_idioms(code, 0x1000, mode, sites)
     assert set(result) <= set(addresses)
+
+
+# ---------------------------------------------------------------------- compiled by mingw (rdtsc-delta)
+
+MINGW = shutil.which("i686-w64-mingw32-gcc")
+C_FIXTURES = Path(__file__).parent / "fixtures" / "c"
+
+
+@pytest.mark.skipif(not MINGW, reason="gcc-mingw-w64-i686 not installed")
+@pytest.mark.parametrize("opt", ["-O0", "-O2"])
+@pytest.mark.parametrize("source, expected", [
+    ("rdtsc-delta.c", {"rdtsc-delta"}),          # __rdtsc() around __cpuid, delta compared
+    ("neg-rdtsc-logged.c", set()),               # the same reads, printed and never subtracted
+])
+def test_rdtsc_delta_in_mingw_code(tmp_path, opt, source, expected):
+    exe = tmp_path / "t.exe"
+    subprocess.run([MINGW, opt, "-o", str(exe), str(C_FIXTURES / source)], check=True, capture_output=True)
+    report = scan_image(load(str(exe)), bundled_classifier())
+    rdtsc = [f for f in report.findings if f.name == "rdtsc"]
+    assert len(rdtsc) == 2
+    assert {f.idiom for f in rdtsc} - {None} == expected
+
+
+@pytest.mark.skipif(not MINGW, reason="gcc-mingw-w64-i686 not installed")
+def test_rdtsc_delta_through_an_inline_asm_helper_at_O2(tmp_path):
+    exe = tmp_path / "t.exe"
+    subprocess.run([MINGW, "-O2", "-o", str(exe), str(C_FIXTURES / "rdtsc-delta-asm.c")], check=True,
+                   capture_output=True)
+    report = scan_image(load(str(exe)), bundled_classifier())
+    assert [f.idiom for f in report.findings if f.name == "rdtsc"][0] == "rdtsc-delta"
+
+
+@pytest.mark.skipif(not MINGW, reason="gcc-mingw-w64-i686 not installed")
+@pytest.mark.parametrize("opt", ["-O0", "-O2"])
+@pytest.mark.parametrize("source, expected", [
+    ("cpuid-hv-bit-helper.c", ["cpuid-hypervisor-bit"]),   # return (ecx >> 31) & 1: shr 31 in the helper
+    ("cpuid-hv-bit-sign.c", ["cpuid-hypervisor-bit"]),     # (int)ecx < 0: test ecx, ecx; js
+    ("neg-cpuid-sse3.c", [None, None]),                    # ECX bit 0 of leaf 1; ECX bit 31 of leaf 0
+])
+def test_cpuid_hypervisor_bit_in_mingw_code(tmp_path, opt, source, expected):
+    exe = tmp_path / "t.exe"
+    subprocess.run([MINGW, opt, "-o", str(exe), str(C_FIXTURES / source)], check=True, capture_output=True)
+    report = scan_image(load(str(exe)), bundled_classifier())
+    assert [f.idiom for f in report.findings if f.name == "cpuid"] == expected

@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import shutil
+import re
 import struct
 import subprocess
 
@@ -178,12 +179,19 @@ def patched_elf(tmp_path, name, offset, fmt, value) -> str:
     return str(out)
 
 
-def test_truncated_elf(tmp_path):
+def test_truncated_elf_is_scanned_for_what_is_there(tmp_path):
+    """Cut in half, the section header table is gone: the executable segments are scanned instead, and the
+    image says so; cut inside .text, the rest of .text is scanned."""
+    full = load(build_elf(tmp_path, 64))
     data = open(build_elf(tmp_path, 64), "rb").read()
     half = tmp_path / "half"
     half.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TruncatedFile, match="past the end of the file"):
-        load(str(half))
+    image = load(str(half))
+    assert image.regions and "section header table" in image.warnings[0]
+    assert "scanned the executable segments instead" in image.warnings[0]
+    text = next(r for r in full.regions if r.name == ".text")
+    assert any(r.start <= text.start and text.end <= r.end for r in image.regions)
+    assert not full.warnings
     tiny = tmp_path / "tiny"
     tiny.write_bytes(data[:30])
     with pytest.raises(TruncatedFile, match="header cut short"):
@@ -192,8 +200,27 @@ def test_truncated_elf(tmp_path):
 
 def test_elf_section_header_offset_past_end(tmp_path):
     path = patched_elf(tmp_path, "shoff", 32, "<I", 0x7FFFFFF0)    # e_shoff of ELF32
-    with pytest.raises(TruncatedFile, match="section header table at offset 0x7ffffff0"):
-        load(path)
+    image = load(path)
+    assert "section header table at offset 0x7ffffff0" in image.warnings[0]
+    assert image.regions and all(r.name.startswith("segment") for r in image.regions)
+
+
+def test_elf_section_cut_short_is_scanned_up_to_the_end(tmp_path):
+    path = build_elf(tmp_path, 32)
+    from elftools.elf.elffile import ELFFile   # only to find where .text's header sits
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        index = elf.get_section_index(".text")
+        header_at = elf["e_shoff"] + index * elf["e_shentsize"]
+        text_offset = elf.get_section(index)["sh_offset"]
+    data = bytearray(open(path, "rb").read())
+    struct.pack_into("<I", data, header_at + 20, len(data) - text_offset + 0x1000)   # sh_size
+    cut = tmp_path / "cut"
+    cut.write_bytes(bytes(data))
+    image = load(str(cut))
+    text = next(r for r in image.regions if r.name == ".text")
+    assert len(text.data) == len(data) - text_offset
+    assert re.search(r"section \.text .* runs past the end of the file .*: scanned its first", image.warnings[0])
 
 
 def test_elf_section_data_past_end(tmp_path):

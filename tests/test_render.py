@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popek.scan.document import CLASSES, FileReport, Finding, RegionInfo, ScanDocument
-from popek.scan.render import CSV_HEADER, FORMATS, render, verdict
+from popek.scanner.document import CLASSES, FileReport, Finding, RegionInfo, ScanDocument
+from popek.scanner.render import CSV_HEADER, FORMATS, render, verdict
 
 SHA = "9f" * 32
 SIDT_WHY = "stores IDTR at any CPL: the guest reads the monitor's IDT base"
@@ -43,7 +43,7 @@ DOC = ScanDocument((GOOD, CLEAN, BROKEN), strategy="recursive")
 
 @functools.lru_cache(maxsize=None)
 def _validator():
-    schema = json.loads(resources.files("popek.scan").joinpath("data/sarif-schema-2.1.0.json").read_text())
+    schema = json.loads(resources.files("popek.scanner").joinpath("data/sarif-schema-2.1.0.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema, format_checker=jsonschema.FormatChecker())

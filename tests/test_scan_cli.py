@@ -201,3 +201,71 @@ def test_usage_errors(capsys, argv, fragment):
 def test_argparse_usage_error_is_exit_2(capsys):
     assert main(["scan", "--format", "xml", "x"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _tiny_sensitive_elf(tmp_path):
+    """A 32-bit ELF with one SIDT, built by GNU as and ld."""
+    import shutil
+    import subprocess
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("GNU binutils (as, ld) not installed")
+    src = tmp_path / "s.s"
+    src.write_text(".globl _start\n_start: sidt (%esp)\n nop\n nop\n")
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "s.o"), str(src)], check=True)
+    exe = tmp_path / "s.elf"
+    subprocess.run(["ld", "-m", "elf_i386", "-o", str(exe), str(tmp_path / "s.o")], check=True)
+    src.unlink()
+    (tmp_path / "s.o").unlink()
+    return exe
+
+
+def test_directory_scan_skips_and_lists_non_binaries(tmp_path, capsys):
+    root = tmp_path / "dir"
+    root.mkdir()
+    _tiny_sensitive_elf(root)
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "notes.txt").write_text("text\n")
+    assert main(["scan", "--format", "json", str(root)]) == 1      # sensitive found; the scripts are no error
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert [Path(p).name for p in doc["skipped"]] == ["notes.txt", "run.sh"]
+    assert len(doc["files"]) == 1 and "error" not in doc["files"][0]
+    assert "skipped:" in out.err and "run.sh" in out.err
+    assert main(["scan", str(root)]) == 1
+    assert "skipped 2 file(s) that are not ELF or PE binaries" in capsys.readouterr().out
+
+
+def test_directory_without_binaries_is_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["scan", str(empty)]) == 2
+    assert "nothing to scan" in capsys.readouterr().err
+    (empty / "a.txt").write_text("x\n")
+    assert main(["scan", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "1 file(s), none of them ELF or PE" in err and err.count("\n") == 1
+
+
+def test_a_named_text_file_is_still_an_error(tmp_path, capsys):
+    f = tmp_path / "a.txt"
+    f.write_text("x\n")
+    assert main(["scan", str(f)]) == 2
+
+
+def test_truncated_elf_is_scanned_with_a_warning(tmp_path, capsys):
+    exe = _tiny_sensitive_elf(tmp_path)
+    data = exe.read_bytes()
+    from elftools.elf.elffile import ELFFile
+    with open(exe, "rb") as fh:
+        shoff = ELFFile(fh)["e_shoff"]
+    cut = tmp_path / "cut.elf"
+    cut.write_bytes(data[:shoff + 10])                 # the section header table is cut short
+    assert main(["scan", "--format", "json", str(cut)]) == 1
+    out = capsys.readouterr()
+    report = json.loads(out.out)["files"][0]
+    assert [f["name"] for f in report["findings"]] == ["sidt"]
+    assert "section header table" in report["warnings"][0]
+    assert "warning:" in out.err
+    assert main(["scan", "--format", "sarif", str(cut)]) == 1
+    notes = json.loads(capsys.readouterr().out)["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert notes[0]["level"] == "warning"

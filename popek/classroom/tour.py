@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from popek.arguments import existing_directory
 from popek.errors import BadInput, UsageError
 from popek.textout import emit
 
@@ -57,7 +58,7 @@ def _ia32(samples: Path) -> None:
     for model in ("ia32-umip", "vtx", "sun4v"):
         r = api.theorem(model)
         emit(f"  {model:10} Theorem 1 {'holds' if not r.theorem1_violations else 'fails'}: {r.conclusion}")
-    from popek.scan.render import render
+    from popek.scanner.render import render
 
     emit("\nA VM-aware program uses exactly these instructions to see through a monitor:")
     emit(render(api.scan(samples / "bin" / "vmdetect"), "text"))
@@ -113,7 +114,7 @@ STEPS = (
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=Path, default=SAMPLES, help="the samples folder (default: the checkout's)")
+    p.add_argument("--samples", type=existing_directory, default=SAMPLES, help="the samples folder (default: the checkout's)")
     p.add_argument("--list", action="store_true", help="list the steps")
     p.add_argument("--step", type=int, metavar="N", help="show step N only")
     p.add_argument("--no-pause", action="store_true", help="never wait for Enter between steps")

@@ -22,8 +22,8 @@ def _scan(args: argparse.Namespace) -> str:
     from popek.isa import language
     from popek.isa.classify import Classifier
     from popek.loaders import load
-    from popek.scan import scan_image
-    from popek.scan.document import ScanDocument
+    from popek.scanner import scan_image
+    from popek.scanner.document import ScanDocument
 
     objdump = shutil.which("objdump")
     if objdump is None:
@@ -202,6 +202,17 @@ def _bt_arguments(b: argparse.ArgumentParser) -> None:
     bt_bench.arguments(b)
 
 
+def _pv(args: argparse.Namespace) -> str:
+    """Paravirtualization: µs per hypercall, monitor entries per ported guest (popek.monitors.pv_bench)."""
+    from popek.monitors import pv_bench
+    return pv_bench.run(args)
+
+
+def _pv_arguments(b: argparse.ArgumentParser) -> None:
+    from popek.monitors import pv_bench
+    pv_bench.arguments(b)
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
@@ -212,6 +223,8 @@ BENCHMARKS = {
     "trap": (_trap, "native speed and the cost of one trapped-and-emulated privileged instruction under trap"),
     "bt": (_bt, "binary translation: compute-bound ratio to native and emulate, one callout, translation speed, "
                 "bounded cache", _bt_arguments),
+    "pv": (_pv, "paravirtualization: µs per hypercall, monitor entries per ported guest under trap, bt and pv, "
+                "the nanobenchmarks' pv column", _pv_arguments),
 }
 
 

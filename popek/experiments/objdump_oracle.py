@@ -8,6 +8,7 @@ import subprocess
 _SEG = r"%(?:cs|ds|es|fs|gs|ss)"
 _PREFIXES = {"rep", "repz", "repe", "repnz", "repne", "lock", "data16", "data32", "addr16", "addr32", "rex.W",
              "rex", "cs", "ds", "es", "fs", "gs", "ss", "notrack", "bnd"}
+_REX = re.compile(r"rex(?:\.[WRXB]+)?")  # objdump names a REX prefix by its bits: rex.WRXB, rex.B
 # objdump (AT&T) mnemonic, without size suffix where one exists -> canonical name
 _SIMPLE = {
     "sgdt": "sgdt", "sidt": "sidt", "sldt": "sldt", "smsw": "smsw", "str": "str", "pushf": "pushf",
@@ -33,7 +34,7 @@ def sites_from_listing(out: str) -> set[tuple[int, str]]:
             continue
         address, text = int(m.group(1), 16), m.group(2).split("#")[0].strip()
         words = text.split(None, 1)
-        while words and words[0] in _PREFIXES:
+        while words and (words[0] in _PREFIXES or _REX.fullmatch(words[0])):
             words = words[1].split(None, 1) if len(words) > 1 else []
         if not words:
             continue

@@ -1,8 +1,12 @@
 """The classification query: which described instruction is this decoded instruction?
 
-Built once from a description into a table keyed on Capstone's mnemonic, so the scanner's per-instruction
-work is one dict lookup for the ~99% of instructions that cannot matter. Only candidates look at bytes
-(opcode, ModRM /N) or operands. The scanner and the translator both classify through here.
+Built once from a description into a table keyed on Capstone's instruction id, so the scanner's
+per-instruction work is one dict lookup for the ~99% of instructions that cannot matter. Only candidates look
+at bytes (opcode, ModRM /N) or operands. The scanner and the translator both classify through here.
+
+Never keyed on the printed mnemonic: Capstone prints prefixes into it (``repne outsb``, ``bnd retf``,
+``notrack jmp``), and one byte of prefix must not hide an instruction. The id names what the instruction is;
+the description's opcode and ModRM /N lines tell apart encodings that share an id (FF /2 and FF /3).
 """
 from __future__ import annotations
 
@@ -23,13 +27,19 @@ class Classifier:
         self.model = isa.model(model) if isinstance(model, str) else model
         self.extended = extended
         self._rules: dict[str, list[tuple[Match, Instruction]]] = {}
+        self._by_id: dict[int, list[tuple[Match, Instruction]]] = {}
         for insn in isa.instructions.values():
             if insn.category == "extended" and not extended:
                 continue
             for match in insn.matches:
                 for mnemonic in match.mnemonics:
                     self._rules.setdefault(mnemonic, []).append((match, insn))
-        self.mnemonics = frozenset(self._rules)
+                    for ident in ids_for(mnemonic):
+                        rules = self._by_id.setdefault(ident, [])
+                        if (match, insn) not in rules:      # "outsb" and "rep outsb" are one id
+                            rules.append((match, insn))
+        # The bare mnemonics (without prefixes) that can name a described instruction.
+        self.mnemonics = frozenset(m.split()[-1] for m in self._rules)
         self.candidate_ids = self._candidate_ids()
         self.verdicts = {name: isa.verdict(insn, self.model) for name, insn in isa.instructions.items()}
 
@@ -37,13 +47,8 @@ class Classifier:
         """Capstone ids that can be a described instruction, each with the first opcode bytes its rules
         accept (None: any), so the scanner rejects e.g. an ordinary MOV from its first byte alone."""
         firsts: dict[int, set[int] | None] = {}
-        for mnemonic, rules in self._rules.items():
-            accepted = None if any(m.opcode is None for m, _ in rules) else {m.opcode[0] for m, _ in rules}
-            for ident in ids_for(mnemonic):
-                if ident in firsts and (firsts[ident] is None or accepted is None):
-                    firsts[ident] = None
-                else:
-                    firsts[ident] = (firsts.get(ident) or set()) | (accepted or set()) if accepted is not None else None
+        for ident, rules in self._by_id.items():
+            firsts[ident] = None if any(m.opcode is None for m, _ in rules) else {m.opcode[0] for m, _ in rules}
         return {k: (frozenset(v) if v is not None else None) for k, v in firsts.items()}
 
     def unknown_mnemonics(self) -> list[str]:
@@ -51,8 +56,21 @@ class Classifier:
         return sorted(m for m in self._rules if not ids_for(m))
 
     def lookup(self, code, offset: int, mode: int, mnemonic: str, op_str: str) -> Instruction | None:
-        """The entry for the instruction at ``code[offset]`` that Capstone decoded as (mnemonic, op_str)."""
-        rules = self._rules.get(mnemonic)
+        """The entry for the instruction at ``code[offset]`` that Capstone decoded as (mnemonic, op_str);
+        the mnemonic's prefix words (``rep``, ``bnd``, ``notrack``, ``lock``...) do not matter."""
+        words = mnemonic.split()
+        if not words:
+            return None
+        for ident in ids_for(words[-1]):
+            entry = self.lookup_id(code, offset, mode, ident, op_str)
+            if entry is not None:
+                return entry
+        return None
+
+    def lookup_id(self, code, offset: int, mode: int, ident: int, op_str: str) -> Instruction | None:
+        """The entry for the instruction at ``code[offset]`` that Capstone decoded with instruction id
+        ``ident`` (the scanner has the id from Capstone's record)."""
+        rules = self._by_id.get(ident)
         if rules is None:
             return None
         opcode = None

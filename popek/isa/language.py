@@ -17,7 +17,14 @@ Statements (see grammars/isa.lark):
   ``reads STATE...``, ``writes STATE...``, ``source "..."``, ``note [MODE] "..."``.
 
 ``model NAME [extends BASE] "description" { guest-ring N; virtualizes STATE... "why"; trap INSN... "why";
-source; note }``.
+exit NAME... [when Q] reason NUMBER REASON control CONTROL... "why"; source; note }``.
+
+``exit`` (hardware-assisted models) says how a way out of the guest is reported and what enables it: NAME is
+an instruction or one of the events ``exception external-interrupt triple-fault interrupt-window
+ept-violation``; ``when`` qualifies it (``read``/``write`` for a register access, or a mnemonic when one
+canonical name covers several); ``reason`` is the vendor's number (VT-x basic exit reason, AMD-V exit code,
+decimal or 0x-hex) and name; ``control`` the settings of the monitor's control set that decide it
+(``always``: unconditional). An instruction with an ``exit`` line traps under the model.
 """
 from __future__ import annotations
 
@@ -29,8 +36,8 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from popek.errors import BadInput, SourceError
-from popek.isa.model import (CATEGORIES, DEPRIVILEGED, OPERAND_KINDS, PRIVILEGE, SENSITIVITY_KINDS,
-                             IsaDescription, Instruction, Match, Model)
+from popek.isa.model import (CATEGORIES, DEPRIVILEGED, EXIT_EVENTS, OPERAND_KINDS, PRIVILEGE, SENSITIVITY_KINDS,
+                             Exit, IsaDescription, Instruction, Match, Model)
 
 BUNDLED = "ia32"
 
@@ -139,6 +146,20 @@ class _Build(Transformer):
     def trap(self, *toks):
         return ("trap", (toks[:-1], _s(toks[-1])), toks[0])
 
+    def exit_when(self, tok):
+        return str(tok)
+
+    def exit(self, *toks):
+        toks = list(toks)
+        why = _s(toks.pop())
+        names, when = [], None
+        while isinstance(toks[0], Token) and toks[0].type == "NAME":
+            names.append(toks.pop(0))
+        if not isinstance(toks[0], Token):
+            when = toks.pop(0)
+        number, reason, controls = toks[0], toks[1], toks[2:]
+        return ("exit", (names, when, int(number, 0), str(reason), tuple(str(c) for c in controls), why), names[0])
+
     def isa_decl(self, name, title):
         return ("isa", (str(name), _s(title)), name)
 
@@ -221,9 +242,10 @@ def _fold_model(name: Token, base: Token | None, description: str, stmts, models
     if base is not None:
         m = models[str(base)]
         f = dict(guest_ring=m.guest_ring, virtualizes=m.virtualizes, virtualizes_why=m.virtualizes_why,
-                 traps=dict(m.traps), sources=m.sources, notes=m.notes)
+                 traps=dict(m.traps), sources=m.sources, notes=m.notes, exits=m.exits)
     else:
-        f = dict(guest_ring=3, virtualizes=frozenset(), virtualizes_why="", traps={}, sources=(), notes=())
+        f = dict(guest_ring=3, virtualizes=frozenset(), virtualizes_why="", traps={}, sources=(), notes=(),
+                 exits=())
     for kw, value, tok in stmts:
         if kw == "guest_ring":
             f["guest_ring"] = value
@@ -234,6 +256,9 @@ def _fold_model(name: Token, base: Token | None, description: str, stmts, models
         elif kw == "trap":
             names, why = value
             f["traps"].update({str(n): why for n in names})
+        elif kw == "exit":
+            names, when, number, reason, controls, why = value
+            f["exits"] = f["exits"] + tuple(Exit(str(n), number, reason, controls, why, when) for n in names)
         elif kw == "source":
             f["sources"] = f["sources"] + (value,)
         elif kw == "note":
@@ -281,10 +306,14 @@ def _assemble(items, path: str) -> IsaDescription:
                     pending_refs += [("state", str(t), t) for t in sval[0]]
                 elif skw == "trap":
                     pending_refs += [("instruction", str(t), t) for t in sval[0]]
-    tables = {"state": states, "group": groups, "instruction": instructions}
+                elif skw == "exit":
+                    pending_refs += [("exit", str(t), t) for t in sval[0]]
+    tables = {"state": states, "group": groups, "instruction": instructions,
+              "exit": {**instructions, **dict.fromkeys(EXIT_EVENTS)}}
     for kind, name, tok in pending_refs:
         if name not in tables[kind]:
-            raise _Raise(f"undefined {kind} {name!r}", tok)
+            what = "instruction or exit event" if kind == "exit" else kind
+            raise _Raise(f"undefined {what} {name!r}", tok)
     if header is None:
         raise SourceError("missing 'isa NAME \"title\"' declaration", path, 1, 1)
     return IsaDescription(header[0], header[1], path, states, groups, instructions, models)

@@ -14,6 +14,7 @@ The derived questions (``sensitive_under``, ``traps_under``...) are pure functio
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 # Report classes of the scan contract (DESIGN §3.2), plus innocuous for toy ISAs.
@@ -66,6 +67,47 @@ class Instruction:
         return self.privileged != "no"
 
 
+# What an ``exit`` line of a model may name besides instructions: the events that leave the guest by
+# themselves (an exception, an interrupt, a triple fault, the interrupt window, a nested-paging fault).
+_FAMILY = re.compile(r"(?<=[A-Z])n(?=_|$)")
+EXIT_EVENTS = ("exception", "external-interrupt", "triple-fault", "interrupt-window", "ept-violation")
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One way out of the guest under a hardware-assisted model (``exit`` lines): the instruction or event
+    ``name``, an optional qualifier ``when`` (``read``/``write`` for a register access, or the mnemonic when
+    one canonical name covers several), the exit reason as the vendor numbers and names it (VT-x basic exit
+    reason; AMD-V exit code), the controls that decide whether it exits (``always``: unconditionally), and
+    where that is written. A reason name containing ``n`` as a word part (``CRn_READ``, ``EXCPn``) is a
+    family: the register number or vector is added to ``reason`` and replaces the ``n``."""
+
+    name: str
+    reason: int
+    reason_name: str
+    controls: tuple[str, ...]
+    why: str
+    when: str | None = None
+
+    @property
+    def unconditional(self) -> bool:
+        return self.controls == ("always",)
+
+    def reason_for(self, n: int | None = None) -> tuple[int, str]:
+        """(number, name) of this exit, for register number or vector ``n`` in a family."""
+        if n is None or not self.is_family:
+            return self.reason, self.reason_name
+        return self.reason + n, _FAMILY.sub(str(n), self.reason_name, count=1)
+
+    @property
+    def is_family(self) -> bool:
+        return _FAMILY.search(self.reason_name) is not None
+
+    def describe(self) -> str:
+        control = "always" if self.unconditional else ", ".join(self.controls)
+        return f"exit {self.reason} {self.reason_name} ({control})"
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
@@ -78,6 +120,11 @@ class Model:
     notes: tuple[str, ...] = ()
     base: str | None = None
     line: int = 0
+    exits: tuple[Exit, ...] = ()                            # hardware-assisted models: how each exit is reported
+
+    def exits_for(self, name: str) -> tuple[Exit, ...]:
+        """The ``exit`` lines for instruction or event ``name`` (several when qualified by ``when``)."""
+        return tuple(e for e in self.exits if e.name == name)
 
 
 @dataclass(frozen=True)
@@ -121,8 +168,11 @@ class IsaDescription:
         exposed = insn.touches - model.virtualizes
         sensitive = bool(insn.sensitive) and bool(exposed)
         user_sensitive = insn.user_sensitive and bool(exposed)
-        if insn.name in model.traps:
-            traps, why = True, f"traps under {model.name}: {model.traps[insn.name]}"
+        exits = model.exits_for(insn.name)
+        exit_why = "; ".join((f"{e.when}: " if e.when else "") + e.describe() for e in exits)
+        if insn.name in model.traps or any(e.unconditional for e in exits):
+            why = model.traps.get(insn.name, "")
+            traps, why = True, f"traps under {model.name}: " + "; ".join(w for w in (why, exit_why) if w)
         elif insn.is_privileged and model.guest_ring > 0:
             traps, why = True, f"traps: {insn.deprivileged_why or 'privileged'}"
         else:
@@ -134,6 +184,8 @@ class IsaDescription:
                        f"{model.virtualizes_why or 'the state it touches is virtualized'}")
             else:
                 why = "innocuous"
+            if exit_why:
+                why += f" (exits only when enabled: {exit_why})"
         return Verdict(insn, sensitive, user_sensitive, traps, why)
 
     def verdicts(self, model: Model) -> list[Verdict]:

@@ -65,6 +65,12 @@ def render_text(r: TheoremResult) -> str:
     if trapping:
         con.print(f"{len(trapping)} sensitive instructions trap to the monitor under {r.model.name}: "
                   f"{' '.join(trapping)}.\n")
+    if r.model.exits:
+        con.print(f"How they leave the guest under {r.model.name} (exit reason, and the controls that enable it):")
+        for name in (v.instruction.name for v in r.verdicts if v.traps):
+            for e in r.model.exits_for(name):
+                con.print(f"  {name}{' ' + e.when if e.when else ''}: {e.describe()}")
+        con.print()
     if r.robin_irvine:
         groups: dict[str, list[str]] = {}
         for g, m in r.robin_irvine:

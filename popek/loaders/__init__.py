@@ -42,6 +42,7 @@ class Image:
     regions: tuple[Region, ...]       # executable regions only
     entry_points: tuple[int, ...] = ()
     symbols: dict[int, str] = field(default_factory=dict)   # function symbol address -> name
+    warnings: tuple[str, ...] = ()    # what could not be scanned (a file cut short), one line each
 
 
 # Content sniffing, first match wins. Modules are imported on use so that scanning ELF files never pays

@@ -32,21 +32,31 @@ _BIND_RANK = {"STB_GLOBAL": 0, "STB_WEAK": 1, "STB_LOCAL": 2}
 
 
 def load(data: bytes, path: str, sha256: str) -> Image:
+    """A file cut short is scanned for what is there, as objdump still disassembles it: a section header
+    table past the end falls back to the program headers, a section or segment past the end is scanned up
+    to the end of the file; each loss is a warning. Only a file with nothing left to scan is an error."""
     elf = _open(data)
+    warnings: list[str] = []
     try:
         mode = _mode(elf)
-        _check_tables(elf, len(data))
-        if elf.num_sections():
-            regions, exec_ranges = _section_regions(elf, data, mode)
-            symbols = _symbols(elf, exec_ranges)
+        sections = _check_tables(elf, len(data), warnings)
+        if sections:
+            regions, exec_ranges = _section_regions(elf, data, mode, warnings)
+            try:
+                symbols = _symbols(elf, exec_ranges)
+            except _PARSE_ERRORS as exc:
+                symbols = {}
+                warnings.append(f"ELF symbol tables unreadable ({exc}): findings are not named by symbol")
         else:
-            regions, symbols = _segment_regions(elf, data, mode), {}
+            regions, symbols = _segment_regions(elf, data, mode, warnings), {}
         entry = elf["e_entry"]
         entries = (entry,) if entry and elf["e_type"] in ("ET_EXEC", "ET_DYN") else ()
     except _PARSE_ERRORS as exc:
         raise BadInput(f"malformed ELF: {exc}") from None
+    if warnings and not regions:
+        raise TruncatedFile("; ".join(warnings) + "; nothing left to scan")
     return Image(path=path, format=f"elf{elf.elfclass}", sha256=sha256, regions=regions,
-                 entry_points=entries, symbols=symbols)
+                 entry_points=entries, symbols=symbols, warnings=tuple(warnings))
 
 
 def _open(data: bytes) -> ELFFile:
@@ -71,53 +81,70 @@ def _mode(elf: ELFFile) -> int:
     raise WrongArch(f"ELF for {what}, not x86")
 
 
-def _check_tables(elf: ELFFile, size: int) -> None:
-    """Header tables must lie inside the file; pyelftools would read past the end and fail obscurely."""
+def _check_tables(elf: ELFFile, size: int, warnings: list[str]) -> bool:
+    """Header tables must lie inside the file; pyelftools would read past the end and fail obscurely.
+    True when the section headers are usable; a section header table past the end is a warning when the
+    program headers can stand in for it."""
     tables = (("section header", elf["e_shoff"], elf["e_shentsize"], elf.structs.Elf_Shdr.sizeof()),
               ("program header", elf["e_phoff"], elf["e_phentsize"], elf.structs.Elf_Phdr.sizeof()))
     for what, offset, entsize, need in tables:
         if offset and entsize < need:
             raise BadInput(f"ELF {what} entries are {entsize} bytes, expected {need}")
+    phnum = elf.num_segments() if elf["e_phoff"] else 0
+    if phnum and elf["e_phoff"] + phnum * elf["e_phentsize"] > size:
+        raise TruncatedFile(f"ELF program header table ({phnum} entries at offset 0x{elf['e_phoff']:x}) runs "
+                            f"past the end of the file ({size} bytes)")
     if elf["e_shoff"] and elf["e_shoff"] + elf.structs.Elf_Shdr.sizeof() > size:
         # Checked before num_sections(), which reads entry 0 when e_shnum is 0 (extended numbering).
-        raise TruncatedFile(f"ELF section header table at offset 0x{elf['e_shoff']:x} lies past the end "
-                            f"of the file ({size} bytes)")
-    for what, offset, count, entsize in (
-            ("section header", elf["e_shoff"], elf.num_sections(), elf["e_shentsize"]),
-            ("program header", elf["e_phoff"], elf.num_segments() if elf["e_phoff"] else 0, elf["e_phentsize"])):
-        if count and offset + count * entsize > size:
-            raise TruncatedFile(f"ELF {what} table ({count} entries at offset 0x{offset:x}) runs past the "
-                                f"end of the file ({size} bytes)")
+        problem = f"ELF section header table at offset 0x{elf['e_shoff']:x} lies past the end of the file ({size} bytes)"
+    else:
+        count = elf.num_sections()
+        if not count or elf["e_shoff"] + count * elf["e_shentsize"] <= size:
+            return bool(count)
+        problem = (f"ELF section header table ({count} entries at offset 0x{elf['e_shoff']:x}) runs past the "
+                   f"end of the file ({size} bytes)")
+    if not phnum:
+        raise TruncatedFile(problem + ", and there are no program headers to scan by")
+    warnings.append(problem + "; scanned the executable segments instead")
+    return False
 
 
-def _section_regions(elf: ELFFile, data: bytes, mode: int):
+def _within_file(what: str, offset: int, size: int, data: bytes, warnings: list[str]) -> bytes:
+    """The bytes of a section or segment, up to the end of the file if it is cut short (with a warning)."""
+    if offset + size <= len(data):
+        return data[offset:offset + size]
+    kept = max(0, len(data) - offset)
+    warnings.append(f"{what} (offset 0x{offset:x}, size 0x{size:x}) runs past the end of the file "
+                    f"({len(data)} bytes): " + (f"scanned its first 0x{kept:x} bytes" if kept else "not scanned"))
+    return data[offset:offset + kept] if kept else b""
+
+
+def _section_regions(elf: ELFFile, data: bytes, mode: int, warnings: list[str]):
     """Regions of the executable PROGBITS sections, and {section index: (lowest, end) symbol value}."""
     regions, exec_ranges = [], {}
     relocatable = elf["e_type"] == "ET_REL"
     for index, section in enumerate(elf.iter_sections()):
         name = section.name or f"section{index}"
         offset, size = section["sh_offset"], section["sh_size"]
-        if section["sh_type"] != "SHT_NOBITS" and size and offset + size > len(data):
-            raise TruncatedFile(f"ELF section {name} (offset 0x{offset:x}, size 0x{size:x}) lies past the "
-                                f"end of the file ({len(data)} bytes)")
         if section["sh_type"] == "SHT_PROGBITS" and section["sh_flags"] & SH_FLAGS.SHF_EXECINSTR and size:
-            regions.append(Region(name, section["sh_addr"], data[offset:offset + size], mode))
+            code = _within_file(f"ELF section {name}", offset, size, data, warnings)
+            if code:
+                regions.append(Region(name, section["sh_addr"], code, mode))
             # Symbol values in a relocatable object are offsets into their section.
             low = 0 if relocatable else section["sh_addr"]
             exec_ranges[index] = (low, low + size)
     return tuple(regions), exec_ranges
 
 
-def _segment_regions(elf: ELFFile, data: bytes, mode: int) -> tuple[Region, ...]:
+def _segment_regions(elf: ELFFile, data: bytes, mode: int, warnings: list[str]) -> tuple[Region, ...]:
     regions = []
     for index, segment in enumerate(elf.iter_segments()):
         if segment["p_type"] != "PT_LOAD" or not segment["p_flags"] & P_FLAGS.PF_X or not segment["p_filesz"]:
             continue
         offset, size = segment["p_offset"], segment["p_filesz"]
-        if offset + size > len(data):
-            raise TruncatedFile(f"ELF segment {index} (offset 0x{offset:x}, size 0x{size:x}) lies past the "
-                                f"end of the file ({len(data)} bytes)")
-        regions.append(Region(f"segment{index}", segment["p_vaddr"], data[offset:offset + size], mode))
+        code = _within_file(f"ELF segment {index}", offset, size, data, warnings)
+        if code:
+            regions.append(Region(f"segment{index}", segment["p_vaddr"], code, mode))
     return tuple(regions)
 
 

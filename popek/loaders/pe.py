@@ -2,7 +2,8 @@
 
 Code regions are the sections marked executable or as containing code, at ImageBase + VirtualAddress.
 pefile is lenient: it records lying headers as warnings and carries on (it even stops reading the section
-table quietly), so the section table and each section's raw data are checked against the file here.
+table quietly), so the section table and each section's raw data are checked against the file here; a code
+section cut short by the end of the file is scanned up to there, with a warning.
 """
 from __future__ import annotations
 
@@ -30,15 +31,18 @@ def load(data: bytes, path: str, sha256: str) -> Image:
     try:
         mode = _mode(pe)
         base = pe.OPTIONAL_HEADER.ImageBase
-        regions = _regions(pe, data, mode, base)
+        warnings: list[str] = []
+        regions = _regions(pe, data, mode, base, warnings)
         symbols = _exports(pe, base)
         entry = pe.OPTIONAL_HEADER.AddressOfEntryPoint
         fmt = "pe32+" if pe.OPTIONAL_HEADER.Magic == pefile.OPTIONAL_HEADER_MAGIC_PE_PLUS else "pe32"
     except _PARSE_ERRORS as exc:
         raise BadInput(f"malformed PE file: {getattr(exc, 'value', exc)}") from None
     # A DLL without an entry routine has AddressOfEntryPoint 0: that is not code at ImageBase.
+    if warnings and not regions:
+        raise TruncatedFile("; ".join(warnings) + "; nothing left to scan")
     return Image(path=path, format=fmt, sha256=sha256, regions=regions,
-                 entry_points=(base + entry,) if entry else (), symbols=symbols)
+                 entry_points=(base + entry,) if entry else (), symbols=symbols, warnings=tuple(warnings))
 
 
 def _mode(pe: pefile.PE) -> int:
@@ -51,7 +55,7 @@ def _mode(pe: pefile.PE) -> int:
     raise WrongArch(f"PE for machine 0x{machine:04x}, not x86")
 
 
-def _regions(pe: pefile.PE, data: bytes, mode: int, base: int) -> tuple[Region, ...]:
+def _regions(pe: pefile.PE, data: bytes, mode: int, base: int, warnings: list[str]) -> tuple[Region, ...]:
     count = pe.FILE_HEADER.NumberOfSections
     table = pe.OPTIONAL_HEADER.get_file_offset() + pe.FILE_HEADER.SizeOfOptionalHeader
     if table + count * _SECTION_HEADER_SIZE > len(data):
@@ -65,13 +69,16 @@ def _regions(pe: pefile.PE, data: bytes, mode: int, base: int) -> tuple[Region, 
     for index, section in enumerate(pe.sections):
         name = section.Name.rstrip(b"\0").decode("utf-8", "replace") or f"section{index}"
         offset, raw_size = section.PointerToRawData, section.SizeOfRawData
-        if raw_size and offset + raw_size > len(data):
-            raise TruncatedFile(f"PE section {name} (offset 0x{offset:x}, size 0x{raw_size:x}) lies past the "
-                                f"end of the file ({len(data)} bytes)")
         if not section.Characteristics & _CODE:
             continue
         # The raw data is padded to FileAlignment; VirtualSize, when given, says how much of it is real.
         size = min(raw_size, section.Misc_VirtualSize or raw_size)
+        if size and offset + size > len(data):
+            # Cut short: scanned up to the end of the file, as objdump does.
+            kept = max(0, len(data) - offset)
+            warnings.append(f"PE section {name} (offset 0x{offset:x}, size 0x{size:x}) runs past the end of the "
+                            f"file ({len(data)} bytes): " + (f"scanned its first 0x{kept:x} bytes" if kept else "not scanned"))
+            size = kept
         if size:
             # The raw PointerToRawData, as objdump uses it (Windows would round it down to 512).
             regions.append(Region(name, base + section.VirtualAddress, data[offset:offset + size], mode))

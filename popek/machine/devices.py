@@ -75,6 +75,12 @@ class Serial:
     def _dlab(self) -> bool:
         return bool(self.regs[3] & 0x80)
 
+    def emit(self, data: bytes) -> None:
+        """Console output that did not come through the port (a hypervisor's console, pv's console_io)."""
+        room = max(0, CONSOLE_LIMIT - len(self.output))
+        self.output += data[:room]
+        self.dropped += max(0, len(data) - room)
+
     def read(self, port: int) -> int:
         reg = port - self.base
         if reg in (0, 1) and self._dlab():

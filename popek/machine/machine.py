@@ -236,8 +236,9 @@ class Machine:
     def _mark_accessed(self, space: AddressSpace, selector: int) -> None:
         """Set a descriptor's accessed bit as the CPU would, before Unicorn's API loads it: Unicorn writes
         the bit itself from outside its emulation loop, which must never fault (monitor memory is
-        read-only to Unicorn)."""
-        physical = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4)
+        read-only to Unicorn). Setting it is a write: through paging it sets the page's dirty bit, and faults
+        on a read-only page under CR0.WP (why Linux presets the bits of a read-only GDT)."""
+        physical = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4, write=True)
         high = self.memory.u32(physical)
         if not high & ACCESSED:
             data = struct.pack("<I", high | ACCESSED)

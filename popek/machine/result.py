@@ -4,8 +4,8 @@
 (unknown or missing keys are an error), and ``render_text`` is what the text format prints. Register values
 in ``state`` are integers; the text rendering shows them in hex. ``guest_instructions`` counts executed
 instructions (see popek.machine.machine); ``wall_seconds`` is the run loop alone, without creating the
-machine or loading the guest. ``modelled_cycles`` and ``profile`` stay null until a cost model fills them.
-``memory`` is guest RAM at the end of the run (``RamImage``): a digest per page that is not all zero, so
+machine or loading the guest. ``modelled_cycles`` and ``profile`` are filled by the cost model
+(popek.cost.apply; null when no profile was applied). ``memory`` is guest RAM at the end of the run (``RamImage``): a digest per page that is not all zero, so
 that two runs can be judged on RAM too (popek.experiments.divergence.judge).
 
 Schema 2 (schema 1 had no ``memory`` and no end reason ``interrupted``).
@@ -22,8 +22,11 @@ from popek.tabular import Tabular
 SCHEMA = 2
 
 # End reasons. Each run ends with exactly one.
+# ``shutdown`` and ``crash`` end a paravirtual domain (pv: sched_op shutdown with its reason as the code; the
+# hypervisor crashing the domain, e.g. an exception with no trap-table entry).
 EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED = "exit-port", "hlt", "triple-fault", "budget", "interrupted"
-REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED)
+SHUTDOWN, CRASH = "shutdown", "crash"
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED, SHUTDOWN, CRASH)
 # Reasons after which the run could have gone on: the guest did not end it, so nothing about its end is known.
 UNFINISHED = frozenset({BUDGET, INTERRUPTED})
 
@@ -140,7 +143,7 @@ class RunResult(Tabular):
     wall_seconds: float
     memory: RamImage | None = None              # None only for a result built by hand (judge: undecided)
     modelled_cycles: int | None = None
-    profile: str | None = None
+    profile: dict | None = None            # {"name", "breakdown": {kind: cycles}, "unpriced": [...]}
     extra: dict = field(default_factory=dict)   # not serialised: details for the text format
 
     @property
@@ -209,4 +212,6 @@ class RunResult(Tabular):
                      + " " + " ".join(f"{k}={s[k]:08x}" for k in ("cr0", "cr2", "cr3", "cr4")) + "\n")
         for kind, names in self.events.items():
             lines.append(f"  {kind}: " + ", ".join(f"{n} {c}" for n, c in names.items()) + "\n")
+        if "cost" in self.extra:
+            lines.append(self.extra["cost"].summary() + "\n")
         return "".join(lines)

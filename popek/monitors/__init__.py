@@ -16,7 +16,15 @@ MONITORS: dict[str, tuple[str, str]] = {
     "trap": ("popek.monitors.trap", "TrapAndEmulate"),
     "emulate": ("popek.monitors.emulate", "Emulate"),
     "bt": ("popek.monitors.bt", "BinaryTranslation"),
+    "pv": ("popek.monitors.pv", "ParaVirtual"),
+    "hvm": ("popek.monitors.hvm", "HardwareAssisted"),
 }
+
+
+def platform_defines(name: str) -> dict[str, int]:
+    """The -D symbols that build a source guest for monitor ``name``'s platform (samples/guests/platform.inc):
+    ``{"PV": 1}`` for pv, whose guests are ported; empty for the monitors that run unmodified guests."""
+    return dict(getattr(monitor_class(name), "source_defines", {}))
 
 
 def monitor_class(name: str) -> type:
@@ -47,8 +55,9 @@ def get_monitor(name: str, **options):
 
 
 def run_guest(guest, monitor: str = "native", max_instructions: int | None = None,
-              ram_size: int | None = None, umip: bool = False, **options):
-    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``.
+              ram_size: int | None = None, umip: bool = False, profile="modern", **options):
+    """Load ``guest`` (a path or a ``popek.machine.Guest``) on a fresh machine and run it under ``monitor``;
+    price the run on ``profile`` (a cost profile's name, path or ``Profile``; None: no modelled cycles).
     Raises KeyboardInterrupt instead of starting when Ctrl-C ended an earlier run (machine.interruptible)."""
     from popek.machine import interruptible
     from popek.machine.guest import Guest, load_guest
@@ -63,4 +72,8 @@ def run_guest(guest, monitor: str = "native", max_instructions: int | None = Non
         guest = load_guest(guest, ram_size=ram)
     machine = Machine(ram_size=ram, umip=umip)
     machine.load(guest)
-    return run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions)
+    result = run(machine, ops, DEFAULT_BUDGET if max_instructions is None else max_instructions)
+    if profile is not None:
+        from popek.cost import apply
+        apply(result, profile)
+    return result

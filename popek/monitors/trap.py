@@ -120,9 +120,7 @@ class TrapAndEmulate(Deprivileged):
         return True
 
     def _on_pf(self, machine: Machine, event: Interrupt) -> bool:
-        if self.shadow.paging_changed():
-            machine.events.count("shadow", "hidden-page-fault")
-            machine.uncount()                       # the faulting attempt was the monitor's, not the guest's
+        if self.hidden_page_fault(machine, event):
             return True                             # the guest's tables allow it now: run it again
         event.address = machine.reg("cr2")
         if event.error_code is not None:            # U/S: the virtual privilege, not the real one

@@ -13,6 +13,9 @@
 ; "cli ... popf" the virtual IF stays off, so the kernel never takes another timer interrupt.
 ; Predicted under trap-and-emulate: the cli/sti line stays ok; the popf line shows inside > 0; the
 ; cli/popf line shows ticks after = 0 (and the tick totals of the last phase collapse).
+;
+; Written with platform.inc: `-D PV` builds the paravirtual version, where each guard is the same
+; operation on evtchn_upcall_mask (a PV kernel's IF), which only the guest writes: no race, no lost ticks.
         .include "pm.inc"
         .include "console.inc"
         .equ GUEST_ID,  7
@@ -25,7 +28,7 @@
         mov dword ptr [ticks], 0
         mov dword ptr [ticks_inside], 0
         mov dword ptr [ticks_after], 0
-        sti
+        irq_enable
         print \name
         mov ebp, SECTIONS
         .endm
@@ -39,7 +42,7 @@ work\@:
 
 ; result: the counts of the phase; inside must be 0 and, after a section, ticks must come back.
         .macro result
-        cli
+        irq_disable
         print " ticks="
         print_dec dword ptr [ticks]
         print " inside="
@@ -55,44 +58,18 @@ result_ok\@:
         .endm
 
 _start:
-        pm_setup
-        set_gate 0x20, irq0, INTGATE
-        ; 8259 pair: ICW1 (edge, cascade, ICW4), ICW2 offsets 0x20/0x28, ICW3 wiring, ICW4 8086 mode
-        mov al, 0x11
-        out 0x20, al
-        out 0xA0, al
-        mov al, 0x20
-        out 0x21, al
-        mov al, 0x28
-        out 0xA1, al
-        mov al, 0x04
-        out 0x21, al
-        mov al, 0x02
-        out 0xA1, al
-        mov al, 0x01
-        out 0x21, al
-        out 0xA1, al
-        mov al, 0xFE                    ; IRQ 0 only
-        out 0x21, al
-        mov al, 0xFF
-        out 0xA1, al
-        ; 8254 channel 0, lobyte/hibyte, mode 2 (rate generator)
-        mov al, 0x34
-        out 0x43, al
-        mov al, DIVISOR & 0xFF
-        out 0x40, al
-        mov al, DIVISOR >> 8
-        out 0x40, al
+        plat_setup
+        plat_timer irq0, DIVISOR
 
         print "critical_section: timer ticks that land inside a section the kernel protected\n"
 
         phase "cli/sti:"
 cli_sti:
-        cli
+        irq_disable
         mov byte ptr [in_section], 1
         work
         mov byte ptr [in_section], 0
-        sti
+        irq_enable
         mov byte ptr [after_section], 1
         work
         mov byte ptr [after_section], 0
@@ -102,13 +79,13 @@ cli_sti:
 
         phase "popf:"
 popf_only:
-        pushfd                          ; IF=1
-        push 0x2                        ; "disable interrupts"
-        popfd
+        irq_push                        ; IF=1
+        irq_push_disabled               ; "disable interrupts"
+        irq_restore
         mov byte ptr [in_section], 1
         work
         mov byte ptr [in_section], 0
-        popfd                           ; "enable them again"
+        irq_restore                     ; "enable them again"
         mov byte ptr [after_section], 1
         work
         mov byte ptr [after_section], 0
@@ -118,12 +95,11 @@ popf_only:
 
         phase "cli/popf:"
 cli_popf:
-        pushfd                          ; local_irq_save
-        cli
+        irq_save                        ; local_irq_save: pushfd; cli
         mov byte ptr [in_section], 1
         work
         mov byte ptr [in_section], 0
-        popfd                           ; local_irq_restore
+        irq_restore                     ; local_irq_restore: popfd
         mov byte ptr [after_section], 1
         work
         mov byte ptr [after_section], 0
@@ -145,10 +121,9 @@ irq0_outside:
         je irq0_eoi
         inc dword ptr [ticks_after]
 irq0_eoi:
-        mov al, 0x20                    ; non-specific EOI
-        out 0x20, al
+        irq_eoi
         pop eax
-        iretd
+        kiret
 
         console_lib
         pm_data

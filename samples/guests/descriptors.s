@@ -13,6 +13,10 @@
 ; Two details: the guest sets the accessed bit of its code and data descriptors first (as kernels do, so
 ; the CPU never writes the GDT), and masks LAR's result with 0x00F0FF00 because bits 19:16 (the limit's
 ; high nibble) are undefined in the SDM (LAR: "masked by 00FxFF00H").
+;
+; `-D PV` (platform.inc) builds it for pv, where the kernel's segments are Xen's flat ring-1 ones in the
+; hypervisor's part of the GDT and pm.inc's table is never loaded: the rows show what a PV kernel's lar
+; and lsl really see (DPL 1 access rights; no ring-1 data at 0x39 and no TSS at 0x28 of its own).
         .include "pm.inc"
         .include "console.inc"
         .equ GUEST_ID, 4
@@ -36,7 +40,7 @@
         .equ R_NAME, 32
 
 _start:
-        pm_setup
+        plat_setup
         mov ecx, 1                      ; accessed bit in every code/data descriptor (entries 1-4, 6, 7)
 preset:
         cmp ecx, TSSSEL / 8

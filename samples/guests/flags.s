@@ -31,7 +31,7 @@
         .endm
 
 _start:
-        pm_setup                        ; no PIT or PIC programmed: IF=1 lets nothing in
+        plat_setup                      ; no PIT or PIC programmed: IF=1 lets nothing in
         print "flags: PUSHF/POPF and the interrupt flag in a ring-0 kernel\n"
 
         pushfd
@@ -42,7 +42,7 @@ _start:
         expect ebx, 0                   ; the boot state: interrupts off, IOPL 0
         verdict
 
-        sti
+        irq_enable
         pushfd
         pop ebx
         print "sti; pushf:"
@@ -51,7 +51,7 @@ _start:
         expect ebx, IF_BIT
         verdict
 
-        cli
+        irq_disable
         pushfd
         pop ebx
         print "cli; pushf:"

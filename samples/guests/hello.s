@@ -1,6 +1,15 @@
 ; hello.s: console output on COM1, waiting for "transmitter empty" in the line status register
 ; (port 0x3FD) before each byte, then exit code 0. Runs in the boot state: no setup at all.
+; `-D PV` builds the paravirtual version: one console_io hypercall instead of a port access per byte.
+; (The native build runs under pv too: the domain is granted COM1 and the exit port.)
+        .include "pm.inc"
 _start:
+        .ifdef PV
+        mov esi, message
+        mov ecx, message_end - message
+        con_write
+        exit 0
+        .endif
         mov esi, message
 next:
         lodsb
@@ -20,4 +29,6 @@ done:
         mov al, 0
         out 0xF4, al
 message:
-        .asciz "hello, world\n"
+        .ascii "hello, world\n"
+message_end:
+        .byte 0

@@ -16,51 +16,36 @@
 ; kernel reads CS and finds RPL 3); the ticks() call leaves the virtual IF off (its popf is ignored),
 ; which the sleep's sti repairs; the task's own lines are unaffected. The exit code is 0x80 + the
 ; number of kernel checks that failed.
+;
+; Written with platform.inc: `-D PV` builds the paravirtual kernel (ring 1, hypercalls, an event-channel
+; timer, evtchn_upcall_mask as IF). Its CPL check is relative to the platform's kernel ring (KRING: 0
+; natively, 1 under Xen), and its system calls come through a trap gate, which Xen can make a direct
+; trap (an interrupt gate needs the hypervisor to mask events on every call).
         .include "pm.inc"
         .include "console.inc"
         .equ GUEST_ID, 8
         .equ DIVISOR,  1000
+        .ifdef PV
+        .equ SYSGATE,  USERGATE         ; a DPL-3 trap gate: Xen's direct trap for int 0x80
+        .else
         .equ SYSGATE,  0xEE00           ; present, DPL 3, 32-bit interrupt gate: syscalls run with IF=0
+        .endif
         .equ NSYSCALLS, 4
         .equ MAXWRITE, 256
 
 _start:
-        pm_setup
-        mov ebx, cs                     ; a kernel's first sanity check: am I at ring 0?
+        plat_setup
+        mov ebx, cs                     ; a kernel's first sanity check: am I at the kernel's ring?
         and ebx, 3
+        sub ebx, KRING
         print "kernel: booting at cpl "
         print_dec ebx
         expect ebx, 0
         verdict
 
-        set_gate 0x20, irq0, INTGATE
-        set_gate 0x80, syscall, SYSGATE
-        set_gate 13, general_protection, INTGATE
-        ; 8259 pair: ICW1 (edge, cascade, ICW4), ICW2 offsets 0x20/0x28, ICW3 wiring, ICW4 8086 mode
-        mov al, 0x11
-        out 0x20, al
-        out 0xA0, al
-        mov al, 0x20
-        out 0x21, al
-        mov al, 0x28
-        out 0xA1, al
-        mov al, 0x04
-        out 0x21, al
-        mov al, 0x02
-        out 0xA1, al
-        mov al, 0x01
-        out 0x21, al
-        out 0xA1, al
-        mov al, 0xFE
-        out 0x21, al
-        mov al, 0xFF
-        out 0xA1, al
-        mov al, 0x34                    ; channel 0, lobyte/hibyte, mode 2
-        out 0x43, al
-        mov al, DIVISOR & 0xFF
-        out 0x40, al
-        mov al, DIVISOR >> 8
-        out 0x40, al
+        plat_gate 0x80, syscall, SYSGATE
+        plat_gate 13, general_protection, INTGATE
+        plat_timer irq0, DIVISOR
         print "kernel: gdt, idt, tss loaded; timer every "
         print_dec DIVISOR
         print " instructions\n"
@@ -71,10 +56,9 @@ _start:
 irq0:
         push eax
         inc dword ptr [ticks]
-        mov al, 0x20
-        out 0x20, al
+        irq_eoi
         pop eax
-        iretd
+        kiret
 
 ; syscall: frame eip, cs, eflags, esp, ss (from ring 3). eax = number; the result goes back in eax.
 ; DS is the task's flat data segment, good enough for the kernel's own data.
@@ -93,13 +77,13 @@ syscall_from_user:
         cmp eax, NSYSCALLS
         jae syscall_unknown
         call dword ptr [syscalls + eax * 4]
-        iretd
+        kiret
 syscall_unknown:
         print "kernel: unknown system call "
         print_dec eax
         print "\n"
         mov eax, 0xFFFFFFFF
-        iretd
+        kiret
 
 sys_write:                              ; ebx buffer, ecx length: checked before use (xv6 argptr)
         cmp ecx, MAXWRITE
@@ -108,13 +92,7 @@ sys_write:                              ; ebx buffer, ecx length: checked before
         add edx, ecx
         jc sys_write_bad
         mov esi, ebx
-        jecxz sys_write_done
-sys_write_next:
-        mov al, byte ptr [esi]
-        call con_putc
-        inc esi
-        loop sys_write_next
-sys_write_done:
+        con_write
         xor eax, eax
         ret
 sys_write_bad:
@@ -127,19 +105,17 @@ sys_ticks:
 
 ; read_ticks: the tick count, read with interrupts off and the caller's IF restored afterwards.
 read_ticks:
-        pushfd                          ; local_irq_save
-        cli
+        irq_save                        ; local_irq_save
         mov eax, dword ptr [ticks]
-        popfd                           ; local_irq_restore
+        irq_restore                     ; local_irq_restore
         ret
 
 sys_sleep:                              ; ebx ticks: halt until that many more have passed
         call read_ticks
         add ebx, eax
 sys_sleep_wait:
-        sti
-        hlt
-        cli
+        idle
+        irq_disable
         cmp dword ptr [ticks], ebx
         jb sys_sleep_wait
         xor eax, eax

@@ -8,6 +8,10 @@
 ; it), and learns that it is not at ring 0: the "ring-0 path" check below takes the wrong branch.
 ; Predicted under trap-and-emulate: every kernel line differs; the ring-3 lines at the end, read by real
 ; user code, stay ok (the instructions are only wrong for the kernel, whose ring the monitor changed).
+;
+; `-D PV` (platform.inc) builds it for pv: the selectors are Xen's flat ring-1 ones, so the selector lines
+; show e019/e021 with RPL 1 and check against them, and the "ring-0 path" line differs: a kernel ported to
+; ring 1 must compare the RPL with its own ring (KRING), which is the porting work for this idiom.
         .include "pm.inc"
         .include "console.inc"
         .equ GUEST_ID, 3
@@ -38,9 +42,9 @@
         .endm
 
 _start:
-        pm_setup
-        set_gate 0x80, con_syscall, USERGATE
-        set_gate 0x81, back_in_kernel, USERGATE
+        plat_setup
+        plat_gate 0x80, con_syscall, USERGATE
+        plat_gate 0x81, back_in_kernel, USERGATE
         print "segments_read: the kernel reads CS and SS to learn its privilege level\n"
 
         push cs                         ; a 32-bit slot; only its low 16 bits are defined (SDM PUSH)
@@ -64,6 +68,7 @@ _start:
         mov ebx, cs
         and ebx, 3
         print "kernel takes the "
+        test ebx, ebx                   ; (print clobbers the flags)
         jnz wrong_path
         print "ring-0 path"
         jmp path_done

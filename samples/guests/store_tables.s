@@ -16,6 +16,11 @@
 ;   GDT 0x1000 (5 entries: null, 0x08 code, 0x10 data, 0x18 LDT, 0x20 TSS; limit 0x27)
 ;   IDT 0x1800 (32 gates, limit 0xff)   LDT 0x2000 (2 entries, limit 0x0f)   TSS 0x2800 (limit 0x67)
 ;   CR0 = boot value | MP | NE | WP | AM = 0x00050033 (smsw sees only the low 16 bits: 0x0033)
+;
+; `-D PV` builds what a PV kernel can do instead (platform.inc): HYPERVISOR_set_gdt with ring-1 descriptors
+; at the same GDT address (no LDT or TSS descriptor: Xen refuses system descriptors), its traps through
+; set_trap_table, no LDT, TR or CR0 of its own (mov from cr0 is probed: a #GP at ring 1). The stores then
+; show the hypervisor's tables: paravirtualization does not hide them, a PV kernel simply must not use them.
         .include "pm.inc"
         .include "console.inc"
         .equ GUEST_ID, 1
@@ -30,6 +35,20 @@
         .equ CR0_SET,  0x00050022       ; AM | WP | NE | MP: harmless with paging and the FPU unused
 
 _start:
+        .ifdef PV
+        plat_setup
+        mov esi, pv_gdt_template
+        mov edi, GDT_AT
+        mov ecx, (GDT_LIMIT + 1) / 4
+        rep movsd
+        push ebx
+        mov ebx, pv_gdt_frames
+        mov ecx, (GDT_LIMIT + 1) / 8
+        hypercall HYPERVISOR_set_gdt
+        pop ebx
+        plat_gate 13, probe_gp, INTGATE
+        plat_gate 6, undefined, INTGATE
+        .else
         ; --- set up: copy the GDT and LDT templates to their addresses, build the IDT, load everything ---
         mov esi, gdt_template
         mov edi, GDT_AT
@@ -72,8 +91,12 @@ reloaded:
         mov eax, cr0
         or eax, CR0_SET
         mov cr0, eax
+        .endif
 
         print "store_tables: SGDT SIDT SLDT STR SMSW read back what the kernel loaded\n"
+        .ifdef PV
+        print "loaded: gdt base=00001000 limit=0027 by set_gdt, a trap table; no idt, ldt, tr or cr0 of its own\n"
+        .else
         print "loaded: gdt base="
         print_hex32 GDT_AT
         print " limit="
@@ -90,6 +113,7 @@ reloaded:
         mov eax, cr0
         print_hex32 eax
         print "\n"
+        .endif
 
         ; --- sgdt: 6 bytes, limit then base ---
         mov dword ptr [stored], 0xDEADBEEF      ; sentinels: a store that writes nothing shows
@@ -150,9 +174,19 @@ reloaded:
         verdict
 
         ; --- mov from cr0: the privileged way to read the same register ---
+        .ifdef PV
+        probe_arm cr0_read                      ; privileged at ring 1: #GP, not emulated
+        xor ebx, ebx
+        mov ebx, cr0
+cr0_read:
+        print "mov from cr0: "
+        print_hex32 ebx
+        print_probe
+        .else
         mov ebx, cr0
         print "mov from cr0: "
         print_hex32 ebx
+        .endif
         expect ebx, BOOT_CR0 | CR0_SET
         verdict
 
@@ -174,6 +208,7 @@ undefined:
         .equ BOOT_CR0, 0x11             ; PE | ET, DESIGN.md section 3.3
 
         console_lib
+        plat_lib
 
         .align 8
 gdt_template:
@@ -184,6 +219,16 @@ gdt_template:
         .byte  (LDT_AT >> 16) & 0xFF, 0x82, 0x00, LDT_AT >> 24
         .word  0x0067, TSS_AT & 0xFFFF  ; 0x20 TSS (32-bit, available), limit 103
         .byte  (TSS_AT >> 16) & 0xFF, 0x89, 0x00, TSS_AT >> 24
+        .ifdef PV
+pv_gdt_template:                        ; the same slots, as a PV kernel may have them
+        .dword 0, 0
+        .dword 0x0000FFFF, 0x00CFBA00   ; 0x08 code, DPL 1
+        .dword 0x0000FFFF, 0x00CFB200   ; 0x10 data, DPL 1
+        .dword 0, 0                     ; (no LDT descriptor)
+        .dword 0, 0                     ; (no TSS descriptor)
+pv_gdt_frames:
+        .dword GDT_AT >> 12
+        .endif
 ldt_template:
         .dword 0, 0
         .dword 0x0000FFFF, 0x00CF9200   ; LDT selector 0x0c: data, DPL 0

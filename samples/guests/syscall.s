@@ -1,10 +1,11 @@
 ; syscall.s: ring 3 entered with iretd; system calls with int 0x80 through a DPL-3 trap gate.
 ; eax = 1: write the byte in bl to the console; eax = 2: exit with the code in bl.
-; The handler checks that it runs on the kernel stack from the TSS, below the ring-3 frame.
+; The handler checks that it runs on the kernel stack from the TSS, below the ring-3 frame. `-D PV` builds
+; the paravirtual version (platform.inc): the gate is a trap-table entry, the stack is set by stack_switch.
         .include "pm.inc"
 _start:
-        pm_setup
-        set_gate 0x80, syscall, USERGATE
+        plat_setup
+        plat_gate 0x80, syscall, USERGATE
         enter_ring3 user
 
 user:
@@ -45,7 +46,7 @@ sys_write:
         mov al, bl
         putc
         pop edx
-        iretd
+        kiret
 sys_exit:
         mov al, bl
         out EXIT, al

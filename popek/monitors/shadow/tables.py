@@ -58,6 +58,8 @@ def compress(raw: bytes, ring: int) -> bytes:
 class ShadowTables:
     """The real GDT, LDT, IDT and TSS (module docstring), kept in step with the guest's."""
 
+    trace_gdt = True        # follow guest stores into its GDT (pv: the GDT frames are read-only instead)
+
     def __init__(self, machine: Machine, vcpu: VCpu):
         self.m, self.v = machine, vcpu
         memory = machine.memory
@@ -85,7 +87,7 @@ class ShadowTables:
     def _copy(self, shadow: int, base: int, limit: int) -> None:
         """Compress the guest table at linear ``base`` (``limit`` + 1 bytes) into ``shadow``."""
         size = min(limit + 1, TABLE_SIZE) & ~7
-        space = self.v.space(self.m)
+        space = self.v.space(self.m, mark=False)
         try:
             raw = space.read(base, size) if size else b""
         except GuestFault:
@@ -105,7 +107,10 @@ class ShadowTables:
         base, limit = self.v.gdtr
         self._copy(self.gdt, base, limit)
         self.m.set_table("gdtr", self.gdt, TABLE_SIZE - 1)
-        self._trace("gdt", base, limit, self.gdt)
+        if self.trace_gdt:
+            self._trace("gdt", base, limit, self.gdt)
+        else:
+            self._untrace("gdt")
 
     def ldt_changed(self) -> None:
         selector, base, limit = self.v.ldtr
@@ -124,7 +129,7 @@ class ShadowTables:
         _selector, base, limit = self.v.tr
         if ring in (1, 2) and limit >= 9:
             try:
-                esp, ss = struct.unpack("<IH", self.v.space(self.m).read(base + 4, 6))
+                esp, ss = struct.unpack("<IH", self.v.space(self.m, mark=False).read(base + 4, 6))
             except GuestFault:
                 return
             self.m.memory.monitor_write(self.tss + 4 + 8 * ring, struct.pack("<II", esp, (ss & 0xFFFC) | ring))
@@ -152,7 +157,7 @@ class ShadowTables:
         first = (address - base) // step * step if shadow is not None else 0
         last = (address + size - 1 - base) // step * step if shadow is not None else 0
         try:
-            raw = bytearray(self.v.space(self.m).read(base + first, last - first + step))
+            raw = bytearray(self.v.space(self.m, mark=False).read(base + first, last - first + step))
         except GuestFault:
             return
         for i in range(size):

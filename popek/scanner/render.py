@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from popek.scan.document import CLASSES, FileReport, Finding, ScanDocument
+from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument
 
 FORMATS = ("text", "json", "sarif", "csv")
 TEXT_WIDTH = 120
@@ -66,6 +66,9 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, wid
         console.print()
         _file_text(console, report, doc.model, max_rows_per_class)
     console.print()
+    if doc.skipped:
+        console.print(f"skipped {len(doc.skipped)} file(s) that are not ELF or PE binaries: "
+                      + ", ".join(doc.skipped))
     failed = sum(1 for f in doc.files if f.error is not None)
     if failed:
         console.print(f"{failed} file(s) could not be scanned (see ERROR above)")
@@ -85,6 +88,8 @@ def _file_text(console: Console, report: FileReport, model: str, cap: int | None
     regions = ", ".join(f"{r.name} 0x{r.start:x}-0x{r.end:x} ({r.mode}-bit)" for r in report.regions) or "none"
     console.print(f"format {report.format or '?'}, sha256 {report.sha256 or '?'}")
     console.print(f"regions: {regions}; {report.instructions} instructions decoded")
+    for warning in report.warnings:
+        console.print(f"WARNING: {warning}")
     if not report.findings:
         console.print("no findings")
     for cls in CLASSES:
@@ -241,12 +246,15 @@ def render_sarif(doc: ScanDocument) -> str:
         if artifact not in artifacts:          # a file named twice is one artifact (the schema wants them unique)
             artifacts.append(artifact)
         i = artifacts.index(artifact)
+        where = [{"physicalLocation": {"artifactLocation": {"uri": _uri(report.path), "index": i}}}]
         if report.error is not None:
-            notes.append({"level": "error", "message": {"text": f"{report.path}: {report.error}"},
-                          "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(report.path),
-                                                                                   "index": i}}}]})
+            notes.append({"level": "error", "message": {"text": f"{report.path}: {report.error}"}, "locations": where})
+        for warning in report.warnings:
+            notes.append({"level": "warning", "message": {"text": f"{report.path}: {warning}."}, "locations": where})
         for f in report.findings:
             results.append(_result(f, report, i, rule_index[f.name]))
+    notes += [{"level": "note", "message": {"text": f"{path} skipped: not an ELF or PE binary."}}
+              for path in doc.skipped]
     log = {
         "$schema": SARIF_SCHEMA_URI,
         "version": "2.1.0",

@@ -84,6 +84,7 @@ class FileReport:
     findings: tuple[Finding, ...] = ()
     instructions: int = 0           # instructions decoded
     error: str | None = None        # set when the file could not be scanned (then nothing else is)
+    warnings: tuple[str, ...] = ()  # scanned, but not all of it (a file cut short), one line each
 
     @property
     def counts(self) -> dict[str, int]:
@@ -105,6 +106,7 @@ class FileReport:
             "instructions": self.instructions,
             "findings": [f.to_dict() for f in self.findings],
             "counts": self.counts,
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }
 
     @classmethod
@@ -114,6 +116,7 @@ class FileReport:
         d.pop("counts", None)
         d["regions"] = tuple(RegionInfo.from_dict(r) for r in d.get("regions", ()))
         d["findings"] = tuple(Finding.from_dict(f) for f in d.get("findings", ()))
+        d["warnings"] = tuple(str(w) for w in d.get("warnings", ()))
         return cls(**d)
 
 
@@ -126,6 +129,7 @@ class ScanDocument(Tabular):
     version: str = __version__
     schema: int = SCHEMA
     tool: str = "popek"
+    skipped: tuple[str, ...] = ()   # files found in a directory that are not ELF or PE binaries
 
     @property
     def has_errors(self) -> bool:
@@ -153,6 +157,7 @@ class ScanDocument(Tabular):
             "schema": self.schema, "tool": self.tool, "version": self.version,
             "strategy": self.strategy, "model": self.model, "extended": self.extended,
             "files": [f.to_dict() for f in self.files],
+            **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
 
     @classmethod
@@ -162,4 +167,5 @@ class ScanDocument(Tabular):
         if d.get("schema") != SCHEMA or d.get("tool") != "popek":
             raise ValueError("not a popek scan document (schema 1)")
         d["files"] = tuple(FileReport.from_dict(f) for f in d["files"])
+        d["skipped"] = tuple(str(p) for p in d.get("skipped", ()))
         return cls(**d)

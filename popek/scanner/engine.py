@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Iterable
 
-from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, sweep, sweep_records
+from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, decode_at, sweep, sweep_records
 from popek.isa.classify import Classifier
 from popek.loaders import Image, Region
-from popek.scan.document import Finding
+from popek.scanner.document import Finding
 
 STRATEGIES = ("linear", "recursive")
 _REX = frozenset(range(0x40, 0x50))
@@ -37,18 +37,31 @@ def _finding(classifier: Classifier, region: Region, address: int, size: int, mn
                    region=region.name, why=verdict.why, mode=region.mode, reachable=reachable)
 
 
+# Prefix bytes Capstone refuses in front of an instruction and emits as a lone ``.byte`` (LOCK on an
+# instruction that cannot be locked): objdump shows them as part of the instruction, and the CPU raises #UD.
+_REFUSED = {0xF0: "lock"}
+_REFUSED_WHY = {0xF0: "the CPU raises #UD for LOCK on this instruction (objdump shows it as lock {text})"}
+
+
 def linear(region: Region, classifier: Classifier) -> tuple[list[Finding], int]:
     """Every described instruction in the region, and how many instructions were decoded."""
     data, base, mode = region.data, region.start, region.mode
-    lookup, candidates = classifier.lookup, classifier.candidate_ids
+    lookup, candidates = classifier.lookup_id, classifier.candidate_ids
     prefixes = LEGACY_PREFIXES | (_REX if mode == 64 else frozenset())
     findings = []
     count = 0
+    tail: list[int] = []
     # Hot loop: ~3 M instructions for a kernel. Python sees only candidate ids, and most candidates
     # (ordinary MOVs) are rejected on their first byte before any text is decoded.
     for batch in sweep_records(data, base, mode):
         ids, blob = batch.ids, batch.blob
         count += len(ids)
+        # Offsets of lone undecodable bytes that may be a refused prefix; the previous batch's last few are
+        # kept, as a prefix run may straddle two batches.
+        lone = set(tail)
+        for i in [i for i, ident in enumerate(ids) if ident == 0 and blob[i * RECORD + BYTES_AT] in _REFUSED]:
+            lone.add(batch.address_size(i)[0] - base)
+        tail = sorted(lone)[-14:]
         for i in [i for i, ident in enumerate(ids) if ident in candidates]:
             firsts = candidates[ids[i]]
             if firsts is not None:
@@ -57,10 +70,29 @@ def linear(region: Region, classifier: Classifier) -> tuple[list[Finding], int]:
                     continue
             address, size = batch.address_size(i)
             mnemonic, op_str = batch.text(i)
-            entry = lookup(data, address - base, mode, mnemonic, op_str)
+            entry = lookup(data, address - base, mode, ids[i], op_str)
             if entry is not None:
-                findings.append(_finding(classifier, region, address, size, mnemonic, op_str, entry, None))
+                finding = _finding(classifier, region, address, size, mnemonic, op_str, entry, None)
+                if address - base - 1 in lone:
+                    finding = _with_refused_prefixes(finding, data, base, lone)
+                findings.append(finding)
     return findings, count
+
+
+def _with_refused_prefixes(finding: Finding, data: bytes, base: int, lone: set[int]) -> Finding:
+    """The finding starting at its first prefix byte, as objdump prints it, when Capstone refused the prefix
+    and decoded only what follows it (each refused byte is a lone ``.byte`` record just before: ``lone``
+    holds the offsets of the sweep's one-byte undecodable records)."""
+    start = first = finding.address - base
+    while first - 1 in lone and data[first - 1] in _REFUSED and start - first < 14:
+        first -= 1
+    if first == start:
+        return finding
+    refused = data[first:start]
+    names = " ".join(_REFUSED[b] for b in refused)
+    why = "; ".join(_REFUSED_WHY[b].format(text=finding.text) for b in dict.fromkeys(refused))
+    return replace(finding, address=base + first, size=finding.size + len(refused),
+                   bytes=refused + finding.bytes, text=f"{names} {finding.text}", why=f"{finding.why}; {why}")
 
 
 def reachable_starts(image: Image) -> dict[str, set[int]]:
@@ -118,7 +150,7 @@ def recursive(image: Image, classifier: Classifier) -> tuple[list[Finding], int]
             off = address - region.start
             for a, size, mnemonic, op_str in sweep(region.data, region.start, region.mode, off, 1):
                 entry = classifier.lookup(region.data, off, region.mode, mnemonic, op_str) \
-                    if mnemonic in classifier.mnemonics else None
+                    if mnemonic != BAD else None
                 if entry is not None:
                     findings.append(_finding(classifier, region, a, size, mnemonic, op_str, entry, True))
     findings.sort(key=lambda f: (f.region, f.address))

@@ -31,6 +31,8 @@ from popek.decode import BAD, sweep
 
 BACK_BYTES = 64   # how far before a site the set-up of magic values is looked for
 FORWARD = 12      # instructions after a site searched for the comparison: compilers put it right after the load
+# A timing check has the timed instructions and the second read between the site and the subtraction.
+FORWARD_FOR = {"rdtsc": 32}
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -105,6 +107,14 @@ class TestsOnly:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """The site's value subtracted from (or compared with) a later read of the same counter."""
+
+    def __call__(self, ev: Event) -> bool:
+        return ev.kind == "delta"
+
+
+@dataclass(frozen=True)
 class Holds:
     """Before the site, register ``reg`` (family) holds a constant in [lo, hi] under ``mask``."""
     reg: str
@@ -173,6 +183,10 @@ IDIOMS: tuple[Idiom, ...] = (
           "CPUID hypervisor leaf 0x4000xxxx, signature compared with a hypervisor's name (VMware, KVM, Hyper-V, "
           "Xen, ...)",
           setup=(HV_LEAVES,), fields=frozenset({"ebx", "ecx", "edx"}), checks=(CmpAny(VENDOR_PIECES),)),
+    Idiom("rdtsc-delta", frozenset({"rdtsc"}),
+          "two RDTSC reads subtracted — a timing check: around CPUID or another instruction a monitor intercepts, "
+          "the delta is far larger under a VMM",
+          fields=frozenset({"tsc"}), checks=(Delta(),)),
     Idiom("cpuid-hv-leaf", frozenset({"cpuid"}),
           "CPUID hypervisor leaf 0x4000xxxx queried (weaker: no signature comparison seen nearby) — only a "
           "hypervisor answers it",
@@ -264,6 +278,7 @@ class _Flow:
         self.mem: dict[tuple, Const | Taint] = {}   # (key, disp) -> one byte: Const(b, 0xFF) or a byte Taint
         self.sp = 0
         self.events: list[Event] = []
+        self.last_test: Event | None = None     # the event of the instruction just before (test r, r)
 
     def reset(self) -> None:
         self.regs.clear()
@@ -330,6 +345,10 @@ class _Flow:
         self.mem = {c: v for c, v in self.mem.items() if c[0] != ("sp",)}
 
     def event(self, kind: str, a, b, bits: int) -> None:
+        if kind == "cmp" and isinstance(a, Taint) and isinstance(b, Taint) and {a.field, b.field} == {"tsc", "tsc-later"}:
+            # A later time-stamp read minus the site's: a measured delta (sub, or cmp of the two).
+            self.events.append(Event("delta", a if a.field == "tsc" else b, 0, bits))
+            return
         if isinstance(a, Const) and isinstance(b, Taint):
             a, b = b, a
         if isinstance(a, Taint) and isinstance(b, Const):
@@ -369,7 +388,10 @@ def _test(flow, ops, mn):
     a, b = flow.read(ops[0], n), flow.read(ops[1], n)
     if ops[0] == ops[1] and isinstance(a, Taint):   # test r, r: every bit of r
         b = Const((1 << 8 * n) - 1, (1 << 8 * n) - 1)
+    count = len(flow.events)
     flow.event("test", a, b, 8 * n)
+    if ops[0] == ops[1] and len(flow.events) > count:
+        flow.last_test = flow.events[-1]          # a following js/jns narrows it to the sign bit
 
 
 def _bt(flow, ops, mn):
@@ -397,6 +419,9 @@ def _alu(flow, ops, mn, record=True):
         out = Const(_FOLD[mn](a.value, b.value) & full, full)
     elif isinstance(a, Taint) and isinstance(b, Const) and mn in ("shr", "sar", "shl", "sal"):
         out = Taint(a.field, a.lo + (b.value if mn in ("shr", "sar") else -b.value), a.width)
+        if record and mn == "shr" and b.value == 8 * n - 1:
+            # Only the top bit is left (a compiler's `return (x >> 31) & 1`): that bit is what is tested.
+            flow.event("test", out, Const(1, 1), 8 * n)
     elif isinstance(a, Taint) and isinstance(b, Const) and mn == "and":
         if record:
             flow.event("test", a, b, 8 * n)   # and with a mask is how compilers test bits too
@@ -446,6 +471,14 @@ BARRIERS = frozenset({"jmp", "ljmp", "ret", "retf", "iret", "iretd", "iretq", "h
 
 def _step(flow: _Flow, address: int, size: int, mn: str, op_str: str) -> None:
     ops = [_operand(t, address + size, flow.sp) for t in op_str.split(", ")] if op_str else []
+    previous, flow.last_test = flow.last_test, None
+    if mn in ("js", "jns") and previous is not None and flow.events and flow.events[-1] is previous:
+        # test r, r; js: only the sign bit decides the branch.
+        flow.events[-1] = Event("test", previous.taint, 1 << (previous.bits - 1), previous.bits)
+    if mn == "rdtsc":                       # a later read of the counter than the site's
+        flow.write(Reg("a", 0, 4), Taint("tsc-later", 0, 32))
+        flow.write(Reg("d", 0, 4), Taint("tsc-later", 32, 32))
+        return
     handler = HANDLERS.get(mn)
     if handler and (mn in _STACK_ONLY or (len(ops) >= 2 and None not in ops[:2])):
         handler(flow, ops, mn)
@@ -504,15 +537,17 @@ def analyse_site(code: bytes, base: int, mode: int, address: int, name: str) -> 
     assert 0 <= off < len(code), f"site 0x{address:x} outside the region"
     # Look back only when some row needs a set-up for this trigger: the re-synchronising decode is the cost.
     start = _window_start(code, base, mode, off) if name in NEEDS_SETUP else off
-    end = min(len(code), off + 15 * (FORWARD + 1))
+    forward = FORWARD_FOR.get(name, FORWARD)
+    end = min(len(code), off + 15 * (forward + 1))
     flow, at_site, site_ops, after = _Flow(mode), None, "", None   # after: instructions seen past the site
-    for addr, size, mn, op_str in sweep(bytes(code[start:end]), base + start, mode, count=BACK_BYTES + FORWARD + 1):
+    for addr, size, mn, op_str in sweep(bytes(code[start:end]), base + start, mode, count=BACK_BYTES + forward + 1):
+        mn = mn.rsplit(" ", 1)[-1]      # "bnd ret", "notrack jmp", "rep stosd": the prefix changes no flow here
         if addr == address:
             at_site, site_ops = dict(flow.regs), op_str
             _site_effect(flow, name, op_str, addr, size)
             after = 0
             continue
-        if after is not None and (after >= FORWARD or mn in BARRIERS):
+        if after is not None and (after >= forward or mn in BARRIERS):
             break
         if mn in BARRIERS:          # before the site: what follows is a jump target with unknown state
             flow.reset()

@@ -12,9 +12,9 @@ from popek.errors import BadInput, UsageError
 from popek.isa import language
 from popek.isa.classify import Classifier
 from popek.loaders import parse_region_spec
-from popek.scan import scan_paths
-from popek.scan.document import ScanDocument
-from popek.scan.engine import STRATEGIES
+from popek.scanner import scan_paths
+from popek.scanner.document import ScanDocument
+from popek.scanner.engine import STRATEGIES
 
 FORMATS = ("text", "json", "sarif", "csv")
 
@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from popek.scan.render import render
+    from popek.scanner.render import render
 
     if args.load:
         doc = _load_saved(args.load)
@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     for report in doc.files:
         if report.error is not None:
             print(f"popek scan: error: {report.path}: {report.error}", file=sys.stderr)
+        for warning in report.warnings:
+            print(f"popek scan: warning: {report.path}: {warning}", file=sys.stderr)
+    for path in doc.skipped:
+        print(f"popek scan: skipped: {path}: not an ELF or PE binary", file=sys.stderr)
     if doc.has_errors:
         return EXIT_BAD_INPUT
     return EXIT_FOUND if doc.sensitive_unprivileged else EXIT_OK

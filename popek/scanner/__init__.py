@@ -1,14 +1,14 @@
-"""popek.scan: classify every instruction of x86 binaries in Popek-Goldberg terms."""
+"""popek.scanner: classify every instruction of x86 binaries in Popek-Goldberg terms."""
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Iterable
 
-from popek.errors import BadInput
+from popek.errors import BadInput, UnsupportedFormat
 from popek.isa.classify import Classifier
 from popek.loaders import Image, iter_files, load
-from popek.scan import engine
-from popek.scan.document import FileReport, RegionInfo, ScanDocument
+from popek.scanner import engine
+from popek.scanner.document import FileReport, RegionInfo, ScanDocument
 
 
 def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -> FileReport:
@@ -23,12 +23,12 @@ def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -
     findings = _with_idioms(image, findings)
     regions = tuple(RegionInfo(r.name, r.start, r.end, r.mode) for r in image.regions)
     return FileReport(path=image.path, format=image.format, sha256=image.sha256, regions=regions,
-                      findings=tuple(findings), instructions=count)
+                      findings=tuple(findings), instructions=count, warnings=image.warnings)
 
 
 def _with_idioms(image: Image, findings: list) -> list:
-    """Attach VM-detection idioms recognised around the findings (popek.scan.idioms)."""
-    from popek.scan.idioms import find_idioms
+    """Attach VM-detection idioms recognised around the findings (popek.scanner.idioms)."""
+    from popek.scanner.idioms import find_idioms
 
     out = []
     by_region: dict[str, list] = {}
@@ -49,7 +49,12 @@ def _with_idioms(image: Image, findings: list) -> list:
 
 def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = "linear", mode: int | None = None,
                base: int = 0, regions=None, raw: bool = False) -> ScanDocument:
-    reports = []
+    """Scan files and directories. A file found inside a directory that is not a binary (a script, a text;
+    UnsupportedFormat, or empty) is skipped and listed in ``skipped``; named on the command line it is an
+    error. A directory with no binary in it is bad input."""
+    paths = list(paths)
+    named = set(paths)
+    reports, skipped = [], []
     for path, error in iter_files(paths):
         if error is None:
             try:
@@ -58,6 +63,13 @@ def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = 
                 continue
             except BadInput as exc:
                 error = exc
+        if path not in named and (isinstance(error, UnsupportedFormat) or str(error) == "empty file"):
+            skipped.append(path)
+            continue
         reports.append(FileReport(path=path, error=str(error)))
+    if not reports:
+        what = f"{len(skipped)} file(s), none of them ELF or PE" if skipped else "no files"
+        raise BadInput(f"nothing to scan in {', '.join(paths)}: {what}"
+                       + ("; give --mode 16|32|64 to scan them as raw code" if skipped else ""))
     return ScanDocument(files=tuple(reports), strategy=strategy, model=classifier.model.name,
-                        extended=classifier.extended)
+                        extended=classifier.extended, skipped=tuple(skipped))

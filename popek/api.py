@@ -134,15 +134,19 @@ def run(guest, monitor: str = "native", *, max_instructions: int | None = None, 
                      **options)
 
 
-def diff(guest, monitor: str = "trap", *, max_instructions: int | None = None, **options):
-    """Run ``guest`` natively and under ``monitor``; the report says whether it computed the same thing and
-    names the sensitive instructions that saw different state."""
+def diff(guest, monitor: str = "trap", *, max_instructions: int | None = None, ram_size: int | None = None,
+         umip: bool = False, **options):
+    """Run ``guest`` natively and under ``monitor``; the report says whether it computed the same thing
+    (console, exit, state and guest RAM; a run that ends on its budget is undecided) and names the sensitive
+    instructions that saw different state."""
     from popek.experiments import divergence
     from popek.monitors import get_monitor
 
     budget = _budget(max_instructions)
+    ram = _ram(ram_size)
     get_monitor(monitor, **options)
-    return divergence.diff(_guest(guest), monitor, max_instructions=budget, options=options)
+    return divergence.diff(_guest(guest, ram), monitor, max_instructions=budget, options=options,
+                           ram_size=ram, umip=umip)
 
 
 def _guests_and_monitors(guests, monitors):

@@ -14,8 +14,11 @@ from popek import __version__
 from popek.errors import PopekError
 
 EXIT_OK = 0
-EXIT_FOUND = 1  # scan: some sensitive-unprivileged instruction; run --check: a divergence
+EXIT_FOUND = 1  # scan: some sensitive-unprivileged instruction; diff, compare: a divergence
 EXIT_BAD_INPUT = 2
+EXIT_TRIPLE_FAULT = 3  # run: the guest ended in a triple fault (the machine reset)
+EXIT_UNDECIDED = 4  # run: the instruction budget ran out; diff: a run ended on its budget, nothing decided
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): partial results were printed
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
@@ -35,8 +38,16 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``popek run: error: argument --ram: ...``) and no usage
+    block before it: ``popek COMMAND --help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="popek",
         description="x86 virtualizability analyzer: can a virtual machine monitor run this code faithfully, "
         "why not, and at what cost?",
@@ -58,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from popek.machine import interruptible
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -66,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    interruptible.reset()
     try:
-        return args._run(args)
+        status = args._run(args)
     except PopekError as exc:
         if args.traceback:
             raise
@@ -76,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except KeyboardInterrupt:
-        return 130
+        print(f"popek {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # A run that Ctrl-C ended returned its partial result, which the command printed.
+    return EXIT_INTERRUPTED if interruptible.pending() else status
 
 
 def entry() -> None:

@@ -234,8 +234,13 @@ def ids_for(mnemonic: str) -> frozenset[int]:
 def decode_at(code: bytes, offset: int, base: int, mode: int) -> Insn | None:
     """The instruction at ``code[offset]`` (address ``base + offset``), or None if it does not decode."""
     for address, size, mnemonic, op_str in _cs(mode, False).disasm_lite(code[offset:offset + 15], base + offset, 1):
-        if mnemonic == BAD:
-            return None
+        if mnemonic in (BAD, "ud1"):                # a Capstone gap: its true length, as the sweep has it
+            length = gap_length(code, offset, mode)
+            if length is not None and (mnemonic == BAD or length != size):
+                return Insn(address, length, CAPSTONE_GAPS[_gap_opcode(code, offset, mode)], "",
+                            bytes(code[offset:offset + length]), mode)
+            if mnemonic == BAD:
+                return None
         return Insn(address, size, mnemonic, op_str, bytes(code[offset:offset + size]), mode)
     return None
 
@@ -282,3 +287,69 @@ _HAS_MODRM = frozenset(
                           0xD1, 0xD2, 0xD3, 0xC0, 0xC1)]
     + [bytes([0x0F, b]) for b in (0x00, 0x01, 0x02, 0x03, 0x20, 0x21, 0x22, 0x23, 0xBA, 0xC7, 0xAE)]
 )
+
+
+# --- near control transfers, by opcode ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class NearTransfer:
+    """A near jmp, call, jcc, ret, loop or jecxz, read from its bytes (never from the printed mnemonic, which
+    carries prefix words: ``bnd ret``, ``notrack jmp``). ``opsize``: the operand size, which is the width of
+    EIP after the transfer and of a pushed or popped return address (16 with a 66 prefix); ``addrsize``: the
+    address size, which is the counter of loop/jecxz (CX with a 67 prefix) and the memory operand's
+    addressing; ``rel``: the signed displacement from the next instruction (None for ret and r/m forms);
+    ``cond``: a jcc's condition (0-15); ``release``: ``ret imm16``'s immediate."""
+
+    kind: str           # one of TRANSFER_KINDS
+    opsize: int
+    addrsize: int
+    rel: int | None = None
+    cond: int | None = None
+    release: int = 0
+    opcode_at: int = 0  # offset of the opcode byte (after the prefixes)
+
+    def target(self, next_ip: int) -> int:
+        """Where a taken relative transfer goes: EIP truncated to the operand size, as the CPU does."""
+        return (next_ip + self.rel) & (0xFFFF if self.opsize == 16 else 0xFFFFFFFF)
+
+    @property
+    def sized16(self) -> bool:
+        """A form that differs from its 32-bit meaning: a 16-bit EIP, or a 16-bit loop/jecxz counter."""
+        return self.opsize == 16 or (self.addrsize == 16 and self.kind in COUNTER_KINDS)
+
+
+TRANSFER_KINDS = ("jmp", "call", "jcc", "ret", "jmp_rm", "call_rm", "loop", "loope", "loopne", "jecxz")
+COUNTER_KINDS = frozenset({"loop", "loope", "loopne", "jecxz"})
+# opcode -> (kind, displacement bytes: 1, or "v" for 2 or 4 by operand size; 0 for none, 2 for ret imm16)
+_NEAR = {b"\xe8": ("call", "v"), b"\xe9": ("jmp", "v"), b"\xeb": ("jmp", 1), b"\xc3": ("ret", 0),
+         b"\xc2": ("ret", 2), b"\xe0": ("loopne", 1), b"\xe1": ("loope", 1), b"\xe2": ("loop", 1),
+         b"\xe3": ("jecxz", 1)}
+_NEAR.update({bytes([0x70 + c]): ("jcc", 1) for c in range(16)})
+_NEAR.update({bytes([0x0F, 0x80 + c]): ("jcc", "v") for c in range(16)})
+_NEAR_RM = {2: "call_rm", 4: "jmp_rm"}           # FF /2, FF /4
+
+
+def near_transfer(raw: bytes, mode: int = 32) -> NearTransfer | None:
+    """The near control transfer ``raw`` encodes (one whole instruction, prefixes included), or None."""
+    op, modrm = opcode_and_modrm(raw, 0, mode)
+    at = 0
+    while at < len(raw) and raw[at] in LEGACY_PREFIXES:
+        at += 1
+    prefixes = raw[:at]
+    opsize = (16 if mode == 32 else 32) if 0x66 in prefixes else (32 if mode == 32 else 16)
+    addrsize = (16 if mode == 32 else 32) if 0x67 in prefixes else (32 if mode == 32 else 16)
+    if op == b"\xff":
+        kind = _NEAR_RM.get((modrm >> 3) & 7) if modrm is not None else None
+        return NearTransfer(kind, opsize, addrsize, opcode_at=at) if kind else None
+    entry = _NEAR.get(op)
+    if entry is None:
+        return None
+    kind, width = entry
+    width = (opsize // 8) if width == "v" else width
+    tail = raw[at + len(op):at + len(op) + width]
+    if len(tail) != width:
+        return None
+    value = int.from_bytes(tail, "little", signed=kind != "ret") if width else 0
+    if kind == "ret":
+        return NearTransfer(kind, opsize, addrsize, release=value, opcode_at=at)
+    cond = op[-1] & 0xF if kind == "jcc" else None
+    return NearTransfer(kind, opsize, addrsize, rel=value, cond=cond, opcode_at=at)

@@ -162,6 +162,15 @@ KINDS: dict[str, Kind] = _kinds(
     Kind("idle", "time the CPU spent halted (sun4v: waiting in cpu_yield), skipped to the next timer event",
          ("machine", "sun4v"), INFO,
          {"clocks": Name("instruction-clocks skipped while halted", unit="clocks")}),
+    Kind("corrected", "an instruction where Unicorn departs from the SDM and the bare machine did what the "
+         "hardware does (popek.machine.quirks; docs/machine.md)", ("machine",), INFO,
+         {"lock-not-lockable": Name("LOCK on an instruction that does not take it: #UD"),
+          "pop-8f-reg": Name("8F with ModRM.reg other than 0 (XOP, not in CPUID): #UD"),
+          "c6-c7-reg": Name("C6/C7 with ModRM.reg other than 0 (XBEGIN/XABORT, no RTM): #UD"),
+          "vex": Name("a VEX prefix the CPUID does not report (no AVX): #UD"),
+          "register-only-memory-form": Name("the memory form of a register-only instruction: #UD"),
+          "ret-imm16-zero-extended": Name("ret/retf imm16 >= 0x8000: the immediate zero-extended"),
+          "int6-software-interrupt": Name("int 6 taken as the software interrupt it is, not #UD")}),
     Kind("umip", "bookkeeping of the CR4.UMIP model (popek run --umip)", ("machine",), INFO,
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
     Kind("hvm", "bookkeeping of hvm's search for exiting instructions (popek.machine.watch): not an exit",
@@ -211,7 +220,7 @@ KINDS: dict[str, Kind] = _kinds(
              "lookup": Name("an inline-cache miss of a return or indirect branch"),
              "continue": Name("a run ended at its length cap: continue in the next translation"),
              "poison": Name("an instruction start of an invalidated unit was entered"),
-             "branch16": Name("a 16-bit near branch, which is not translated (#UD)"),
+             "near-branch": Name("a jmp through r/m, or a near branch with a 16-bit operand or address size, carried out by the monitor"),
          }, INSTRUCTION, includes="emulate"),
     Kind("chain", "translator bookkeeping on a branch", ("bt",), MONITOR, {
         "patched": Name("a direct branch linked to its target's translation (later runs of it are chained: a "

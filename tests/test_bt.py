@@ -298,7 +298,7 @@ eips:   .space 16
 
 def test_the_cache_cannot_be_read_written_or_jumped_into():
     m = Machine()
-    cache_base = (m.memory.monitor_end + 0xFFF) & ~0xFFF       # where bt maps it (see bt_cache)
+    cache_base = ((m.memory.monitor_end + 0xFFF) & ~0xFFF) + 0x1000    # where bt maps it, past a guard page (see bt_cache)
     guest = build(f"        .equ CACHE, {cache_base:#x}\n" + PROBES)
     reference, mn, _ = machine_run(guest, "native")
     result, mb, ops = machine_run(guest, "bt")

@@ -212,7 +212,7 @@ def directives(path: Path) -> dict[str, list[str]]:
     """``; key: value`` lines at the top of a regression guest (see tests/regressions/README.md)."""
     found: dict[str, list[str]] = {}
     for line in path.read_text().splitlines():
-        m = re.match(r";\s*(expect|xfail|why|nondeterministic):\s*(.*\S)", line)
+        m = re.match(r";\s*(expect|xfail|why|nondeterministic|same-under):\s*(.*\S)", line)
         if m:
             found.setdefault(m.group(1), []).append(m.group(2))
         elif line.strip() and not line.startswith(";"):
@@ -243,9 +243,20 @@ def test_regression_guest_meets_its_expectations_natively(path, request):
         assert actual == value.strip(), f"{path.name}: {key} is {actual}, expected {value.strip()}"
 
 
-# Not every saved guest exercises what makes a monitor diverge: expected divergence is not strict here.
-@pytest.mark.parametrize("monitor", monitors(strict=False))
-@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+# Not every saved guest exercises what makes a monitor diverge: expected divergence is not strict here, and a
+# guest that says `; same-under: MONITOR` (it runs nothing that monitor gets wrong) must agree with native.
+def _regression_params() -> list:
+    params = []
+    for path in REGRESSIONS:
+        same = " ".join(directives(path).get("same-under", [])).split()
+        for param in monitors(strict=False):
+            (monitor,) = param.values
+            marks = [m for m in param.marks if not (monitor in same and m.name == "xfail")]
+            params.append(pytest.param(path, monitor, marks=marks, id=f"{path.stem}-{monitor}"))
+    return params
+
+
+@pytest.mark.parametrize("path, monitor", _regression_params())
 def test_regression_guest_runs_the_same_as_native(path, monitor, request):
     unstable = directives(path).get("nondeterministic")
     if unstable:                        # native disagrees with itself: a difference proves nothing

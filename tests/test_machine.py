@@ -528,13 +528,19 @@ def test_umip_makes_sgdt_smsw_str_fault_at_cpl3():
 def test_result_document_has_exactly_the_contract_keys_and_round_trips():
     doc = run_guest(sample("hello")).to_dict()
     assert list(doc) == ["schema", "monitor", "guest", "exit", "console", "state", "events",
-                         "guest_instructions", "modelled_cycles", "profile", "wall_seconds"]
+                         "guest_instructions", "memory", "modelled_cycles", "profile", "wall_seconds"]
     assert list(doc["state"]) == ["eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags",
                                   "cs", "ds", "es", "fs", "gs", "ss", "cpl", "gdtr", "idtr", "ldtr", "tr",
                                   "cr0", "cr2", "cr3", "cr4"]
-    assert doc["schema"] == 1 and doc["monitor"] == "native"
+    assert doc["schema"] == 2 and doc["monitor"] == "native"
     assert doc["exit"] == {"reason": "exit-port", "code": 0}
+    memory = doc["memory"]
+    assert (memory["page_size"], memory["size"]) == (0x1000, 32 * MIB)
+    assert "0x00100000" in memory["pages"] and "0x00000000" not in memory["pages"]   # image; untouched RAM
     assert RunResult.from_dict(json.loads(json.dumps(doc))).to_dict() == doc
+    doc["memory"]["pages"]["0x00100000"] = "0" * 32
+    with pytest.raises(ValueError, match="digest"):
+        RunResult.from_dict(doc)
 
 
 def test_cli_json_and_text(capsys):
@@ -554,7 +560,7 @@ def test_cli_flat_image_options(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["exit"] == {"reason": "exit-port", "code": 42} and doc["guest_instructions"] == 2
     assert doc["state"]["gdtr"]["base"] == 4 * MIB
-    assert main(["run", str(image), "--max-instructions", "3", "--format", "json"]) == 0
+    assert main(["run", str(image), "--max-instructions", "3", "--format", "json"]) == 4     # budget
     assert json.loads(capsys.readouterr().out)["exit"]["reason"] == "budget"
 
 

@@ -667,10 +667,12 @@ def test_a_paging_guest_runs_on_the_shadow_page_directory(ring):
     native, trapped = run_guest(build(PAGING)), run_guest(build(PAGING), "trap", ring=ring)
     assert (native.exit.code, native.state["ebx"], native.state["cr2"]) == (14, 0b010, 0x800000)
     # The load through the PDE the guest made present without a flush faults on the stale shadow, which
-    # the monitor resynchronises and runs again: one attempt more than natively.
-    assert trapped.events["shadow"]["hidden-page-fault"] == 1
-    assert trapped.guest_instructions == native.guest_instructions + 1
-    assert dict(_comparable(trapped), guest_instructions=0) == dict(_comparable(native), guest_instructions=0)
+    # the monitor resynchronises and runs again; that attempt is the monitor's and is not counted. Under
+    # ring 3 the shadow page tables are copies, filled on demand: a page's first access and first write
+    # fault to the monitor too (its accessed and dirty bits), uncounted as well.
+    assert trapped.events["shadow"]["hidden-page-fault"] >= 1
+    assert trapped.guest_instructions == native.guest_instructions
+    assert _comparable(trapped) == _comparable(native)
 
 
 def test_cli_ring_option(capsys):

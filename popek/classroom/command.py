@@ -8,13 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
+from popek.arguments import existing_directory
 from popek.classroom import exercises as ex
 from popek.errors import BadInput
 from popek.textout import emit
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=Path, default=ex.SAMPLES, help="the samples folder (default: the checkout's)")
+    p.add_argument("--samples", type=existing_directory, default=ex.SAMPLES, help="the samples folder (default: the checkout's)")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     sub.add_parser("list", help="the exercises")
     show = sub.add_parser("show", help="an exercise's text")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from popek.arguments import existing_directory
 from popek.errors import BadInput, UsageError
 from popek.textout import emit
 
@@ -163,7 +164,7 @@ STEPS = (
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=Path, default=SAMPLES, help="the samples folder (default: the checkout's)")
+    p.add_argument("--samples", type=existing_directory, default=SAMPLES, help="the samples folder (default: the checkout's)")
     p.add_argument("--list", action="store_true", help="list the steps")
     p.add_argument("--step", type=int, metavar="N", help="show step N only")
     p.add_argument("--no-pause", action="store_true", help="never wait for Enter between steps")

@@ -66,12 +66,19 @@ def _differential(args: argparse.Namespace) -> str:
 
 def _differential_arguments(b: argparse.ArgumentParser) -> None:
     import os
-    b.add_argument("--monitor", default="emulate", help="the monitor compared with the reference (default emulate)")
-    b.add_argument("--reference", default="native", help="the reference monitor (default native)")
-    b.add_argument("--examples", type=int, default=100_000, help="generated guests to run (default 100000)")
-    b.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0: the same guests every run)")
-    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
-    b.add_argument("--shrink", type=int, default=3, help="kinds of divergence to shrink and print (default 3)")
+
+    from popek import arguments
+    b.add_argument("--monitor", type=arguments.monitor_name, default="emulate",
+                   help="the monitor compared with the reference (default emulate)")
+    b.add_argument("--reference", type=arguments.monitor_name, default="native",
+                   help="the reference monitor (default native)")
+    b.add_argument("--examples", type=arguments.count, default=100_000, help="generated guests to run (default 100000)")
+    b.add_argument("--seed", type=arguments.in_range(0), default=0,
+                   help="Hypothesis seed (default 0: the same guests every run)")
+    b.add_argument("--jobs", type=arguments.in_range(1, 256), default=os.cpu_count() or 1,
+                   help="processes (default: one per CPU)")
+    b.add_argument("--shrink", type=arguments.in_range(0), default=3,
+                   help="kinds of divergence to shrink and print (default 3)")
 
 
 def _emulate(args: argparse.Namespace) -> str:
@@ -100,7 +107,8 @@ def _emulate(args: argparse.Namespace) -> str:
 
 
 def _emulate_arguments(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--iterations", type=int, default=200_000, help="loop iterations (default 200000)")
+    from popek import arguments
+    b.add_argument("--iterations", type=arguments.count, default=200_000, help="loop iterations (default 200000)")
 
 
 def _trap(args: argparse.Namespace) -> str:

@@ -87,24 +87,19 @@ class Comparison(Tabular):
 
 
 def verdict(reference, result, ported: bool = False) -> tuple[str, str | None]:
-    """Whether ``result`` computed what ``reference`` (the native run) did: (status, first difference).
+    """Whether ``result`` computed what ``reference`` (the native run) did: (status, first difference, or
+    why it is undecided).
 
-    The one place compare decides equivalence. A run that ended on its budget is undecided, never
-    equivalent. Compared: console output, exit, and the visible state (not for a ``ported`` build)."""
-    if "budget" in (reference.exit.reason, result.exit.reason):
-        who = "native" if reference.exit.reason == "budget" else result.monitor
-        return "undecided", f"{who} ended on its instruction budget: nothing can be said past it"
-    from popek.experiments.divergence import _differences
+    The one place compare decides equivalence, on popek.experiments.divergence.judge: console output, exit,
+    the visible state and guest RAM; a run that did not finish (its budget, Ctrl-C) is undecided, never
+    equivalent. A ``ported`` build (pv's -D PV source) is another program: its output and exit are compared,
+    not its registers or RAM."""
+    from popek.experiments.divergence import UNDECIDED, judge
 
-    from popek.machine.result import PORTED_EXITS
-
-    theirs = result.to_dict()
-    if ported:                      # another program: its output and exit, not its registers
-        theirs["state"] = reference.to_dict()["state"]
-        reason = theirs["exit"]["reason"]       # (sun4v: mach_exit is the port's exit port)
-        theirs["exit"] = dict(theirs["exit"], reason=PORTED_EXITS.get(reason, reason))
-    differences = _differences(reference.to_dict(), theirs)
-    return ("diverges", differences[0]) if differences else ("equivalent", None)
+    found = judge(reference, result, ported=ported)
+    if found.status == UNDECIDED:
+        return found.status, found.reason
+    return found.status, found.differences[0] if found.differences else None
 
 
 def _work_text(work: dict[str, int], top: int | None = None) -> str:
@@ -267,29 +262,26 @@ SAMPLE_GUESTS = ("timer.s", "store_tables.s", "flags.s", "kernel.s")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from popek import arguments
     from popek.monitors import MONITORS
     from popek.monitors.base import DEFAULT_BUDGET
 
     p.add_argument("guests", nargs="+", metavar="GUEST", help="flat images, ELF32 files or popek asm sources")
-    p.add_argument("--monitors", default=None, metavar="LIST",
+    p.add_argument("--monitors", type=arguments.monitor_list, default=None, metavar="LIST",
                    help=f"comma-separated monitors (default all: {','.join(MONITORS)}); native always runs as "
                         "the reference")
-    p.add_argument("--profile", default="modern", metavar="NAME|FILE", help="cost profile (default modern)")
-    p.add_argument("--max-instructions", type=int, default=DEFAULT_BUDGET, metavar="N")
+    p.add_argument("--profile", type=arguments.profile, default="modern", metavar="NAME|FILE",
+                   help="cost profile (default modern)")
+    p.add_argument("--max-instructions", type=arguments.budget, default=DEFAULT_BUDGET, metavar="N",
+                   help=f"instruction budget of each run (default {DEFAULT_BUDGET:,})")
     p.add_argument("--format", choices=("text", "json", "csv"), default="text")
-    p.add_argument("--plot", metavar="PNG", help="also draw the comparison as a picture")
+    p.add_argument("--plot", metavar="PNG", type=arguments.output_file(".png", ".svg", ".pdf"),
+                   help="also draw the comparison as a picture (.png, .svg or .pdf)")
 
 
 def run(args: argparse.Namespace) -> int:
-    monitors = None
-    if args.monitors is not None:
-        monitors = tuple(m.strip() for m in args.monitors.split(",") if m.strip())
-        if not monitors:
-            raise UsageError("--monitors is empty: give at least one monitor")
-    if args.max_instructions < 0:
-        raise UsageError("--max-instructions must not be negative")
     from popek import api
-    comparison = api.compare(args.guests, monitors, args.profile, max_instructions=args.max_instructions)
+    comparison = api.compare(args.guests, args.monitors, args.profile, max_instructions=args.max_instructions)
     text = {"json": lambda: json.dumps(comparison.to_dict(), indent=2), "csv": comparison.to_csv,
             "text": lambda: render_text(comparison)}[args.format]()
     emit(text)

@@ -18,11 +18,106 @@ from dataclasses import dataclass, field
 
 from unicorn import UC_HOOK_CODE
 
+from popek.decode import decode_at
 from popek.isa import language
 from popek.isa.classify import Classifier
 from popek.loaders import Region
+from popek.machine.faults import GuestFault
+from popek.machine.memory import RAM_DEFAULT
+from popek.machine.result import PORTED_EXITS
+from popek.monitors.base import DEFAULT_BUDGET
 from popek.scanner import engine
 from popek.tabular import Tabular
+
+EQUIVALENT, DIVERGES, UNDECIDED = "equivalent", "diverges", "undecided"
+MEMORY_RANGES = 8   # differing RAM ranges named one by one
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a run compares with the reference run. ``status`` is EQUIVALENT, DIVERGES or UNDECIDED;
+    ``differences`` says what differs, one line each; ``ranges`` are the first differing guest-RAM byte
+    ranges ``(start, end)`` (end exclusive); ``reason`` says why the verdict is UNDECIDED."""
+
+    status: str
+    differences: tuple[str, ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "differences": list(self.differences),
+                "memory_ranges": [[f"{a:#010x}", f"{b:#010x}"] for a, b in self.ranges], "reason": self.reason}
+
+
+def judge(reference, other, ported: bool = False) -> Verdict:
+    """Compare two ``RunResult``s (``reference`` normally native's): console output, exit, the visible
+    state and guest RAM (a digest per page; on a difference the first differing byte ranges). ``ported``:
+    ``other`` ran another build of the guest (pv's -D PV port), so only its console output and exit can be
+    compared with the reference's, not its registers or RAM.
+
+    A run that did not finish (budget, Ctrl-C) proves nothing about how the guest ends: the verdict is then
+    UNDECIDED, even when everything seen so far is equal; a difference already visible is still listed. A
+    result without a RAM image (built by hand) is UNDECIDED too unless something else already differs."""
+    a, b = reference.to_dict(), other.to_dict()
+    if ported:
+        b["state"] = a["state"]
+        reason = b["exit"]["reason"]            # sun4v's mach_exit is the ported build's exit port
+        b["exit"] = dict(b["exit"], reason=PORTED_EXITS.get(reason, reason))
+    differences = _differences(a, b)
+    ranges: tuple[tuple[int, int], ...] = ()
+    if not ported and reference.memory is not None and other.memory is not None:
+        ranges, text = _memory_differences(reference.memory, other.memory)
+        differences += text
+    unfinished = [f"{which} ended on {r.exit.reason} ({r.exit.why or r.guest_instructions})"
+                  for which, r in (("reference", reference), ("monitored", other)) if not r.finished]
+    if unfinished:
+        return Verdict(UNDECIDED, tuple(differences), ranges, "; ".join(unfinished))
+    if differences:
+        return Verdict(DIVERGES, tuple(differences), ranges)
+    if not ported and (reference.memory is None or other.memory is None):
+        return Verdict(UNDECIDED, (), (), "no guest RAM image to compare")
+    return Verdict(EQUIVALENT)
+
+
+def _memory_differences(a, b) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+    if a.size != b.size:
+        return (), [f"guest RAM size: reference {a.size:#x}, monitored {b.size:#x}"]
+    if a.digest == b.digest:
+        return (), []
+    pages = sorted(p for p in set(a.pages) | set(b.pages) if a.pages.get(p) != b.pages.get(p))
+    ranges: list[tuple[int, int]] = []
+    for page in pages:
+        x, y = a.page(page), b.page(page)
+        if x is None or y is None:                      # a result read back from JSON: the page is all we know
+            spans = [(0, len(x or y or b"\0" * 0x1000))]
+        else:
+            spans = _byte_spans(x, y)
+        for start, end in spans:
+            start, end = page + start, page + end
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        if len(ranges) > MEMORY_RANGES:
+            break
+    shown = ranges[:MEMORY_RANGES]
+    text = [f"guest RAM differs on {len(pages)} page{'s' * (len(pages) > 1)}"
+            + (f", first at {shown[0][0]:#010x}" if shown else "")]
+    text += [f"guest RAM {s:#010x}..{e - 1:#010x} ({e - s} bytes)" for s, e in shown]
+    return tuple(shown), text
+
+
+def _byte_spans(x: bytes, y: bytes) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, (p, q) in enumerate(zip(x, y)):
+        if p != q and start is None:
+            start = i
+        elif p == q and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(x)))
+    return spans
 
 # How to read, on the machine, each piece of state the description says an instruction reads.
 _OBSERVE = {
@@ -82,6 +177,28 @@ class Observer:
         self.records.append(Observation(address, name, text, n, seen))
 
 
+class Writers:
+    """The last instruction (EIP) that stored into each of some byte ranges of guest RAM (physical
+    addresses; paging on, a write's physical address is looked up through the machine)."""
+
+    def __init__(self, ranges):
+        self.ranges = tuple(ranges)
+        self.last: dict[tuple[int, int], int] = {}
+
+    def attach(self, machine) -> None:
+        from unicorn import UC_HOOK_MEM_WRITE
+        machine.uc.hook_add(UC_HOOK_MEM_WRITE, self._hook, machine)
+
+    def _hook(self, uc, access, address, size, value, machine) -> None:
+        try:
+            physical = machine.address_space().physical(address, size, write=True)
+        except GuestFault:                              # a write that faults stores nothing
+            return
+        for r in self.ranges:
+            if physical < r[1] and physical + size > r[0]:
+                self.last[r] = machine.reg("eip")
+
+
 @dataclass
 class Report(Tabular):
     guest: str
@@ -91,19 +208,25 @@ class Report(Tabular):
     differences: list[str] = field(default_factory=list)      # what the guest can see that differs
     blamed: list[dict] = field(default_factory=list)          # sensitive instructions that read different state
     paths: str = ""                                           # where the runs' executions part, if they do
+    verdict: Verdict = Verdict(EQUIVALENT)
+    writers: list[dict] = field(default_factory=list)         # differing RAM ranges and who wrote them
     notes: list[str] = field(default_factory=list)            # what the monitor did on purpose that may explain it
 
     SHOWN = 20
 
     @property
     def equivalent(self) -> bool:
-        return not self.differences
+        return self.verdict.status == EQUIVALENT
+
+    @property
+    def status(self) -> str:
+        return self.verdict.status
 
     def to_dict(self) -> dict:
-        return {"schema": 1, "guest": self.guest, "monitor": self.monitor, "equivalent": self.equivalent,
-                "differences": self.differences, "instructions": self.blamed, "paths": self.paths,
-                "notes": self.notes,
-                "native": self.native, "monitored": self.other}
+        return {"schema": 2, "guest": self.guest, "monitor": self.monitor, "status": self.status,
+                "equivalent": self.equivalent, "undecided_reason": self.verdict.reason,
+                "differences": self.differences, "memory_writers": self.writers, "instructions": self.blamed,
+                "paths": self.paths, "notes": self.notes, "native": self.native, "monitored": self.other}
 
     def caption(self) -> str:
         verdict = "equivalent" if self.equivalent else f"diverges in {len(self.differences)} places"
@@ -117,11 +240,19 @@ class Report(Tabular):
     def render_text(self) -> str:
         lines = [f"popek diff {self.guest}: native vs {self.monitor}"]
         if self.equivalent:
-            lines.append(f"EQUIVALENT: same console output, exit and visible state "
+            lines.append(f"EQUIVALENT: same console output, exit, visible state and guest RAM "
                          f"({self.native['guest_instructions']} vs {self.other['guest_instructions']} guest instructions)")
+        elif self.status == UNDECIDED:
+            lines.append(f"UNDECIDED: {self.verdict.reason}; a run that did not end proves nothing "
+                         f"(raise --max-instructions)")
+            lines += [f"  - already differs: {d}" for d in self.differences]
         else:
             lines.append(f"DIVERGES in {len(self.differences)} places:")
             lines += [f"  - {d}" for d in self.differences]
+        if self.writers:
+            lines.append("\nlast stores into the differing guest RAM:")
+            lines += [f"  {w['range']}: native {w['native'] or 'no store seen'}, monitored "
+                      f"{w['monitored'] or 'no store seen'}" for w in self.writers]
         if self.blamed:
             lines.append("\nsensitive-unprivileged instructions that saw different state than on the bare machine:")
             groups: dict[tuple[str, str, str], list[dict]] = {}
@@ -135,7 +266,7 @@ class Report(Tabular):
                 lines.append(f"  {name} at {where}: read {saw}; the bare machine gave {native}")
             if len(groups) > self.SHOWN:
                 lines.append(f"  ... {len(groups) - self.SHOWN} more (--format json lists every one)")
-        elif not self.equivalent:
+        elif self.status == DIVERGES:
             lines.append("\nno sensitive-unprivileged instruction of the loaded image read different state")
         if self.paths:
             lines.append(f"\n{self.paths}")
@@ -143,35 +274,53 @@ class Report(Tabular):
         return "\n".join(lines)
 
 
-def _run(guest, monitor: str, classifier: Classifier, budget: int, options: dict):
+def _run(guest, monitor: str, classifier: Classifier, budget: int, options: dict, machine_options: dict,
+         writers=None):
+    from popek.machine import interruptible
     from popek.machine.machine import Machine
     from popek.monitors import get_monitor
     from popek.monitors.base import run
 
-    machine = Machine()
+    if interruptible.pending():
+        raise KeyboardInterrupt
+    machine = Machine(**machine_options)
     machine.load(guest)
     observer = Observer(classifier)
     observer.attach(machine)
+    if writers is not None:
+        writers.attach(machine)
     result = run(machine, get_monitor(monitor, **options), budget)
     return result, observer.records
 
 
-def diff(guest, monitor: str, *, max_instructions: int = 10_000_000, options: dict | None = None) -> Report:
+def diff(guest, monitor: str, *, max_instructions: int = DEFAULT_BUDGET, options: dict | None = None,
+         ram_size: int = RAM_DEFAULT, umip: bool = False) -> Report:
     """``guest``: a path or a loaded ``popek.machine.Guest``."""
     from popek.machine.guest import Guest, load_guest
 
-    guest = guest if isinstance(guest, Guest) else load_guest(guest)
+    guest = guest if isinstance(guest, Guest) else load_guest(guest, ram_size=ram_size)
+    machine = {"ram_size": ram_size, "umip": umip}
     classifier = Classifier(language.bundled())
-    native, native_obs = _run(guest, "native", classifier, max_instructions, {})
-    other, other_obs = _run(guest, monitor, classifier, max_instructions, options or {})
-    a, b = native.to_dict(), other.to_dict()
-    report = Report(guest.name, monitor, a, b)
-    report.differences = _differences(a, b)
+    native, native_obs = _run(guest, "native", classifier, max_instructions, {}, machine)
+    other, other_obs = _run(guest, monitor, classifier, max_instructions, options or {}, machine)
+    verdict = judge(native, other)
+    report = Report(guest.name, monitor, native.to_dict(), other.to_dict(), verdict=verdict)
+    report.differences = list(verdict.differences)
     if not report.differences:
         return report
+    if verdict.ranges:      # run both again (runs are deterministic) watching who stores into those bytes
+        seen = []
+        for which, opts in (("native", {}), (monitor, options or {})):
+            w = Writers(verdict.ranges)
+            _run(guest, which, classifier, max_instructions, opts, machine, w)
+            seen.append(w.last)
+        for r in verdict.ranges:
+            report.writers.append({"range": f"{r[0]:#010x}..{r[1] - 1:#010x}",
+                                   "native": _writer(guest, seen[0].get(r)),
+                                   "monitored": _writer(guest, seen[1].get(r))})
     report.blamed = blame(native_obs, other_obs)
     report.paths = _parting(native_obs, other_obs)
-    cpuid = b["events"].get("exit", {}).get("CPUID", 0)
+    cpuid = report.other["events"].get("exit", {}).get("CPUID", 0)
     if cpuid:
         report.notes.append(f"cpuid: {monitor} answered {cpuid} cpuid exit{'s' * (cpuid > 1)} itself and, with the "
                             "control cpuid-hypervisor-bit, reports a hypervisor (CPUID.1:ECX[31], leaves "
@@ -198,6 +347,19 @@ def blame(native_obs: list[Observation], other_obs: list[Observation]) -> list[d
                 "native": ", ".join(f"{s} {v}" for s, v in ref.seen),
             })
     return blamed
+
+
+def _writer(guest, eip: int | None) -> str | None:
+    """``eip`` and, when it is in the loaded image, the instruction there (a translating monitor stores
+    from its cache: such an address is the monitor's, named as it is)."""
+    if eip is None:
+        return None
+    for address, data in guest.segments:
+        if address <= eip < address + len(data):
+            insn = decode_at(data, eip - address, address, 32)
+            if insn is not None:
+                return f"{eip:#x} ({insn.text})"
+    return f"{eip:#x}"
 
 
 CONSOLE_LINES = 12  # differing console lines listed one by one
@@ -241,25 +403,26 @@ def _parting(a: list[Observation], b: list[Observation]) -> str:
 
 
 def configure(p) -> None:
+    from popek import arguments
+    from popek.machine.command import add_run_options
+
     p.add_argument("guest", metavar="GUEST", help="flat image, ELF32 or popek asm source")
-    p.add_argument("--monitor", default="trap", help="the monitor to compare with native (default trap)")
-    p.add_argument("--ring", type=int, choices=(1, 3), help="trap: the ring the guest kernel runs at")
-    p.add_argument("--direct-user", action="store_true", help="bt: run guest user code untranslated")
-    p.add_argument("--max-instructions", type=int, default=10_000_000)
+    p.add_argument("--monitor", type=arguments.monitor_name, default="trap",
+                   help="the monitor to compare with native (default trap)")
+    add_run_options(p, trace_exits=False)
     p.add_argument("--format", choices=("text", "json"), default="text")
-    from popek.monitors.hvm import command as hvm_command
-    hvm_command.configure(p, trace=False)
 
 
 def run(args) -> int:
-    from popek.monitors.hvm import command as hvm_command
+    from popek.cli import EXIT_FOUND, EXIT_OK, EXIT_UNDECIDED
+    from popek.machine.command import check_monitor, monitor_options
+    from popek.machine.memory import MIB
     from popek.textout import emit
 
-    options = {"ring": args.ring} if args.ring else {}
-    if args.direct_user:
-        options["direct_user"] = True
-    options.update(hvm_command.options(args))
+    options = monitor_options(args)
+    check_monitor(args.monitor, options)
     from popek import api
-    report = api.diff(args.guest, args.monitor, max_instructions=args.max_instructions, **options)
+    report = api.diff(args.guest, args.monitor, max_instructions=args.max_instructions,
+                      ram_size=args.ram * MIB, umip=args.umip, **options)
     emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.render_text())
-    return 0 if report.equivalent else 1
+    return {EQUIVALENT: EXIT_OK, DIVERGES: EXIT_FOUND, UNDECIDED: EXIT_UNDECIDED}[report.status]

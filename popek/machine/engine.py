@@ -359,6 +359,10 @@ class Engine:
         """Instructions counted so far by the current (or last) ``emu_start``."""
         return self._counter.value
 
+    def count_limit(self) -> int:
+        """The current ``emu_start``'s count limit (``count``, unless ``stop_at_next`` lowered it)."""
+        return self._count_limit.value
+
     def stop_at_next(self) -> None:
         """End the current ``emu_start`` before the next counted instruction, letting the current one
         finish: its count limit becomes what has been counted (Unicorn's count hook stops the run when

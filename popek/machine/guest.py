@@ -5,11 +5,17 @@ The format comes from the content (ELF magic) or, for sources, the name (``.s``,
 loaded at 0x00100000 (or ``load_address``) and entered at its first byte (or ``entry``). An ELF32 executable
 is loaded by its PT_LOAD program headers at their physical addresses (``p_paddr``: paging is off at boot),
 the bytes past ``p_filesz`` zeroed, and entered at ``e_entry``. Every byte must land in guest RAM.
+
+Sizes are checked before anything is allocated: only a regular file is read (a FIFO would block, a
+device never end), a file larger than guest RAM is refused from its size, and an ELF segment from its
+header. A PE/MZ executable (a Windows program, not a bare-machine guest) is refused with a pointer to
+``popek scan``, which analyses those.
 """
 from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -60,23 +66,43 @@ def load_guest(path: str, load_address: int | None = None, entry: int | None = N
     """Read a guest file. Raises BadInput (or a subclass) with a one-line message on anything unusable.
     ``defines`` and ``include_dirs`` (searched after the source's own folder) apply to assembly sources."""
     name = os.path.basename(path)
+    size = _regular_file_size(path)
     if path.endswith(SOURCE_SUFFIXES):
         guest = _from_source(path, name, defines, entry, include_dirs)
     else:
+        if size > ram_size:
+            raise BadInput(f"{name}: {size} bytes do not fit in {ram_size >> 20} MiB of guest RAM")
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(ram_size + 1)
         except OSError as exc:
             raise BadInput(f"{path}: {exc.strerror or exc}") from None
         if not data:
             raise BadInput(f"{name}: empty file")
         if data[:4] == b"\x7fELF":
-            guest = _from_elf(data, name, entry)
+            guest = _from_elf(data, name, entry, ram_size)
+        elif data[:2] == b"MZ":
+            raise UnsupportedFormat(f"{name}: a PE/MZ executable, not a guest image (popek run takes a flat "
+                                    f"image, an ELF32 executable or an assembly source; popek scan reads PE)")
         else:
             start = LOAD_ADDRESS if load_address is None else load_address
             guest = Guest(name, ((start, data),), start if entry is None else entry, "flat")
     guest.check_fits(ram_size)
     return guest
+
+
+def _regular_file_size(path: str) -> int:
+    """The size of ``path``, which must be a regular file (checked without opening it: a FIFO would block)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise BadInput(f"{path}: {kind}")
+    return info.st_size
 
 
 def _from_source(path: str, name: str, defines: dict | None, entry: int | None, include_dirs=()) -> Guest:
@@ -93,7 +119,7 @@ def _from_source(path: str, name: str, defines: dict | None, entry: int | None, 
                  program.entry if entry is None else entry, "asm", dict(program.symbols))
 
 
-def _from_elf(data: bytes, name: str, entry: int | None) -> Guest:
+def _from_elf(data: bytes, name: str, entry: int | None, ram_size: int) -> Guest:
     from elftools.common.exceptions import ELFError
     from elftools.construct import ConstructError
     from elftools.elf.elffile import ELFFile
@@ -105,7 +131,7 @@ def _from_elf(data: bytes, name: str, entry: int | None) -> Guest:
             raise WrongArch(f"{name}: ELF for {elf['e_machine']}, not i386")
         if elf["e_type"] != "ET_EXEC":
             raise UnsupportedFormat(f"{name}: {elf['e_type']} is not an executable (link it first)")
-        segments = []
+        segments, total = [], 0
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
                 continue
@@ -114,6 +140,10 @@ def _from_elf(data: bytes, name: str, entry: int | None) -> Guest:
                 raise BadInput(f"{name}: a segment's file size exceeds its memory size")
             if offset + filesz > len(data):
                 raise TruncatedFile(f"{name}: a segment extends past the end of the file")
+            total += memsz
+            if seg["p_paddr"] + memsz > ram_size or total > ram_size:      # before the zero fill is allocated
+                raise BadInput(f"{name}: a segment of {memsz} bytes at {seg['p_paddr']:#x} does not fit in "
+                               f"{ram_size >> 20} MiB of guest RAM")
             segments.append((seg["p_paddr"], data[offset:offset + filesz] + bytes(memsz - filesz)))
         start = elf["e_entry"]
     except ELFError as exc:

@@ -30,7 +30,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from popek.events import IO, VIRTUAL_IO
-from popek.machine import interrupts, ioperm
+from popek.machine import interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
@@ -38,7 +38,7 @@ from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS
     Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
-from popek.machine.result import EXIT_PORT, TRIPLE_FAULT, Events, Exit
+from popek.machine.result import EXIT_PORT, INTERRUPTED, TRIPLE_FAULT, Events, Exit
 
 BOOT_ESP = 0x00090000
 BOOT_EFLAGS = 0x2
@@ -101,6 +101,10 @@ class Machine:
         self._saved: dict[str, int] = {}     # registers to put back before raising _pending
         self._last_access: tuple[str, int] | None = None
         self.cpu = interrupts.RealCpu()      # what the guest's IDT delivers to when no monitor takes an event
+        self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
+        self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
+        self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
+        self.stop_requested = False          # Ctrl-C: end the run with reason `interrupted` (request_stop)
         self._boot()
         self._install_hooks()
 
@@ -136,9 +140,22 @@ class Machine:
     def load(self, guest: Guest) -> None:
         guest.check_fits(self.memory.ram_size)
         self.guest = guest
+        found: dict[int, quirks.Quirk] = {}
         for address, data in guest.segments:
             self.memory.write(address, data)
+            found.update(quirks.scan(data, address))
         self.engine.write(X.UC_X86_REG_EIP, guest.entry)
+        self.guard(found)
+
+    def guard(self, found: dict[int, quirks.Quirk]) -> None:
+        """Make ``found`` (address -> quirk, from ``quirks.scan``) Unicorn exits, so that the machine decides
+        what the instructions there do before Unicorn translates them (``_guarded``)."""
+        if not found:
+            return
+        self.guards.update(found)
+        self.uc.ctl_set_exits(sorted(self.guards))
+        for address in found:                   # a block translated before cannot know the new exit
+            self.uc.ctl_remove_cache(address, address + 1)
 
     # --- registers --------------------------------------------------------------------------------------
     def reg(self, name: str) -> int:
@@ -219,8 +236,9 @@ class Machine:
     def _mark_accessed(self, space: AddressSpace, selector: int) -> None:
         """Set a descriptor's accessed bit as the CPU would, before Unicorn's API loads it: Unicorn writes
         the bit itself from outside its emulation loop, which must never fault (monitor memory is
-        read-only to Unicorn)."""
-        physical = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4)
+        read-only to Unicorn). Setting it is a write: through paging it sets the page's dirty bit, and faults
+        on a read-only page under CR0.WP (why Linux presets the bits of a read-only GDT)."""
+        physical = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4, write=True)
         high = self.memory.u32(physical)
         if not high & ACCESSED:
             data = struct.pack("<I", high | ACCESSED)
@@ -252,10 +270,25 @@ class Machine:
     # --- time and instruction counts --------------------------------------------------------------------
     def now(self) -> int:
         """Machine time in PIT clocks, exact also in the middle of a chunk (from a hook)."""
-        return self.time + (self.engine.counter() if self._running else 0)
+        return self.time + (self.engine.counter() - self._uncounted if self._running else 0)
 
     def total_instructions(self) -> int:
-        return self.instructions + (self.engine.counter() if self._running else 0)
+        return self.instructions + (self.engine.counter() - self._uncounted if self._running else 0)
+
+    def uncount(self) -> None:
+        """From a hook: the instruction attempt Unicorn just counted was the monitor's, not the guest's (a
+        fault the monitor handled without the guest seeing it, e.g. a hidden page fault, after which the
+        instruction runs again): take it off the guest's instruction count and the machine's clock, so that
+        timer interrupts land where they land natively."""
+        self._uncounted += 1
+
+    def request_stop(self) -> None:
+        """Ctrl-C (from a signal handler or another thread): end the run soon with reason ``interrupted``.
+        Lowers the running chunk's count limit, so Unicorn stops before the next counted instruction, a
+        guest instruction boundary under every monitor; the run loop then ends the run."""
+        self.stop_requested = True
+        if self._running:
+            self.engine.stop_at_next()
 
     # --- running ----------------------------------------------------------------------------------------
     def execute(self, count: int) -> str:
@@ -273,10 +306,18 @@ class Machine:
         finally:
             self._running = False
         counted = self.engine.counter()
-        executed = self._stop_at if self._stop_at is not None else min(counted, count)
+        # (a count limit lowered by request_stop stops Unicorn at limit + 1 counted, before that instruction)
+        executed = self._stop_at if self._stop_at is not None else min(counted, count, self.engine.count_limit())
+        executed = max(0, executed - self._uncounted)
+        self._uncounted = 0
         self.instructions += executed
         self.time += executed
         if self.end is not None:
+            return END
+        if self.stop_requested:
+            for name, value in self._saved.items():
+                self.set_reg(name, value)
+            self.finish(INTERRUPTED, None, "SIGINT")
             return END
         if self._pending is not None:
             for name, value in self._saved.items():
@@ -290,12 +331,55 @@ class Machine:
             return STOPPED
         if counted > count:
             return COUNT
-        # emu_start returned by itself before the count ran out; with no exit address, that is hlt.
+        # emu_start returned by itself before the count ran out: at a guard (an exit), or hlt.
         eip = self.reg("eip")
+        if eip in self.guards:
+            return self._guarded(eip) if counted < count else COUNT
         if self._byte_before(eip) == 0xF4:
             self.halted = True
             return HLT
         raise EngineError(f"emulation stopped without a reason at {eip:#x}")
+
+    def _guarded(self, eip: int) -> str:
+        """Unicorn stopped before a guarded address (``guard``): do what the hardware does there."""
+        try:
+            code = self.read_linear(eip, 15)
+        except GuestFault:
+            code = b""                              # the fetch faults: let Unicorn raise it
+        quirk = quirks.match(code, 0)
+        if quirk is None:                           # the guest rewrote it, or runs it through another mapping
+            del self.guards[eip]
+            self.uc.ctl_set_exits(sorted(self.guards))
+            self.uc.ctl_remove_cache(eip, eip + 1)
+            return STOPPED
+        self.events.count("corrected", quirk.name)
+        if quirk.action == quirks.UD:
+            self.instructions += 1                  # counted once, like any instruction that faults
+            self.time += 1
+            self.raise_interrupt(Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why=quirk.hardware))
+            return END if self.end is not None else STOPPED
+        return self._step_zero_extended(eip)
+
+    def _step_zero_extended(self, eip: int) -> str:
+        """Let Unicorn execute the ``ret imm16``/``retf imm16`` at ``eip`` alone, then correct ESP by the
+        0x10000 its sign-extended immediate took off (quirks: ret-imm16-zero-extended)."""
+        exits = sorted(self.guards)
+        self.uc.ctl_set_exits([a for a in exits if a != eip])
+        self.uc.ctl_remove_cache(eip, eip + 1)
+        before, raised = self.instructions, self.raised
+        try:
+            outcome = self.execute(1)
+        finally:
+            self.uc.ctl_set_exits(exits)
+            self.uc.ctl_remove_cache(eip, eip + 1)
+        if self.instructions == before + 1 and self.raised == raised and self.end is None:
+            try:
+                stack_32 = self.descriptor(self.reg("ss")).big
+            except GuestFault:
+                stack_32 = True                     # a loaded SS is always readable; flat if not
+            if stack_32:
+                self.set_reg("esp", (self.reg("esp") + 0x10000) & 0xFFFFFFFF)
+        return outcome
 
     def _byte_before(self, eip: int) -> int | None:
         try:
@@ -306,6 +390,13 @@ class Machine:
     def _event_for(self, error: unicorn.UcError) -> Interrupt:
         eip = self.reg("eip")
         if error.errno == unicorn.UC_ERR_INSN_INVALID:
+            try:
+                length = quirks.software_int6(self.read_linear(eip, 15))
+            except GuestFault:
+                length = None
+            if length is not None:                  # Unicorn reports `int 6` as #UD (quirks.software_int6)
+                self.events.count("corrected", "int6-software-interrupt")
+                return Interrupt(6, SOFTWARE, None, eip=(eip + length) & 0xFFFFFFFF, insn=eip, why="int 6")
             return Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why="invalid opcode")
         if error.errno in _MEMORY_ERRORS:
             kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
@@ -358,6 +449,7 @@ class Machine:
     def raise_interrupt(self, event: Interrupt) -> None:
         """An event for the guest: the monitor sees it first; if it does not handle it, the guest's IDT does
         (``popek.machine.interrupts.deliver``, which also counts it)."""
+        self.raised += 1
         if self.ops is not None and self.ops.intercept(self, event):
             self.cpu.entry = None
             return

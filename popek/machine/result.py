@@ -1,30 +1,83 @@
-"""The result of one run (DESIGN §3.4) and the event counts that go into it.
+"""The result of one run and the event counts that go into it (docs/run-document.md describes every key).
 
 ``RunResult.to_dict()`` is the JSON document of ``popek run --format json``; ``from_dict`` reads one back
 (unknown or missing keys are an error), and ``render_text`` is what the text format prints. Register values
 in ``state`` are integers; the text rendering shows them in hex. ``guest_instructions`` counts executed
 instructions (see popek.machine.machine); ``wall_seconds`` is the run loop alone, without creating the
-machine or loading the guest. ``modelled_cycles`` and ``profile`` are filled by the cost model (popek.cost.apply; null when no profile was applied).
+machine or loading the guest. ``modelled_cycles`` and ``profile`` are filled by the cost model
+(popek.cost.apply; null when no profile was applied). ``memory`` is guest RAM at the end of the run (``RamImage``): a digest per page that is not all zero, so
+that two runs can be judged on RAM too (popek.experiments.divergence.judge).
+
+Schema 2 (schema 1 had no ``memory`` and no end reason ``interrupted``).
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 from popek.events import kind as documented_kind
 from popek.tabular import Tabular
 
-SCHEMA = 1
+SCHEMA = 2
 
-# End reasons (DESIGN §3.4). Each run ends with exactly one.
+# End reasons. Each run ends with exactly one.
 # ``shutdown`` and ``crash`` end a paravirtual domain (pv: sched_op shutdown with its reason as the code; the
 # hypervisor crashing the domain, e.g. an exception with no trap-table entry). ``mach-exit`` ends a sun4v
 # domain that called the hypervisor's mach_exit (its code is %o0 & 0xFF).
-EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET = "exit-port", "hlt", "triple-fault", "budget"
+EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED = "exit-port", "hlt", "triple-fault", "budget", "interrupted"
 SHUTDOWN, CRASH, MACH_EXIT = "shutdown", "crash", "mach-exit"
-REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, SHUTDOWN, CRASH, MACH_EXIT)
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED, SHUTDOWN, CRASH, MACH_EXIT)
 # How a ported build ends where the native build writes the exit port (compare judges them as one end).
 PORTED_EXITS = {MACH_EXIT: EXIT_PORT}
+# Reasons after which the run could have gone on: the guest did not end it, so nothing about its end is known.
+UNFINISHED = frozenset({BUDGET, INTERRUPTED})
+
+PAGE_SIZE = 0x1000
+
+
+def page_digest(page: bytes) -> str:
+    return hashlib.blake2b(page, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class RamImage:
+    """Guest RAM at the end of a run: ``pages`` maps the physical address of every page that is not all
+    zero to its digest (``page_digest``); a page not listed is all zero. ``contents`` holds those pages'
+    bytes when the image was taken in this process (not serialised), so that a comparison can name byte
+    ranges rather than pages."""
+
+    size: int
+    pages: dict[int, str]
+    contents: dict[int, bytes] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """One digest of the whole RAM (its size and every page's digest)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.size.to_bytes(8, "little"))
+        for address in sorted(self.pages):
+            h.update(address.to_bytes(8, "little") + bytes.fromhex(self.pages[address]))
+        return h.hexdigest()
+
+    def page(self, address: int) -> bytes | None:
+        """The bytes of the page at ``address`` (zeros if it is not listed), or None when not kept."""
+        if address not in self.pages:
+            return bytes(PAGE_SIZE)
+        return None if self.contents is None else self.contents.get(address)
+
+    def to_dict(self) -> dict:
+        return {"page_size": PAGE_SIZE, "size": self.size, "digest": self.digest,
+                "pages": {f"{a:#010x}": d for a, d in sorted(self.pages.items())}}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> RamImage:
+        if set(doc) != {"page_size", "size", "digest", "pages"} or doc["page_size"] != PAGE_SIZE:
+            raise ValueError(f"memory: unexpected keys or page size: {sorted(doc)}")
+        image = cls(doc["size"], {int(a, 16): d for a, d in doc["pages"].items()})
+        if image.digest != doc["digest"]:
+            raise ValueError("memory: the digest does not match the pages")
+        return image
 
 # The guest-visible state, in document order.
 GENERAL = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "eip", "eflags")
@@ -91,9 +144,15 @@ class RunResult(Tabular):
     events: dict
     guest_instructions: int
     wall_seconds: float
+    memory: RamImage | None = None              # None only for a result built by hand (judge: undecided)
     modelled_cycles: int | None = None
     profile: dict | None = None            # {"name", "breakdown": {kind: cycles}, "unpriced": [...]}
     extra: dict = field(default_factory=dict)   # not serialised: details for the text format
+
+    @property
+    def finished(self) -> bool:
+        """The guest ended the run itself (exit port, hlt or a triple fault), not the budget or Ctrl-C."""
+        return self.exit.reason not in UNFINISHED
 
     def to_dict(self) -> dict:
         return {
@@ -105,6 +164,7 @@ class RunResult(Tabular):
             "state": self.state,
             "events": self.events,
             "guest_instructions": self.guest_instructions,
+            "memory": self.memory.to_dict() if self.memory is not None else None,
             "modelled_cycles": self.modelled_cycles,
             "profile": self.profile,
             "wall_seconds": self.wall_seconds,
@@ -113,7 +173,7 @@ class RunResult(Tabular):
     @classmethod
     def from_dict(cls, doc: dict) -> RunResult:
         expected = {"schema", "monitor", "guest", "exit", "console", "state", "events", "guest_instructions",
-                    "modelled_cycles", "profile", "wall_seconds"}
+                    "memory", "modelled_cycles", "profile", "wall_seconds"}
         if set(doc) != expected:
             raise ValueError(f"run result keys differ: {sorted(set(doc) ^ expected)}")
         if doc["schema"] != SCHEMA:
@@ -123,7 +183,9 @@ class RunResult(Tabular):
         return cls(monitor=doc["monitor"], guest=doc["guest"],
                    exit=Exit(doc["exit"]["reason"], doc["exit"]["code"]), console=doc["console"],
                    state=doc["state"], events=doc["events"], guest_instructions=doc["guest_instructions"],
-                   wall_seconds=doc["wall_seconds"], modelled_cycles=doc["modelled_cycles"],
+                   wall_seconds=doc["wall_seconds"],
+                   memory=RamImage.from_dict(doc["memory"]) if doc["memory"] is not None else None,
+                   modelled_cycles=doc["modelled_cycles"],
                    profile=doc["profile"])
 
     def caption(self) -> str:

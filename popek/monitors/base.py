@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import time
 
-from popek.machine.machine import END, Machine
 from popek.machine.faults import EXTERNAL, Interrupt
-from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
+from popek.machine.interruptible import interruptible
+from popek.machine.machine import END, Machine
+from popek.machine.result import BUDGET, HLT as HLT_END, INTERRUPTED, RunResult
 
 # When the CPU looks at its interrupt line. Unicorn cannot tell us when IF changes (sti, popf, iret), so the
 # loop samples: when the line changes (a PIT edge, a write to the PIC or PIT), at hlt, and, while a request
@@ -45,6 +46,8 @@ from popek.machine.result import BUDGET, HLT as HLT_END, RunResult
 # be taken up to POLL_MAX instructions after the sti, and a short sti ... cli window can miss it. Every
 # sample point is a guest instruction count, so runs are deterministic and the same for every monitor.
 POLL, POLL_MAX = 64, 4096
+# The one default instruction budget of every command and API that runs a guest (run, diff, compare,
+# popek.monitors.run_guest, popek.experiments.differential).
 DEFAULT_BUDGET = 100_000_000
 
 
@@ -135,7 +138,20 @@ class Run:
         m, ops = self.machine, self.ops
         started = time.perf_counter()
         stop_at = None if limit is None else m.instructions + limit
+        with interruptible(m):              # SIGINT ends the run with reason `interrupted`
+            self._loop(stop_at)
+        self.wall += time.perf_counter() - started
+        if m.end is not None and not self._detached:
+            self._detached = True
+            ops.detach(m)
+        return m.end is None
+
+    def _loop(self, stop_at: int | None) -> None:
+        m, ops = self.machine, self.ops
         while m.end is None:
+            if m.stop_requested:
+                m.finish(INTERRUPTED, None, "SIGINT")
+                break
             left = self.budget - m.instructions
             if left <= 0:
                 m.finish(BUDGET, None, f"{self.budget} instructions")
@@ -162,11 +178,6 @@ class Run:
                 continue                        # hlt: _wait decides (it also takes a pending interrupt)
             if fired or m.devices_changed or (self.sample_at is not None and m.time >= self.sample_at):
                 self._sample()
-        self.wall += time.perf_counter() - started
-        if m.end is not None and not self._detached:
-            self._detached = True
-            ops.detach(m)
-        return m.end is None
 
     def _sample(self) -> None:
         """The CPU looks at its interrupt line (see POLL)."""
@@ -201,7 +212,8 @@ class Run:
         return RunResult(monitor=ops.name, guest=m.guest.name if m.guest else "", exit=m.end,
                          console=m.serial.output.decode("utf-8", "replace"), state=ops.state(m),
                          events=m.events.to_dict(), guest_instructions=m.instructions,
-                         wall_seconds=round(self.wall, 6), extra={"note": ops.note} if ops.note else {})
+                         wall_seconds=round(self.wall, 6), memory=m.memory.image(),
+                         extra={"note": ops.note} if ops.note else {})
 
 
 def run(machine: Machine, ops: MonitorOps, max_instructions: int = DEFAULT_BUDGET) -> RunResult:

@@ -53,7 +53,7 @@ guest branch target is a guest address, looked up or translated.
 
 **Bounded cache.** ``cache_size`` bytes of translated code and as much again for glue (exit stubs and
 inline lookups take about as much room as the code); when a translation does not fit, the whole cache is
-flushed and translation starts again. The default, 1.5 MiB + 1.5 MiB, keeps the cache inside the 4 MiB
+flushed and translation starts again. The default, 1.5 MiB + 1.5 MiB less a guard page, keeps the cache inside the 4 MiB
 of linear space the monitor's page table maps (with monitor memory) for a guest that pages; a larger
 cache works until the guest turns paging on, when the run ends (triple fault, with the reason).
 
@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from popek.machine.faults import BP, EXCEPTION, GP, PF, SOFTWARE, UD, GuestFault, Interrupt
+from popek.machine.faults import BP, EXCEPTION, GP, PF, SOFTWARE, GuestFault, Interrupt
 from popek.machine.memory import CR0_PG, PAGE
 from popek.monitors import bt_emit as emit
 from popek.monitors.deprivilege import TABLE_CHANGES, Deprivileged
@@ -92,6 +92,7 @@ from popek.monitors.bt_cache import CodeCache
 from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
 from popek.monitors.bt_guard import RESYNC, Guard
 from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
+from popek.monitors.emulation import near
 from popek.monitors.bt_routines import peek, push
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ class BinaryTranslation(Deprivileged):
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
         m = self.m
-        self.cache = CodeCache(m, self.cache_size, self.cache_size)     # glue: about as much as code
+        # glue: about as much as code, less the guard page below the cache (CodeCache), so that the default
+        # still fits the monitor's 4 MiB
+        self.cache = CodeCache(m, self.cache_size, max(self.cache_size - 0x1000, 0x1000))
         self._map_for_paging()
         self.translator = Translator(m, self.vcpu, self.cache, cap=self.cap, ways=self.ways, max_run=self.max_run)
         self._count_guest_only()
@@ -212,7 +215,7 @@ class BinaryTranslation(Deprivileged):
         info = self._cs.get(cs)
         if info is None:
             try:
-                desc = self.vcpu.space(self.m).descriptor(cs, GP, 0)
+                desc = self.vcpu.space(self.m, mark=False).descriptor(cs, GP, 0)
                 info = (desc.base, desc.big)
             except GuestFault:
                 info = (0, True)
@@ -272,6 +275,9 @@ class BinaryTranslation(Deprivileged):
         """Deliver ``event`` through the guest's virtual IDT and continue in the handler's translation."""
         cpl = self.vcpu.cpl
         self.reflect(self.m, event)
+        if self.m.end is not None:              # a triple fault: EIP stays where the guest faulted, as natively
+            self.m.set_reg("eip", (event.eip - 2) & 0xFFFFFFFF if callout else event.eip)   # (see _goto)
+            return
         self._accessed(("cs", "ss") if self.vcpu.cpl != cpl else ("cs",))
         if self.paranoid:
             self._check_invisible()
@@ -327,9 +333,14 @@ class BinaryTranslation(Deprivileged):
             self._exit(site)
         elif kind == "lookup":
             self._lookup(site)
-        elif kind == "branch16":
-            self.callouts["branch16"] += 1
-            self._fault_at(site, GuestFault(UD, None, "16-bit near branches are not translated"))
+        elif kind == "near-branch":
+            self.callouts["near-branch"] += 1
+            try:
+                eip = near.execute(m, self.vcpu, site.recipe, (site.guest - self._base) & 0xFFFFFFFF)
+            except GuestFault as fault:
+                self._fault_at(site, fault)
+                return
+            self._goto(eip, callout=True)
 
     def _uncount(self) -> None:
         """The callout just counted is not a guest instruction (``continue``, ``poison``)."""
@@ -463,6 +474,8 @@ class BinaryTranslation(Deprivileged):
             if event.source == SOFTWARE:        # int3 copied unchanged: the frame holds the next instruction
                 event.eip = guest + 1
         if event.vector == PF and event.source == EXCEPTION:
+            if self.hidden_page_fault(machine, event):
+                return True
             event.address = machine.reg("cr2")
         self._deliver(event, callout=False)
         return True
@@ -475,7 +488,7 @@ class BinaryTranslation(Deprivileged):
         ever loads EIP with a cache address."""
         m, cache = self.m, self.cache
         try:
-            stack = self.vcpu.space(m).read(m.reg("esp"), 32)
+            stack = self.vcpu.space(m, mark=False).read(m.reg("esp"), 32)
         except GuestFault:
             return
         for i, (value,) in enumerate(struct.iter_unpack("<I", stack)):

@@ -76,9 +76,10 @@ table:  .space 8                        ; data on a page of its own, as a kernel
 
 
 def arguments(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--iterations", type=int, default=2_000_000,
+    from popek.arguments import count
+    b.add_argument("--iterations", type=count, default=2_000_000,
                    help="iterations of the compute-bound loops (default 2000000)")
-    b.add_argument("--instructions", type=int, default=10_000_000,
+    b.add_argument("--instructions", type=count, default=10_000_000,
                    help="guest instructions of the many-pages run (default 10^7; the experiment: 10^8)")
 
 

@@ -118,7 +118,10 @@ class CodeCache:
     def __init__(self, machine, unit_bytes: int, glue_bytes: int):
         memory = machine.memory
         self.uc = machine.uc
-        self.base = (memory.monitor_end + PAGE - 1) & ~(PAGE - 1)
+        # One unmapped page between monitor memory and the cache: a guest read that starts in monitor memory
+        # and runs past its end faults there as natively, where Unicorn would read the cache's first bytes
+        # (it checks the protection of a page-crossing read's first page only).
+        self.base = ((memory.monitor_end + PAGE - 1) & ~(PAGE - 1)) + PAGE
         self.units_start, self.units_end = self.base, self.base + unit_bytes
         self.glue_start, self.glue_end = self.units_end, self.units_end + glue_bytes
         self.end = self.glue_end
@@ -244,8 +247,14 @@ class CodeCache:
             extent = self.extent.get(page)
             if extent is None or end <= extent[0] or extent[1] <= start:
                 continue                    # data beside the code on this page: the common case
-            for unit in self.pages.get(page, ()):
-                if unit.alive and unit not in found and any(s < end and start < e for s, e in unit.spans):
+            units = self.pages.get(page)
+            if units is None:
+                continue
+            live = [unit for unit in units if unit.alive]
+            if len(live) < len(units):      # drop invalidated units: the work stays bounded by the live ones
+                units[:] = live
+            for unit in live:
+                if unit not in found and any(s < end and start < e for s, e in unit.spans):
                     found.append(unit)
         return found
 

@@ -31,10 +31,16 @@ emulation routines use):
 | jmp rel                              | jmp rel32 -> exit  | exit stub                                         |
 | jcc rel                              | jcc rel32 -> exit  | exit stub; the fall-through is the next unit      |
 | call rel                             | jmp -> glue        | push guest return address; jmp -> exit            |
-| ret, ret n, jmp r/m, call r/m        | jmp -> glue        | inline lookup (popek.monitors.bt_emit.Lookup)     |
+| ret, ret n, call r/m                 | jmp -> glue        | inline lookup (popek.monitors.bt_emit.Lookup)     |
+| jmp r/m (its lookup would leave the  | ``syscall``        | (the monitor carries it out: emulation.near)      |
+| target below ESP in guest RAM)       |                    |                                                   |
 | loop, loope, loopne, jecxz           | jmp -> glue        | lea ecx,[ecx-1]; jecxz; jcc/jmp -> two exits      |
-| near branch with a 16-bit operand or | ``syscall``        | (the monitor reports #UD: not translated)         |
-| address size                         |                    |                                                   |
+| near branch with a 16-bit operand or | ``syscall``        | (the same)                                        |
+| address size (66; 67 on loop/jecxz)  |                    |                                                   |
+
+Control transfers are recognised by opcode (popek.decode.near_transfer), never by the printed mnemonic,
+which carries prefix words (``bnd ret``, ``notrack jmp eax``): a prefixed branch is translated as the
+branch it is.
 
 Addresses: units, exits and the index are keyed by *linear* guest addresses; what the guest sees (pushed
 return addresses, recipes) is EIP = linear - CS base.
@@ -43,17 +49,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from popek.decode import LEGACY_PREFIXES, decode_at
-from popek.machine.faults import GP, GuestFault
+from popek.decode import COUNTER_KINDS, LEGACY_PREFIXES, NearTransfer, decode_at, near_transfer
+from popek.machine import quirks
+from popek.machine.faults import GP, PF, GuestFault
 from popek.machine.memory import CR0_PG
 from popek.monitors import bt_emit as emit
 from popek.monitors import bt_routines
 from popek.monitors.bt_routines import TABLE
 from popek.monitors.bt_cache import PAGE, CodeCache, Exit, LookupSite, Site, Unit
 
-JCC = {"jo": 0, "jno": 1, "jb": 2, "jae": 3, "je": 4, "jne": 5, "jbe": 6, "ja": 7, "js": 8, "jns": 9,
-       "jp": 10, "jnp": 11, "jl": 12, "jge": 13, "jle": 14, "jg": 15}
-LOOPS = frozenset({"loop", "loope", "loopne", "jecxz", "jcxz"})
 ENDS_RUN = frozenset({"iret", "ret_far", "jmp_far"})    # callouts that never continue at the next instruction
 STRING_IO = frozenset({"ins", "outs"})
 STRING_OPS = frozenset(b"\xa4\xa5\xa6\xa7\xaa\xab\xac\xad\xae\xaf\x6c\x6d\x6e\x6f")
@@ -94,6 +98,16 @@ class Pending:
     unit: Unit
     name: str | None                         # canonical name, if the ISA description lists it
     prefixes: int                            # number of legacy prefix bytes
+    flow: NearTransfer | None                # a near jmp/call/jcc/ret/loop, by its opcode (decode.near_transfer)
+
+    @property
+    def jcc(self) -> bool:
+        return self.flow is not None and self.flow.kind == "jcc" and not self.flow.sized16
+
+    @property
+    def branch16(self) -> bool:
+        """A near branch with a 16-bit EIP or counter: carried out by the monitor (popek.monitors.emulation.near)."""
+        return self.flow is not None and self.flow.sized16
 
 
 class Translator:
@@ -115,7 +129,7 @@ class Translator:
         while size:
             try:
                 if v.cr0 & CR0_PG:
-                    space = v.space(m)
+                    space = v.space(m, mark=False)      # reading ahead: no access the guest made
                     if m.memory.in_ram(space.physical(linear, size), size):
                         return space.read(linear, size)
                 elif m.memory.in_ram(linear, size):
@@ -124,6 +138,19 @@ class Translator:
                 pass
             size = size // 2 if size > 16 else size - 1
         return b""
+
+    def _fetched(self, linear: int) -> None:
+        """The guest is about to execute at ``linear``: the page walk its fetch makes natively, which sets
+        the accessed bits and raises the #PF (a user fetch's error code at CPL 3) when the page is absent."""
+        v = self.v
+        if not v.cr0 & CR0_PG:
+            return
+        try:
+            v.space(self.m).physical(linear, 1)
+        except GuestFault as fault:
+            if fault.vector == PF and v.cpl == 3 and fault.error_code is not None:
+                fault.error_code |= 4
+            raise
 
     # --- the loop -----------------------------------------------------------------------------------------
     def translate(self, eip: int, key: tuple) -> tuple[Run, int]:
@@ -136,6 +163,7 @@ class Translator:
         cache = self.cache
         self._glue_next = cache.glue_next
         self._window, self._window_at = b"", eip
+        self._fetched(eip)
         if self._decode(eip) is None and not self._window:
             raise GuestFault(GP, 0, f"fetch at {eip:#x} outside guest RAM")
         run = Run(cache.unit_next)
@@ -185,7 +213,7 @@ class Translator:
         if not self.v.cr0 & CR0_PG:
             return linear_page
         try:
-            return self.v.space(self.m).physical(linear_page * PAGE, 1) // PAGE
+            return self.v.space(self.m, mark=False).physical(linear_page * PAGE, 1) // PAGE
         except GuestFault:
             return linear_page              # not mapped: nothing can write it through this address either
 
@@ -199,25 +227,33 @@ class Translator:
         insn = decode_at(self._window, off, self._window_at, 32)
         if insn is None or off + insn.size > len(self._window):
             return None
+        quirk = quirks.match(self._window, off)
+        if quirk is not None and quirk.action == quirks.UD:     # #UD on the CPU, whatever Unicorn would do
+            return None
         return insn
 
     def _trace(self, run: Run, p: Pending, key: tuple, returns: list[int]) -> int | None:
         """Follow a direct call into its target, and a plain return back to the call it came from, so that
         a loop calling a small function is one run. Returns where the run goes on, or None (the transfer
         gets its ordinary translation and the run ends)."""
-        insn, unit = p.insn, p.unit
+        insn, unit, flow = p.insn, p.unit, p.flow
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
-        head = insn.raw[p.prefixes]
-        if insn.mnemonic == "call" and head == 0xE8 and not self._branch16(p):
-            target = int(insn.op_str, 0)
+        if flow is None or p.branch16:
+            return None
+        if flow.kind == "call":
+            target = flow.target(next_ip)
             if self._decode(target) is None:
+                return None
+            try:
+                self._fetched(target)
+            except GuestFault:
                 return None
             self._emit(run, unit, insn.address, emit.push_imm(next_ip - key[1]), next_ip)
             returns.append(next_ip)
             return target
-        if insn.mnemonic == "ret" and returns and not self._branch16(p) and self._decode(returns[-1]) is not None:
+        if flow.kind == "ret" and returns and self._decode(returns[-1]) is not None:
             back = returns.pop()
-            layout = emit.Lookup("ret", self.ways, release=int(insn.op_str, 0) if insn.op_str else 0)
+            layout = emit.Lookup("ret", self.ways, release=flow.release)
             lookup = self._lookup(run, unit, layout, insn.address, next_ip)
             run.fills.append((lookup, (back - key[1]) & 0xFFFFFFFF, run.here + 5))   # glue compares EIPs
             self._emit(run, unit, insn.address, emit.jmp(run.here, lookup.at), next_ip)
@@ -244,26 +280,20 @@ class Translator:
         while prefixes < len(raw) and raw[prefixes] in LEGACY_PREFIXES:
             prefixes += 1
         entry = self.classifier.lookup(raw, 0, 32, insn.mnemonic, insn.op_str)
-        return Pending(insn, unit, entry.name if entry is not None else None, prefixes)
+        name = entry.name if entry is not None else None
+        return Pending(insn, unit, name, prefixes, near_transfer(raw) if name not in TABLE else None)
 
     def _callout(self, p: Pending, key: tuple) -> bool:
         return p.name is not None and p.name in TABLE and p.name not in STRING_IO
 
-    @staticmethod
-    def _branch16(p: Pending) -> bool:
-        mnemonic, head = p.insn.mnemonic, p.insn.raw[:p.prefixes]
-        branch = mnemonic in JCC or mnemonic in LOOPS or mnemonic in ("jmp", "call", "ret")
-        return branch and (0x66 in head or (0x67 in head and mnemonic in LOOPS))
-
     def _transfer(self, p: Pending) -> bool:
         """Instructions translated at once, with their own exits (nothing falls through them in the cache)."""
-        mnemonic = p.insn.mnemonic
         if p.name is not None and p.name in TABLE:
             return p.name in ENDS_RUN
-        return mnemonic in ("jmp", "call", "ret") or mnemonic in LOOPS or self._branch16(p)
+        return p.flow is not None and not p.jcc
 
     def _ends_unit(self, p: Pending) -> bool:
-        return p.insn.mnemonic in JCC or (p.name is not None and p.name in TABLE)
+        return p.jcc or (p.name is not None and p.name in TABLE)
 
     # --- emitting -----------------------------------------------------------------------------------------
     def _emit(self, run: Run, unit: Unit, guest: int, code: bytes, guest_end: int) -> int:
@@ -295,8 +325,8 @@ class Translator:
             recipe = bt_routines.decode(insn.raw, (insn.address - key[1]) & 0xFFFFFFFF)
             run.sites[at] = Site(kind, insn.address, next_ip, p.unit, recipe=recipe,
                                  routine=bt_routines.routine(recipe.name))
-        else:
-            run.sites[at] = Site(kind, insn.address, next_ip, p.unit)
+        else:                                       # near-branch: the instruction's bytes, for the routine
+            run.sites[at] = Site(kind, insn.address, next_ip, p.unit, recipe=insn.raw)
 
     def _inline(self, run: Run, p: Pending, key: tuple) -> None:
         """``p`` in place, execution going on to the next instruction in the run."""
@@ -304,10 +334,10 @@ class Translator:
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if self._callout(p, key):
             self._callout_glue(run, p, key, back=True)
-        elif insn.mnemonic in JCC:
+        elif p.jcc:
             at = self._emit(run, unit, insn.address, bytes(6), next_ip)
-            stub = self._exit(run, unit, insn.address, int(insn.op_str, 0), at + 2)
-            run.code[at - run.start:at - run.start + 6] = emit.jcc(at, JCC[insn.mnemonic], stub)
+            stub = self._exit(run, unit, insn.address, p.flow.target(next_ip), at + 2)
+            run.code[at - run.start:at - run.start + 6] = emit.jcc(at, p.flow.cond, stub)
         else:
             self._emit(run, unit, insn.address, insn.raw, next_ip)
 
@@ -318,12 +348,12 @@ class Translator:
         if self._callout(p, key):                       # the monitor continues it at ``pos``
             self._callout_glue(run, p, key, back=False)
             return
-        if insn.mnemonic in JCC:                        # jcc taken / not taken: two exits, in glue
+        if p.jcc:                                       # jcc taken / not taken: two exits, in glue
             glue = self._reserve(11)
             code = bytearray(11)
-            taken = self._exit(run, unit, insn.address, int(insn.op_str, 0), glue + 2)
+            taken = self._exit(run, unit, insn.address, p.flow.target(next_ip), glue + 2)
             fall = self._exit(run, unit, insn.address, pos, glue + 7)
-            code[:6] = emit.jcc(glue, JCC[insn.mnemonic], taken)
+            code[:6] = emit.jcc(glue, p.flow.cond, taken)
             code[6:] = emit.jmp(glue + 6, fall)
             self._glue_at(run, glue, bytes(code), insn.address)
             self._emit(run, unit, insn.address, emit.jmp(run.here, glue), next_ip)
@@ -369,38 +399,39 @@ class Translator:
     def _final(self, run: Run, p: Pending, key: tuple) -> None:
         """A transfer, with its own exits; the run ends with it (a call's return address is translated when
         the return gets there)."""
-        insn, unit = p.insn, p.unit
-        raw, address, mnemonic = insn.raw, insn.address, insn.mnemonic
+        insn, unit, flow = p.insn, p.unit, p.flow
+        raw, address = insn.raw, insn.address
         next_ip = (address + insn.size) & 0xFFFFFFFF
         base = key[1]
         if self._callout(p, key):
             self._callout_glue(run, p, key, back=False)
-        elif self._branch16(p):
-            self._callout_glue(run, p, key, back=False, kind="branch16")
-        elif mnemonic == "jmp" and raw[p.prefixes] != 0xFF:
+        elif p.branch16 or flow.kind == "jmp_rm":
+            # jmp r/m32 too: an inline lookup would leave the target's slot below ESP changed in guest RAM
+            self._callout_glue(run, p, key, back=False, kind="near-branch")
+        elif flow.kind == "jmp":
             at = self._emit(run, unit, address, bytes(5), next_ip)
-            stub = self._exit(run, unit, address, int(insn.op_str, 0), at + 1)
+            stub = self._exit(run, unit, address, flow.target(next_ip), at + 1)
             run.code[at - run.start:at - run.start + 5] = emit.jmp(at, stub)
-        elif mnemonic == "call" and raw[p.prefixes] != 0xFF:
+        elif flow.kind == "call":
             glue = self._reserve(10)
-            stub = self._exit(run, unit, address, int(insn.op_str, 0), glue + 6)
+            stub = self._exit(run, unit, address, flow.target(next_ip), glue + 6)
             self._glue_at(run, glue, emit.push_imm(next_ip - base) + emit.jmp(glue + 5, stub), address)
             self._emit(run, unit, address, emit.jmp(run.here, glue), next_ip)
-        elif mnemonic in LOOPS:
-            self._loop(run, unit, insn, next_ip)
-        else:                                           # ret, ret n, jmp r/m32, call r/m32
-            if mnemonic == "ret":
-                layout = emit.Lookup("ret", self.ways, release=int(insn.op_str, 0) if insn.op_str else 0)
+        elif flow.kind in COUNTER_KINDS:
+            self._loop(run, unit, insn, flow, next_ip)
+        else:                                           # ret, ret n, call r/m32
+            if flow.kind == "ret":
+                layout = emit.Lookup("ret", self.ways, release=flow.release)
             else:
-                layout = emit.Lookup(mnemonic, self.ways, prologue=emit.push_rm(raw, p.prefixes),
+                layout = emit.Lookup(flow.kind[:-3], self.ways, prologue=emit.push_rm(raw, flow.opcode_at),
                                      ret_to=(next_ip - base) & 0xFFFFFFFF)
             lookup = self._lookup(run, unit, layout, address, next_ip)
             self._emit(run, unit, address, emit.jmp(run.here, lookup.at), next_ip)
 
-    def _loop(self, run: Run, unit: Unit, insn, next_ip: int) -> None:
+    def _loop(self, run: Run, unit: Unit, insn, flow: NearTransfer, next_ip: int) -> None:
         """loop/loope/loopne/jecxz through glue, with two exits (taken, fall-through)."""
-        address, mnemonic = insn.address, insn.mnemonic
-        target = int(insn.op_str, 0)
+        address, mnemonic = insn.address, flow.kind
+        target = flow.target(next_ip)
         code = bytearray()
         if mnemonic == "jecxz":                         # jecxz T; jmp F; T: jmp T
             glue = self._reserve(12)

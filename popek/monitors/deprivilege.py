@@ -102,7 +102,7 @@ class Deprivileged(MonitorOps):
         v = self.vcpu
         cpl = cs & 3 if cs & 3 > v.ring else -1     # rings above the compressed ones are exact
         try:
-            desc: Descriptor = v.space(m).descriptor(cs, GP, 0)
+            desc: Descriptor = v.space(m, mark=False).descriptor(cs, GP, 0)
         except GuestFault:
             return cpl, 0
         if cpl < 0 and desc.is_code and not desc.conforming:
@@ -114,6 +114,20 @@ class Deprivileged(MonitorOps):
         route = self.routes.get((event.source, event.vector)) or self.routes.get((event.source, None))
         if route is None or not route(machine, event):
             self.reflect(machine, event)
+        return True
+
+    def hidden_page_fault(self, machine: Machine, event: Interrupt) -> bool:
+        """A #PF that is the monitor's own (shadow paging: an entry filled on demand, an accessed or dirty bit
+        to set in the guest's tables, an entry the guest made present unannounced): fixed, and the faulting
+        instruction runs again, uncounted. False when the guest's tables do not allow the access."""
+        cr2 = machine.reg("cr2")
+        if not self.shadow.paging.hidden_fault(cr2, event.error_code):
+            return False
+        machine.events.count("shadow", "hidden-page-fault")
+        eip = (event.eip + self.sync_cpl(machine)) & 0xFFFFFFFF
+        fetch = cr2 == eip or (cr2 % 0x1000 == 0 and 0 < cr2 - eip < 15)    # the instruction's own bytes
+        if not fetch:                               # a fetch that faults is not counted in the first place
+            machine.uncount()                       # the faulting attempt was the monitor's, not the guest's
         return True
 
     def reflect(self, machine: Machine, event: Interrupt) -> None:

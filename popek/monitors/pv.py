@@ -62,7 +62,7 @@ from popek.decode import decode_at
 from popek.events import REFLECT
 from popek.machine import interrupts
 from popek.machine.descriptors import Descriptor
-from popek.machine.faults import EXCEPTION, EXTERNAL, GP, NP, SOFTWARE, TS, GuestFault, Interrupt
+from popek.machine.faults import EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 from popek.machine.result import CRASH, SHUTDOWN, TRIPLE_FAULT
 from popek.monitors import pv_abi as X
@@ -156,10 +156,10 @@ class PvCpu(VCpu):
         return (virtual & ~IOPL) | IF
 
     # --- what the guest sees ---------------------------------------------------------------------------
-    def space(self, machine: Machine) -> AddressSpace:
+    def space(self, machine: Machine, mark: bool = True) -> AddressSpace:
         """Selectors resolve in the real GDT: the guest's validated entries and Xen's flat ones."""
         return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, (self.real_gdt, TABLE_SIZE - 1),
-                            self.ldtr[1:])
+                            self.ldtr[1:], mark)
 
     def state(self, machine: Machine) -> dict:
         s = VCpu.state(self, machine)               # (slots dataclass: no zero-argument super)
@@ -279,7 +279,7 @@ class ParaVirtual(Deprivileged):
         return True
 
     def routing(self):
-        return {(SOFTWARE, X.HYPERCALL_VECTOR): self._hypercall}
+        return {(SOFTWARE, X.HYPERCALL_VECTOR): self._hypercall, (EXCEPTION, PF): self.hidden_page_fault}
 
     # --- events from the machine ------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:

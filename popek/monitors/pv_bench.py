@@ -35,7 +35,8 @@ again:
 
 
 def arguments(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--iterations", type=int, default=20_000, help="hypercalls in the timed loop (default 20000)")
+    from popek.arguments import count
+    b.add_argument("--iterations", type=count, default=20_000, help="hypercalls in the timed loop (default 20000)")
 
 
 def _best_wall(guest, monitor: str, runs: int = 3) -> tuple[float, object]:

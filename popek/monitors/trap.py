@@ -121,8 +121,7 @@ class TrapAndEmulate(Deprivileged):
         return True
 
     def _on_pf(self, machine: Machine, event: Interrupt) -> bool:
-        if self.shadow.paging_changed():
-            machine.events.count("shadow", "hidden-page-fault")
+        if self.hidden_page_fault(machine, event):
             return True                             # the guest's tables allow it now: run it again
         machine.events.count("shadow", "page-fault")   # the guest's tables refuse it too: a true fault
         event.address = machine.reg("cr2")

@@ -110,9 +110,9 @@ class VCpu(interrupts.Cpu):
         return virtual if not self.ring else (virtual & ~IOPL) | IF
 
     # --- the guest's view of memory and tables ------------------------------------------------------
-    def space(self, machine: Machine) -> AddressSpace:
-        """Linear addresses through the guest's own paging and descriptor tables."""
-        return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, self.gdtr, self.ldtr[1:])
+    def space(self, machine: Machine, mark: bool = True) -> AddressSpace:
+        """Linear addresses through the guest's own paging and descriptor tables (``mark``: see AddressSpace)."""
+        return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, self.gdtr, self.ldtr[1:], mark)
 
     def segment_base(self, machine: Machine, space: AddressSpace, selector: int) -> int:
         """Base of the segment a real segment register holds (the shadow tables copy the guest's bases)."""

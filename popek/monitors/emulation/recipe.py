@@ -151,7 +151,7 @@ def _fetch(m: Machine, v: VCpu, linear: int, size: int) -> bytes:
     while size:
         try:
             if v.cr0 & CR0_PG:
-                return v.space(m).read(linear, size)
+                return v.space(m, mark=False).read(linear, size)
             return m.memory.read(linear, size)
         except GuestFault:
             size -= 1

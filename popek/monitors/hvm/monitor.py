@@ -209,7 +209,7 @@ class HardwareAssisted(MonitorOps):
                 code = "" if event.error_code is None else f" error {event.error_code:#x}"
                 self._event_exit("exception", event.vector, f"{vector_name(event.vector)}{code}", event.eip)
                 if event.vector == PF and self.guest.paging is not None:
-                    return self._page_fault(machine)
+                    return self._page_fault(machine, event.error_code)
         elif event.source == SOFTWARE and event.name.startswith("int ") and self._on("swint-intercept"):
             line = self.model.exits_for("int")
             if line:
@@ -221,10 +221,10 @@ class HardwareAssisted(MonitorOps):
         if lines:
             self._exit(lines[0], n, what, qualification, address)
 
-    def _page_fault(self, m: Machine) -> bool:
+    def _page_fault(self, m: Machine, error_code: int | None) -> bool:
         """A #PF exit under shadow paging: hidden (resync and resume) or the guest's own (inject)."""
         self.guest.load()
-        if self.guest.paging.paging_changed():
+        if self.guest.paging.hidden_fault(m.reg("cr2"), error_code):
             self._shadow["hidden-page-fault"] += 1
             m.set_cr2(self._cr2)
             return True

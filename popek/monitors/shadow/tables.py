@@ -87,7 +87,7 @@ class ShadowTables:
     def _copy(self, shadow: int, base: int, limit: int) -> None:
         """Compress the guest table at linear ``base`` (``limit`` + 1 bytes) into ``shadow``."""
         size = min(limit + 1, TABLE_SIZE) & ~7
-        space = self.v.space(self.m)
+        space = self.v.space(self.m, mark=False)
         try:
             raw = space.read(base, size) if size else b""
         except GuestFault:
@@ -129,7 +129,7 @@ class ShadowTables:
         _selector, base, limit = self.v.tr
         if ring in (1, 2) and limit >= 9:
             try:
-                esp, ss = struct.unpack("<IH", self.v.space(self.m).read(base + 4, 6))
+                esp, ss = struct.unpack("<IH", self.v.space(self.m, mark=False).read(base + 4, 6))
             except GuestFault:
                 return
             self.m.memory.monitor_write(self.tss + 4 + 8 * ring, struct.pack("<II", esp, (ss & 0xFFFC) | ring))
@@ -157,7 +157,7 @@ class ShadowTables:
         first = (address - base) // step * step if shadow is not None else 0
         last = (address + size - 1 - base) // step * step if shadow is not None else 0
         try:
-            raw = bytearray(self.v.space(self.m).read(base + first, last - first + step))
+            raw = bytearray(self.v.space(self.m, mark=False).read(base + first, last - first + step))
         except GuestFault:
             return
         for i in range(size):

@@ -1,0 +1,83 @@
+"""The bare machine follows the SDM where Unicorn 2.1.4 does not (popek.machine.quirks, docs/machine.md):
+each guest below ends differently on raw Unicorn; the machine must give the hardware's answer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from popek.asm import assemble_text
+from popek.machine.guest import Guest
+from popek.machine.quirks import QUIRKS, match, scan
+from popek.monitors import run_guest
+
+GUESTS = Path(__file__).resolve().parent.parent / "samples" / "guests"
+
+
+def build(body: str) -> Guest:
+    program = assemble_text('        .include "pm.inc"\n_start:\n' + body, name="quirk", include_dirs=[GUESTS])
+    return Guest("quirk.s", ((program.origin, program.image),), program.entry, "asm")
+
+
+UD_HANDLER = """
+        pm_setup
+        set_gate 6, on_ud, INTGATE
+        {code}
+        exit 0
+on_ud:
+        exit 6
+        pm_data
+"""
+
+
+@pytest.mark.parametrize("name, code", [
+    ("c6-c7-reg", ".byte 0xc7, 0xf8, 0, 0, 0, 0"),            # xbegin: no RTM in CPUID
+    ("pop-8f-reg", ".byte 0x8f, 0xc8"),                       # 8f /1: XOP space
+    ("lock-not-lockable", ".byte 0xf0, 0x90"),               # lock nop
+    ("register-only-memory-form", ".byte 0x0f, 0x50, 0x00"),  # movmskps eax, [eax]
+])
+def test_an_encoding_the_hardware_rejects_is_ud(name, code):
+    result = run_guest(build(UD_HANDLER.format(code=code)))
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 6)
+    assert result.events["corrected"] == {name: 1}
+
+
+def test_ret_imm16_zero_extends_its_immediate():
+    result = run_guest(build("""
+        push offset back
+        ret 0x8000
+back:
+        exit 0
+"""))
+    assert result.exit.code == 0 and result.state["esp"] == 0x90000 + 0x8000
+    assert result.events["corrected"] == {"ret-imm16-zero-extended": 1}
+
+
+def test_int6_through_a_present_gate_is_a_software_interrupt():
+    result = run_guest(build("""
+        pm_setup
+        set_gate 6, on_6, INTGATE
+        int 6
+after_int:
+        exit 1
+on_6:
+        cmp dword ptr [esp], offset after_int   ; a software interrupt pushes the next instruction
+        jne wrong
+        exit 0
+wrong:
+        exit 2
+        pm_data
+"""))
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 0)
+    assert result.events["corrected"] == {"int6-software-interrupt": 1}
+
+
+def test_every_quirk_row_is_found_by_match_and_scan():
+    samples = {"lock-not-lockable": b"\xf0\x90\x90", "pop-8f-reg": b"\x8f\xc8", "c6-c7-reg": b"\xc7\xf8\0\0\0\0",
+               "vex": b"\xc5\xf8\x77", "register-only-memory-form": b"\x0f\x50\x00",
+               "ret-imm16-zero-extended": b"\xc2\x00\x80"}
+    assert set(samples) == set(QUIRKS)
+    for name, code in samples.items():
+        assert match(code, 0).name == name
+        assert scan(b"\x90" + code, 0x1000)[0x1001].name == name
+    assert match(b"\xc2\x00\x10", 0) is None and match(b"\xf0\x01\x00", 0) is None   # ret 0x1000, lock add

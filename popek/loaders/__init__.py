@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 from popek.errors import BadInput, UnsupportedFormat, UsageError
@@ -52,23 +52,56 @@ _MAGICS = ((b"\x7fELF", "popek.loaders.elf"), (b"MZ", "popek.loaders.pe"))
 
 def load(path: str, *, mode: int | None = None, base: int = 0,
          regions: Iterable[tuple[int, int, int]] | None = None, raw: bool = False) -> Image:
-    """Read ``path`` and return its executable regions.
+    """Read ``path`` and return its executable regions (see ``load_data``)."""
+    return load_data(read_file(path), path, mode=mode, base=base, regions=regions, raw=raw)
+
+
+def load_data(data: bytes, path: str, *, mode: int | None = None, base: int = 0,
+              regions: Iterable[tuple[int, int, int]] | None = None, raw: bool = False) -> Image:
+    """The executable regions of a file's content ``data`` (``path`` only names it).
 
     ELF and PE files carry their own addresses and modes, so ``mode``, ``base`` and ``regions`` apply only to
     raw (flat) input: a file that is neither ELF nor PE, or any file when ``raw`` is true. Raw input needs
     ``mode`` (16, 32 or 64) or ``regions`` ((start, end, mode) triples in address space, end exclusive).
     """
-    data = read_file(path)
+    if not data:
+        raise BadInput("empty file")
     digest = hashlib.sha256(data).hexdigest()
     if not raw:
         for magic, module in _MAGICS:
             if data.startswith(magic):
-                return importlib.import_module(module).load(data, path, digest)
+                return _within_address_space(importlib.import_module(module).load(data, path, digest))
     if mode is None and not regions:
         raise UnsupportedFormat("not ELF or PE; give --mode 16|32|64 to scan it as raw code")
     from popek.loaders import raw as raw_loader
     return raw_loader.load(data, path, digest, mode=mode, base=base,
                            regions=list(regions) if regions else None)
+
+
+ADDRESS_LIMIT = 1 << 64   # addresses are 64-bit (Capstone's, objdump's bfd_vma, the CPU's linear address)
+
+
+def _within_address_space(image: Image) -> Image:
+    """Headers may put code past the top of the 64-bit address space (a PE32+ ImageBase near 2^64, an ELF
+    sh_addr near it): the part past 2^64 has no address, so it is cut off with a warning rather than
+    decoded at wrapped addresses."""
+    if all(r.end <= ADDRESS_LIMIT for r in image.regions):
+        return image
+    kept, warnings = [], list(image.warnings)
+    for r in image.regions:
+        if r.end <= ADDRESS_LIMIT:
+            kept.append(r)
+            continue
+        room = max(0, ADDRESS_LIMIT - r.start)
+        warnings.append(f"{r.name} at 0x{r.start:x} (0x{len(r.data):x} bytes) runs past the top of the 64-bit "
+                        f"address space: " + (f"scanned its first 0x{room:x} bytes" if room else "not scanned"))
+        if room:
+            kept.append(replace(r, data=r.data[:room]))
+    if not kept:
+        raise BadInput("; ".join(warnings[len(image.warnings):]) + "; nothing left to scan")
+    return replace(image, regions=tuple(kept), warnings=tuple(warnings),
+                   entry_points=tuple(e for e in image.entry_points if e < ADDRESS_LIMIT),
+                   symbols={a: n for a, n in image.symbols.items() if a < ADDRESS_LIMIT})
 
 
 def read_file(path: str) -> bytes:

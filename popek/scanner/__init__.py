@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterable
 
 from popek.errors import BadInput, UnsupportedFormat
@@ -48,10 +49,14 @@ def _with_idioms(image: Image, findings: list) -> list:
 
 
 def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = "linear", mode: int | None = None,
-               base: int = 0, regions=None, raw: bool = False) -> ScanDocument:
+               base: int = 0, regions=None, raw: bool = False, internal_errors: bool = True) -> ScanDocument:
     """Scan files and directories. A file found inside a directory that is not a binary (a script, a text;
     UnsupportedFormat, or empty) is skipped and listed in ``skipped``; named on the command line it is an
-    error. A directory with no binary in it is bad input."""
+    error. A directory with no binary in it is bad input.
+
+    One bad file never stops a batch: its error is its report, the others are scanned. That holds for a bug
+    in popek or a library too (``internal_errors``, on by default): it becomes that file's error, marked as
+    an internal error to report, rather than a traceback that loses every other file's result."""
     paths = list(paths)
     named = set(paths)
     reports, skipped = [], []
@@ -63,6 +68,10 @@ def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = 
                 continue
             except BadInput as exc:
                 error = exc
+            except Exception as exc:        # noqa: BLE001 - a bug must not cost the batch (see above)
+                if not internal_errors:
+                    raise
+                error = InternalError(exc)
         if path not in named and (isinstance(error, UnsupportedFormat) or str(error) == "empty file"):
             skipped.append(path)
             continue
@@ -73,3 +82,15 @@ def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = 
                        + ("; give --mode 16|32|64 to scan them as raw code" if skipped else ""))
     return ScanDocument(files=tuple(reports), strategy=strategy, model=classifier.model.name,
                         extended=classifier.extended, skipped=tuple(skipped))
+
+
+class InternalError(Exception):
+    """An unexpected exception while scanning one file, as that file's one-line error."""
+
+    def __init__(self, exc: BaseException):
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        frame = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where else ""
+        super().__init__(f"internal error (a bug in popek; please report it with this file): "
+                         f"{type(exc).__name__}: {exc}{frame}".replace("\n", " "))

@@ -45,6 +45,17 @@ class Image:
     warnings: tuple[str, ...] = ()    # what could not be scanned (a file cut short), one line each
 
 
+def printable(text: str) -> str:
+    """``text`` fit for one line of output: control characters escaped (a lying header can name a section
+    "\\r\\n", and library messages quote what they read)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def section_name(raw: bytes, index: int) -> str:
+    """A section name as headers give it, printable; an empty name is section<index>."""
+    return printable(raw.decode("utf-8", "replace")) or f"section{index}"
+
+
 # Content sniffing, first match wins. Modules are imported on use so that scanning ELF files never pays
 # for importing pefile, and so that the backends can import Region/Image from this package.
 _MAGICS = ((b"\x7fELF", "popek.loaders.elf"), (b"MZ", "popek.loaders.pe"))
@@ -70,7 +81,8 @@ def load_data(data: bytes, path: str, *, mode: int | None = None, base: int = 0,
     if not raw:
         for magic, module in _MAGICS:
             if data.startswith(magic):
-                return _within_address_space(importlib.import_module(module).load(data, path, digest))
+                image = _within_address_space(importlib.import_module(module).load(data, path, digest))
+                return replace(image, warnings=tuple(printable(w) for w in image.warnings))
     if mode is None and not regions:
         raise UnsupportedFormat("not ELF or PE; give --mode 16|32|64 to scan it as raw code")
     from popek.loaders import raw as raw_loader
@@ -104,19 +116,21 @@ def _within_address_space(image: Image) -> Image:
                    symbols={a: n for a, n in image.symbols.items() if a < ADDRESS_LIMIT})
 
 
-def read_file(path: str) -> bytes:
-    """The whole content of a regular file, or BadInput saying why it cannot be had."""
+def read_file(path: str, what: str = "") -> bytes:
+    """The whole content of a regular file, or BadInput saying why it cannot be had (``what`` names the
+    option the path came from, for the message)."""
+    where = f"{what} {path}: " if what else ""
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             # Opening a FIFO would block until a writer appears; a device may never end.
-            raise BadInput(f"not a regular file ({_kind(st.st_mode)})")
+            raise BadInput(f"{where}not a regular file ({_kind(st.st_mode)})")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}") from None
+        raise BadInput(f"{where}cannot read: {exc.strerror or exc}") from None
     if not data:
-        raise BadInput("empty file")
+        raise BadInput(f"{where}empty file")
     return data
 
 

@@ -18,7 +18,7 @@ from elftools.elf.descriptions import describe_e_machine
 from elftools.elf.elffile import ELFFile
 
 from popek.errors import BadInput, TruncatedFile, WrongArch
-from popek.loaders import Image, Region
+from popek.loaders import Image, Region, section_name
 
 # e_machine -> decoding mode. x32 (ELFCLASS32 with EM_X86_64) is 64-bit code with 32-bit pointers, so the
 # machine, not the class, decides. EM_IAMCU is the Intel MCU psABI: plain 32-bit x86 code.
@@ -166,7 +166,7 @@ def _section_names(elf: ELFFile, headers: list, data: bytes, warnings: list[str]
     def name_of(i: int) -> str:
         at = start + headers[i]["sh_name"]
         stop = data.find(b"\0", at, end) if at < end else -1
-        return data[at:stop].decode("utf-8", "replace") if stop > at else f"section{i}"
+        return section_name(data[at:stop] if stop > at else b"", i)
     return name_of
 
 

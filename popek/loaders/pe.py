@@ -12,7 +12,7 @@ import struct
 import pefile
 
 from popek.errors import BadInput, TruncatedFile, WrongArch
-from popek.loaders import Image, Region
+from popek.loaders import Image, Region, section_name
 
 MODES = {pefile.MACHINE_TYPE["IMAGE_FILE_MACHINE_I386"]: 32, pefile.MACHINE_TYPE["IMAGE_FILE_MACHINE_AMD64"]: 64}
 _CODE = pefile.SECTION_CHARACTERISTICS["IMAGE_SCN_MEM_EXECUTE"] | pefile.SECTION_CHARACTERISTICS["IMAGE_SCN_CNT_CODE"]
@@ -59,15 +59,20 @@ def _regions(pe: pefile.PE, data: bytes, mode: int, base: int, warnings: list[st
     count = pe.FILE_HEADER.NumberOfSections
     table = pe.OPTIONAL_HEADER.get_file_offset() + pe.FILE_HEADER.SizeOfOptionalHeader
     if table + count * _SECTION_HEADER_SIZE > len(data):
-        raise TruncatedFile(f"PE section table ({count} entries at offset 0x{table:x}) runs past the end of "
-                            f"the file ({len(data)} bytes)")
+        # objdump reads the entries that are there; so do we, and say what is missing.
+        there = max(0, (len(data) - table) // _SECTION_HEADER_SIZE)
+        warnings.append(f"PE section table ({count} entries at offset 0x{table:x}) runs past the end of the file "
+                        f"({len(data)} bytes): read the {there} entries inside it")
+        count = there
     if len(pe.sections) < count:
-        # pefile stopped early (null or unreadable entries, too many errors) and said why in a warning.
+        # pefile stopped early (null or unreadable entries, too many errors) and said why in a warning;
+        # objdump lists such entries as empty sections. The entries before it are scanned.
         why = next((w for w in pe.get_warnings() if "section" in w.lower()), "unreadable entry")
-        raise BadInput(f"PE section table: only {len(pe.sections)} of {count} sections readable: {why}")
+        warnings.append(f"PE section table: only {len(pe.sections)} of {count} entries readable ({why.rstrip('.')}): "
+                        f"scanned the sections of those")
     regions = []
-    for index, section in enumerate(pe.sections):
-        name = section.Name.rstrip(b"\0").decode("utf-8", "replace") or f"section{index}"
+    for index, section in enumerate(pe.sections[:count]):
+        name = section_name(section.Name.rstrip(b"\0"), index)
         offset, raw_size = section.PointerToRawData, section.SizeOfRawData
         if not section.Characteristics & _CODE:
             continue

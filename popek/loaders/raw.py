@@ -15,7 +15,7 @@ def load(data: bytes, path: str, sha256: str, *, mode: int | None, base: int = 0
     if base < 0:
         raise UsageError(f"base must not be negative, got {base}")
     if base + len(data) > ADDRESS_LIMIT:
-        raise UsageError(f"base 0x{base:x} puts the file's {len(data)} bytes past the top of the 64-bit address "
+        raise BadInput(f"base 0x{base:x} puts the file's {len(data)} bytes past the top of the 64-bit address "
                          f"space (0x{ADDRESS_LIMIT - 1:x}); the last byte must sit at or below it")
     if regions:
         cut = tuple(_cut(data, base, spec) for spec in sorted(regions))

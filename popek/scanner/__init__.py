@@ -5,9 +5,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
-from popek.errors import BadInput, UnsupportedFormat
+from popek.errors import BadInput, PopekError, UnsupportedFormat
 from popek.isa.classify import Classifier
-from popek.loaders import Image, iter_files, load
+from popek.loaders import Image, iter_files, load, printable
 from popek.scanner import engine
 from popek.scanner.document import FileReport, RegionInfo, ScanDocument
 
@@ -68,6 +68,8 @@ def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = 
                 continue
             except BadInput as exc:
                 error = exc
+            except PopekError:
+                raise                       # a usage error is the command line's, not this file's
             except Exception as exc:        # noqa: BLE001 - a bug must not cost the batch (see above)
                 if not internal_errors:
                     raise
@@ -75,7 +77,7 @@ def scan_paths(paths: Iterable[str], classifier: Classifier, *, strategy: str = 
         if path not in named and (isinstance(error, UnsupportedFormat) or str(error) == "empty file"):
             skipped.append(path)
             continue
-        reports.append(FileReport(path=path, error=str(error)))
+        reports.append(FileReport(path=path, error=printable(str(error))))
     if not reports:
         what = f"{len(skipped)} file(s), none of them ELF or PE" if skipped else "no files"
         raise BadInput(f"nothing to scan in {', '.join(paths)}: {what}"

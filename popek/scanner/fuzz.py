@@ -48,7 +48,7 @@ def mutate(seed: bytes, spans: list[tuple[int, int]], rng: random.Random) -> byt
     data = bytearray(seed)
     for _ in range(rng.randint(1, 4)):
         roll = rng.random()
-        if roll < 0.15:
+        if roll < 0.15 and len(data) > 1:
             data = data[:rng.randrange(1, len(data))]
             continue
         lo, hi = rng.choice(spans) if roll < 0.9 else (0, len(data))
@@ -113,7 +113,9 @@ def run_one(data: bytes, classifier, strategy: str, result: FuzzResult, index: i
     except PopekError as exc:
         message = str(exc)
         if not message or "\n" in message:
-            result.tracebacks[f"{type(exc).__name__} with a message that is not one line"] += 1
+            kind = f"{type(exc).__name__} whose message is not one line"
+            result.tracebacks[kind] += 1
+            result.examples.setdefault(kind, (index, repr(message)[:200]))
         result.errors[type(exc).__name__] += 1
     except Exception as exc:            # noqa: BLE001 - this is what the fuzzer is looking for
         kind = _where(exc)
@@ -122,6 +124,11 @@ def run_one(data: bytes, classifier, strategy: str, result: FuzzResult, index: i
     elapsed = time.perf_counter() - t0
     if elapsed > result.slowest[0]:
         result.slowest = (elapsed, index)
+
+
+def strategy_of(index: int, seeds: int) -> str:
+    """Every fourth input of each seed is scanned with the recursive strategy, the others linearly."""
+    return "recursive" if (index // seeds) % 4 == 3 else "linear"
 
 
 def run(seeds: list[bytes], examples: int, *, seed: int = 0, first: int = 0, step: int = 1) -> FuzzResult:
@@ -136,7 +143,7 @@ def run(seeds: list[bytes], examples: int, *, seed: int = 0, first: int = 0, ste
     for i in range(first, examples, step):
         rng = random.Random(f"{seed}:{i}")
         k = i % len(seeds)
-        run_one(mutate(seeds[k], spans[k], rng), classifier, "recursive" if i % 4 == 3 else "linear", result, i)
+        run_one(mutate(seeds[k], spans[k], rng), classifier, strategy_of(i, len(seeds)), result, i)
     result.seconds = time.perf_counter() - t0
     return result
 

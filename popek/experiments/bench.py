@@ -205,9 +205,41 @@ def _pv_arguments(b: argparse.ArgumentParser) -> None:
     pv_bench.arguments(b)
 
 
+def _fuzz(args: argparse.Namespace) -> str:
+    """Mutated ELF/PE inputs through load, scan and render; count the tracebacks (popek.scanner.fuzz)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from popek.loaders import read_file
+    from popek.scanner import fuzz
+
+    paths = args.seeds or fuzz.default_seeds()
+    if not paths:
+        raise UsageError("no seed binaries found; give some with --seeds FILE...")
+    seeds = [read_file(p, what="--seeds") for p in paths]
+    t0 = time.perf_counter()
+    total = fuzz.FuzzResult()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for part in pool.map(fuzz.run, [seeds] * args.jobs, [args.examples] * args.jobs,
+                             [args.seed] * args.jobs, range(args.jobs), [args.jobs] * args.jobs):
+            total.merge(part)
+    total.seconds = time.perf_counter() - t0
+    return fuzz.render(total, paths, args.jobs)
+
+
+def _fuzz_arguments(b: argparse.ArgumentParser) -> None:
+    import os
+    b.add_argument("--examples", type=int, default=100_000, help="mutated inputs (default 100000)")
+    b.add_argument("--seeds", nargs="+", metavar="FILE", help="ELF/PE files to mutate (default: vmdetect, "
+                                                              "/bin/true, pip's t32.exe and t64.exe)")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same inputs every run)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
     "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
+    "fuzz": (_fuzz, "mutated ELF/PE files through popek scan's load, scan and render; count tracebacks",
+             _fuzz_arguments),
     "differential": (_differential, "run generated guests under native and a monitor; count divergences",
                      _differential_arguments),
     "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",

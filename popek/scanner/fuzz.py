@@ -107,7 +107,7 @@ def run_one(data: bytes, classifier, strategy: str, result: FuzzResult, index: i
     try:
         report = scan_image(load_data(data, f"mutant{index}"), classifier, strategy)
         doc = ScanDocument(files=(report,), strategy=strategy)
-        for fmt in ("json", "text") if index % 8 == 0 else ("json",):
+        for fmt in ("json", "text") if index % 16 == 0 else ("json",):
             render(doc, fmt)
         result.reports += 1
     except PopekError as exc:
@@ -131,7 +131,7 @@ def strategy_of(index: int, seeds: int) -> str:
     return "recursive" if (index // seeds) % 4 == 3 else "linear"
 
 
-def run(seeds: list[bytes], examples: int, *, seed: int = 0, first: int = 0, step: int = 1) -> FuzzResult:
+def run(seeds: list[bytes], examples: int, seed: int = 0, first: int = 0, step: int = 1) -> FuzzResult:
     """Inputs ``first, first + step, ...`` below ``examples``: input i mutates seed i mod len(seeds) with a
     generator seeded by (seed, i), so any input can be rebuilt alone and jobs can split the range."""
     from popek.isa import bundled_classifier
@@ -152,3 +152,30 @@ def rebuild(seeds: list[bytes], index: int, seed: int = 0) -> bytes:
     """The exact input ``index`` of a run, to save and replay."""
     k = index % len(seeds)
     return mutate(seeds[k], structure_spans(seeds[k]), random.Random(f"{seed}:{index}"))
+
+
+def default_seeds() -> list[str]:
+    """Real binaries found on this machine: popek's own ELF sample, the system's /bin/true, and the PE32 and
+    PE32+ launchers pip ships (distlib's t32.exe and t64.exe, built by MSVC)."""
+    import importlib.util
+    found = [Path(__file__).resolve().parent.parent.parent / "samples" / "bin" / "vmdetect", Path("/bin/true")]
+    spec = importlib.util.find_spec("pip")
+    if spec and spec.origin:
+        distlib = Path(spec.origin).parent / "_vendor" / "distlib"
+        found += [distlib / "t32.exe", distlib / "t64.exe"]
+    return [str(p) for p in found if p.is_file()]
+
+
+def render(result: FuzzResult, seeds: list[str], jobs: int) -> str:
+    lines = [f"popek bench fuzz: {result.inputs:,} mutated inputs from {len(seeds)} seeds "
+             f"({', '.join(Path(s).name for s in seeds)}), {jobs} job(s), {result.seconds:.0f} s "
+             f"({result.inputs / max(result.seconds, 1e-9):.0f} inputs/s)",
+             f"  scanned (a report, perhaps with warnings)  {result.reports:8,}",
+             f"  one-line errors                            {sum(result.errors.values()):8,}   "
+             + ", ".join(f"{k} {v:,}" for k, v in result.errors.most_common()),
+             f"  tracebacks                                 {result.traceback_count:8,}",
+             f"  slowest input                              {result.slowest[0]:8.2f} s (input {result.slowest[1]})"]
+    for kind, count in result.tracebacks.most_common():
+        index, message = result.examples.get(kind, (-1, ""))
+        lines.append(f"    {count:6,} x {kind}: first at input {index} ({message})")
+    return "\n".join(lines)

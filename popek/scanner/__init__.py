@@ -28,8 +28,10 @@ def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -
 
 
 def _with_idioms(image: Image, findings: list) -> list:
-    """Attach VM-detection idioms recognised around the findings (popek.scanner.idioms)."""
-    from popek.scanner.idioms import find_idioms
+    """Attach VM-detection idioms recognised around the findings (popek.scanner.idioms). A finding decoded out
+    of an idiom's signature bytes (the 'xen' of Xen's ud2; "xen"; cpuid, which objdump shows as js/outsb) is
+    not an instruction and is dropped; the idiom's finding says why."""
+    from popek.scanner.idioms import SIGNATURES, find_idioms
 
     out = []
     by_region: dict[str, list] = {}
@@ -40,7 +42,10 @@ def _with_idioms(image: Image, findings: list) -> list:
         if not found:
             continue
         idioms = find_idioms(region.data, region.start, region.mode, [(f.address, f.name) for f in found])
+        signature_bytes = {a for site, (name, _) in idioms.items() for a in range(site - SIGNATURES.get(name, 0), site)}
         for f in found:
+            if f.address in signature_bytes:
+                continue
             if f.address in idioms:
                 name, why = idioms[f.address]
                 f = replace(f, idiom=name, idiom_why=why)

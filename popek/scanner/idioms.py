@@ -137,6 +137,11 @@ class Holds:
         hi = self.lo if self.hi is None else self.hi
         return isinstance(v, Const) and v.mask & self.mask == self.mask and self.lo <= v.value & self.mask <= hi
 
+    def possible(self, regs: dict) -> bool:
+        """Not contradicted: the register is unknown here (a caller may set it), or holds the value."""
+        v = regs.get(self.reg)
+        return not (isinstance(v, Const) and v.mask & self.mask == self.mask) or self(regs)
+
 
 @dataclass(frozen=True)
 class Idiom:
@@ -686,8 +691,19 @@ NEEDS_SETUP = frozenset(t for idiom in IDIOMS if idiom.setup for t in idiom.trig
 SIGNATURES = {idiom.name: len(idiom.before) for idiom in IDIOMS if idiom.before}
 
 
-def _match(name: str, regs: dict, events: list[Event], site_ops: str, preceding: bytes) -> Idiom | None:
-    return next((i for i in IDIOMS if name in i.triggers and i.matches(regs, events, site_ops, preceding)), None)
+def _possible_rows(code: bytes) -> tuple[Idiom, ...]:
+    """The rows that can match in this region. The flow knows a register's constant only from an immediate
+    in the code, so a row whose set-up needs a distinctive 32-bit value ('VMXh') cannot match in a region
+    where those four bytes never occur: its sites are not analysed at all (the cost of a scan full of IN and
+    INS decoded out of data)."""
+    def present(h: Holds) -> bool:
+        return h.hi is not None or h.mask != 0xFFFFFFFF or h.lo <= 0xFFFF or h.lo.to_bytes(4, "little") in code
+    return tuple(i for i in IDIOMS if all(present(h) for h in i.setup))
+
+
+def _match(name: str, regs: dict, events: list[Event], site_ops: str, preceding: bytes,
+           rows: tuple[Idiom, ...] = IDIOMS) -> Idiom | None:
+    return next((i for i in rows if name in i.triggers and i.matches(regs, events, site_ops, preceding)), None)
 
 
 def find_idioms(code: bytes, base: int, mode: int, sites: list[tuple[int, str]]) -> dict[int, tuple[str, str]]:
@@ -700,16 +716,20 @@ def find_idioms(code: bytes, base: int, mode: int, sites: list[tuple[int, str]])
     """
     found: dict[int, tuple[str, str]] = {}
     targets = None
+    rows = _possible_rows(code)
     for address, name in sites:
-        if name not in TRIGGERS:
+        if not any(name in i.triggers for i in rows):
             continue
         off = address - base
         preceding = bytes(code[max(0, off - 8):off])
-        idiom = _match(name, *analyse_site(code, base, mode, address, name), preceding)
-        if idiom is None and name in NEEDS_SETUP:
+        regs, events, site_ops = analyse_site(code, base, mode, address, name)
+        idiom = _match(name, regs, events, site_ops, preceding, rows)
+        # A caller can only supply what the site's own window leaves unknown (DX = 0x3F8 here is no backdoor).
+        if idiom is None and any(name in i.triggers and i.setup and all(h.possible(regs) for h in i.setup)
+                                 for i in rows):
             targets = _call_targets(code, mode) if targets is None else targets
             for flow, caller in _through_callers(code, base, mode, off, targets):
-                idiom = _match(name, *analyse_site(code, base, mode, address, name, flow), preceding)
+                idiom = _match(name, *analyse_site(code, base, mode, address, name, flow), preceding, rows)
                 if idiom is not None and idiom.setup:
                     found[address] = (idiom.name, f"{idiom.why} (set up by the caller at 0x{caller:x})")
                     break

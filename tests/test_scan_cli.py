@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -370,3 +371,16 @@ def test_a_bad_file_in_a_batch_is_that_files_error(exe32, tmp_path, capsys, monk
     assert len(err.strip().splitlines()) == 2
     with pytest.raises(IndexError):
         main(["--traceback", "scan", str(d)])
+
+
+def test_json_has_the_verdict_and_sarif_messages_are_sentences(exe32, tmp_path, capsys):
+    code, out, _ = scan(capsys, "--format", "json", str(exe32))
+    doc = json.loads(out)
+    assert doc["verdict"].startswith(f"{sum(1 for f in doc['files'][0]['findings'] if f['class'] == 'sensitive-unprivileged')}"
+                                     " sensitive-unprivileged instructions — classic trap-and-emulate cannot")
+    saved = tmp_path / "saved.json"
+    saved.write_text(out)
+    code, out, _ = scan(capsys, "--load", str(saved), "--format", "sarif")
+    messages = [r["message"]["text"] for r in json.loads(out)["runs"][0]["results"]]
+    assert messages and all(re.fullmatch(r"\S.* at 0x[0-9a-f]+ is an? [a-z-]+ instruction \(\w+\): [A-Za-z].*\.", m)
+                            for m in messages), messages[:3]

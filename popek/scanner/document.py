@@ -16,6 +16,17 @@ SCHEMA = 1
 CLASSES = ("sensitive-unprivileged", "privileged", "io", "extended")
 
 
+def verdict(count: int, model: str = "ia32") -> str:
+    """The one-line conclusion. Says "found" (not "absent") because a static sweep can miss code."""
+    if count == 0:
+        return ("VERDICT: no sensitive-unprivileged instruction found — every sensitive instruction seen here "
+                "traps, so trap-and-emulate can handle it (Popek-Goldberg Theorem 1's condition holds for this code)")
+    where = "on IA-32" if model == "ia32" else f"under the {model} model"
+    noun = "instruction" if count == 1 else "instructions"
+    return (f"VERDICT: {count} sensitive-unprivileged {noun} — classic trap-and-emulate cannot virtualize this "
+            f"code faithfully (Popek-Goldberg Theorem 1 fails {where})")
+
+
 def _check_keys(cls, data: dict, extra_ok: tuple[str, ...] = ()) -> None:
     known = {f.name for f in fields(cls)} | set(extra_ok)
     unknown = set(data) - known
@@ -152,10 +163,18 @@ class ScanDocument(Tabular):
     def sensitive_unprivileged(self) -> int:
         return sum(f.sensitive_unprivileged for f in self.files)
 
+    @property
+    def verdict(self) -> str:
+        """The one-line conclusion over every file scanned (the text report's last line, JSON's verdict)."""
+        if self.files and all(f.error is not None for f in self.files):
+            return "VERDICT: no file could be scanned"
+        return verdict(self.sensitive_unprivileged, self.model)
+
     def to_dict(self) -> dict:
         return {
             "schema": self.schema, "tool": self.tool, "version": self.version,
             "strategy": self.strategy, "model": self.model, "extended": self.extended,
+            "verdict": self.verdict.removeprefix("VERDICT: "),
             "files": [f.to_dict() for f in self.files],
             **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
@@ -163,7 +182,8 @@ class ScanDocument(Tabular):
     @classmethod
     def from_dict(cls, d: dict) -> "ScanDocument":
         d = dict(d)
-        _check_keys(cls, d)
+        _check_keys(cls, d, extra_ok=("verdict",))
+        d.pop("verdict", None)             # derived from the findings, recomputed
         if d.get("schema") != SCHEMA or d.get("tool") != "popek":
             raise ValueError("not a popek scan document (schema 1)")
         d["files"] = tuple(FileReport.from_dict(f) for f in d["files"])

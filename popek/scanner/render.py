@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument
+from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument, verdict
 
 FORMATS = ("text", "json", "sarif", "csv")
 TEXT_WIDTH = 120
@@ -59,17 +59,6 @@ def render_json(doc: ScanDocument) -> str:
 
 # ---------------------------------------------------------------------------------------------- text
 
-def verdict(count: int, model: str = "ia32") -> str:
-    """The one-line conclusion. Says "found" (not "absent") because a static sweep can miss code."""
-    if count == 0:
-        return ("VERDICT: no sensitive-unprivileged instruction found — every sensitive instruction seen here "
-                "traps, so trap-and-emulate can handle it (Popek-Goldberg Theorem 1's condition holds for this code)")
-    where = "on IA-32" if model == "ia32" else f"under the {model} model"
-    noun = "instruction" if count == 1 else "instructions"
-    return (f"VERDICT: {count} sensitive-unprivileged {noun} — classic trap-and-emulate cannot virtualize this "
-            f"code faithfully (Popek-Goldberg Theorem 1 fails {where})")
-
-
 def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, width: int = TEXT_WIDTH) -> str:
     """A report per file: findings grouped by class (CLASSES order), counts, a verdict; then a summary."""
     assert max_rows_per_class is None or max_rows_per_class >= 0
@@ -88,10 +77,7 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, wid
     failed = sum(1 for f in doc.files if f.error is not None)
     if failed:
         console.print(f"{failed} file(s) could not be scanned (see ERROR above)")
-    if doc.files and failed == len(doc.files):
-        console.print("VERDICT: no file could be scanned", soft_wrap=True)
-    else:
-        console.print(verdict(doc.sensitive_unprivileged, doc.model), soft_wrap=True)
+    console.print(doc.verdict, soft_wrap=True)
     # rich pads every line to the console width; trailing blanks only make diffs noisy.
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
 
@@ -195,10 +181,17 @@ def _uri(path: str) -> str:
 
 
 def _message(f: Finding) -> str:
-    text = f"{f.text} ({f.name}, {f.cls}) at 0x{f.address:x}: {f.why}"
+    """Sentences: what the instruction is, why it matters, and the idiom it belongs to."""
+    article = "an" if f.cls[0] in "aeiou" else "a"
+    text = f"{f.text} at 0x{f.address:x} is {article} {f.cls} instruction ({f.name}): {_sentence(f.why)}"
     if f.idiom is not None:
-        text += f" VM-detection idiom {f.idiom}: {f.idiom_why}"
+        text += f" It is part of the VM-detection idiom {f.idiom}: {_sentence(f.idiom_why)}"
     return text
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith(".") else text + "."
 
 
 def _rules(doc: ScanDocument) -> list[dict]:

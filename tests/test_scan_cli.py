@@ -384,3 +384,21 @@ def test_json_has_the_verdict_and_sarif_messages_are_sentences(exe32, tmp_path, 
     messages = [r["message"]["text"] for r in json.loads(out)["runs"][0]["results"]]
     assert messages and all(re.fullmatch(r"\S.* at 0x[0-9a-f]+ is an? [a-z-]+ instruction \(\w+\): [A-Za-z].*\.", m)
                             for m in messages), messages[:3]
+
+
+@pytest.mark.skipif(not shutil.which("i686-w64-mingw32-gcc"), reason="gcc-mingw-w64-i686 not installed")
+@pytest.mark.parametrize("asm, holds", [("sidt %0", False), ("pushl %%cs; popl %%eax; movl %%eax, %0", True)])
+def test_user_mode_code_gets_the_theorem_3_verdict(tmp_path, capsys, asm, holds):
+    # A console program: SIDT is user-sensitive (a process sees the monitor's IDTR); PUSH CS only shows the
+    # real CPL, which is 3 natively and under a monitor alike, so Theorem 3's condition holds.
+    src = tmp_path / "p.c"
+    src.write_text('int main(void) { unsigned char m[6]; __asm__ volatile("' + asm + '" : "=m"(m) : : "eax");'
+                   ' return m[5]; }\n')
+    exe = tmp_path / "p.exe"
+    subprocess.run(["i686-w64-mingw32-gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    code, out, _ = scan(capsys, "--format", "json", str(exe))
+    doc = json.loads(out)
+    assert code == 1 and doc["files"][0]["user_mode"] == "PE subsystem Windows console"
+    assert doc["verdict"].startswith("user-mode code (PE subsystem Windows console): ")
+    assert ("Theorem 3's condition holds" if holds else "Theorem 3's condition fails") in doc["verdict"]
+    assert "classic trap-and-emulate cannot virtualize" not in doc["verdict"]

@@ -43,6 +43,7 @@ class Image:
     entry_points: tuple[int, ...] = ()
     symbols: dict[int, str] = field(default_factory=dict)   # function symbol address -> name
     warnings: tuple[str, ...] = ()    # what could not be scanned (a file cut short), one line each
+    user_mode: str = ""               # why the headers say this is user-mode code ("" when they do not)
 
 
 def printable(text: str) -> str:

@@ -52,13 +52,26 @@ def load(data: bytes, path: str, sha256: str) -> Image:
         else:
             regions, symbols = _segment_regions(elf, data, mode, warnings), {}
         entry = elf["e_entry"]
+        # A program interpreter (ld.so) means a dynamically linked user program or PIE.
+        user = _user_mode(elf)
         entries = (entry,) if entry and elf["e_type"] in ("ET_EXEC", "ET_DYN") else ()
     except _PARSE_ERRORS as exc:
         raise BadInput(f"malformed ELF: {exc}") from None
     if warnings and not regions:
         raise TruncatedFile("; ".join(warnings) + "; nothing left to scan")
     return Image(path=path, format=f"elf{elf.elfclass}", sha256=sha256, regions=regions,
-                 entry_points=entries, symbols=symbols, warnings=tuple(warnings))
+                 entry_points=entries, symbols=symbols, warnings=tuple(warnings), user_mode=user)
+
+
+def _user_mode(elf: ELFFile) -> str:
+    """A program interpreter (ld.so) means a dynamically linked user program or PIE; kernels, firmware and
+    static programs have none (a static program is then judged as any code)."""
+    try:
+        if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
+            return "dynamically linked ELF program, PT_INTERP"
+    except _PARSE_ERRORS:
+        pass
+    return ""
 
 
 def _open(data: bytes) -> ELFFile:

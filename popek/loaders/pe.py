@@ -19,6 +19,10 @@ MODES = {pefile.MACHINE_TYPE["IMAGE_FILE_MACHINE_I386"]: 32, pefile.MACHINE_TYPE
 _CODE = pefile.SECTION_CHARACTERISTICS["IMAGE_SCN_MEM_EXECUTE"] | pefile.SECTION_CHARACTERISTICS["IMAGE_SCN_CNT_CODE"]
 _EXPORT = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_EXPORT"]
 _SECTION_HEADER_SIZE = 40
+# Subsystems whose programs run as user processes (not NATIVE drivers, not EFI or boot applications).
+_USER_SUBSYSTEMS = {pefile.SUBSYSTEM_TYPE[f"IMAGE_SUBSYSTEM_{name}"]: f"PE subsystem {label}" for name, label in (
+    ("WINDOWS_GUI", "Windows GUI"), ("WINDOWS_CUI", "Windows console"), ("POSIX_CUI", "POSIX console"),
+    ("WINDOWS_CE_GUI", "Windows CE GUI"))}
 _PARSE_ERRORS = (pefile.PEFormatError, struct.error, ValueError, LookupError, TypeError)
 
 
@@ -37,13 +41,15 @@ def load(data: bytes, path: str, sha256: str) -> Image:
         symbols = _exports(pe, base)
         entry = pe.OPTIONAL_HEADER.AddressOfEntryPoint
         fmt = "pe32+" if pe.OPTIONAL_HEADER.Magic == pefile.OPTIONAL_HEADER_MAGIC_PE_PLUS else "pe32"
+        user = _USER_SUBSYSTEMS.get(pe.OPTIONAL_HEADER.Subsystem, "")
     except _PARSE_ERRORS as exc:
         raise BadInput(f"malformed PE file: {getattr(exc, 'value', exc)}") from None
     # A DLL without an entry routine has AddressOfEntryPoint 0: that is not code at ImageBase.
     if warnings and not regions:
         raise TruncatedFile("; ".join(warnings) + "; nothing left to scan")
     return Image(path=path, format=fmt, sha256=sha256, regions=regions,
-                 entry_points=(base + entry,) if entry else (), symbols=symbols, warnings=tuple(warnings))
+                 entry_points=(base + entry,) if entry else (), symbols=symbols, warnings=tuple(warnings),
+                 user_mode=user)
 
 
 def _parse(data: bytes) -> pefile.PE:

@@ -24,7 +24,8 @@ def scan_image(image: Image, classifier: Classifier, strategy: str = "linear") -
     findings = _with_idioms(image, findings)
     regions = tuple(RegionInfo(r.name, r.start, r.end, r.mode) for r in image.regions)
     return FileReport(path=image.path, format=image.format, sha256=image.sha256, regions=regions,
-                      findings=tuple(findings), instructions=count, warnings=image.warnings)
+                      findings=tuple(findings), instructions=count, warnings=image.warnings,
+                      user_mode=image.user_mode)
 
 
 def _with_idioms(image: Image, findings: list) -> list:

@@ -34,7 +34,8 @@ def _finding(classifier: Classifier, region: Region, address: int, size: int, mn
     verdict = classifier.verdicts[entry.name]
     return Finding(address=address, size=size, bytes=region.data[start:start + size],
                    text=f"{mnemonic} {op_str}".strip(), name=entry.name, cls=entry.category,
-                   region=region.name, why=verdict.why, mode=region.mode, reachable=reachable)
+                   region=region.name, why=verdict.why, mode=region.mode, reachable=reachable,
+                   user_sensitive=verdict.user_sensitive)
 
 
 # Prefix bytes Capstone refuses in front of an instruction and emits as a lone ``.byte`` (LOCK on an

@@ -103,7 +103,7 @@ def _file_text(console: Console, report: FileReport, model: str, cap: int | None
         console.print()
         console.print(_counts_table(report))
     # soft_wrap: a verdict stays on one line, so `grep VERDICT` and the tests see it whole.
-    console.print(verdict(report.sensitive_unprivileged, model).replace("VERDICT:", "file verdict:", 1),
+    console.print(report.verdict(model).replace("VERDICT:", "file verdict:", 1),
                   soft_wrap=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,12 +53,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", metavar="JSON", help="re-render a saved `--format json` result instead of scanning "
                                                   "(with --format and -o only)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report here instead of standard output")
+    p.add_argument("--details", action="store_true",
+                   help="text: with several files, the per-file findings after the summary table")
     # What --load cannot be combined with: every scanning option, at its default.
     p.set_defaults(_scan_defaults={a.dest: a.default for a in scan._group_actions})
 
 
 def run(args: argparse.Namespace) -> int:
-    from popek.scanner.render import render
+    from popek.scanner.render import TEXT_WIDTH, render
 
     if args.output:
         _check_output(args.output)
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         classifier = Classifier(language.load(args.isa), args.model, extended=args.extended)
         doc = scan_paths(args.paths, classifier, strategy=args.strategy, mode=args.mode, base=args.base,
                          regions=regions, raw=args.raw, internal_errors=not args.traceback)
-    text = render(doc, args.format)
+    # The terminal's width (COLUMNS, or the tty's); a file or a pipe gets the fixed default.
+    width = TEXT_WIDTH if args.output else shutil.get_terminal_size((TEXT_WIDTH, 24)).columns
+    text = render(doc, args.format, details=args.details or None, width=max(60, width))
     text = text if text.endswith("\n") else text + "\n"
     if args.output:
         try:

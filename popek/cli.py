@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from popek.machine import interruptible
 
+    from popek.textout import tolerant_streams
+
+    tolerant_streams()   # an em dash or a non-UTF-8 file name must not be a traceback under any locale
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -57,7 +57,10 @@ def test_readme_lists_every_sample_and_every_idiom():
     listed = {name for name, *_ in EXPECTED}
     assert listed == {p.name for p in SAMPLES.glob("*.s")}
     # rdtsc-delta is tested on C code compiled by mingw (below), where its two reads are two sites.
-    assert {idiom for *_, idiom in EXPECTED if idiom} | {"rdtsc-delta"} == {i.name for i in IDIOMS}
+    # These are tested on C code compiled by mingw (below): rdtsc-delta's two reads are two sites, the others
+    # need a compiler's or a caller's code around them.
+    compiled = {"rdtsc-delta", "vmware-backdoor-hb", "xen-cpuid-signature"}
+    assert {idiom for *_, idiom in EXPECTED if idiom} | compiled == {i.name for i in IDIOMS}
     assert {mode for _, mode, site, _ in EXPECTED if site in ("sidt", "cpuid")} >= {32, 64}
 
 
@@ -163,3 +166,49 @@ def test_cpuid_hypervisor_bit_in_mingw_code(tmp_path, opt, source, expected):
     subprocess.run([MINGW, opt, "-o", str(exe), str(C_FIXTURES / source)], check=True, capture_output=True)
     report = scan_image(load(str(exe)), bundled_classifier())
     assert [f.idiom for f in report.findings if f.name == "cpuid"] == expected
+
+
+# ------------------------------------------- compiled by mingw: pointers, compiler arithmetic, callers, signatures
+
+@pytest.mark.skipif(not MINGW, reason="gcc-mingw-w64-i686 not installed (apt-get install gcc-mingw-w64-i686)")
+@pytest.mark.parametrize("opt", ["-O0", "-O2"])
+@pytest.mark.parametrize("source, site, expected", [
+    # the descriptor read back through a pointer (-O0: lea eax, [ebp-10]; add eax, 2; mov [ebp-4], eax; ...)
+    ("sidt-base-pointer.c", "sidt", ["redpill"]),
+    ("neg-sidt-base-logged.c", "sidt", [None]),
+    ("sldt-sentinel-pointer.c", "sldt", ["sldt-sentinel"]),
+    ("neg-sldt-logged.c", "sldt", [None]),
+    # !((msw >> 4) & 1) -- -O2: shr eax, 4; xor eax, 1; and eax, 1
+    ("smsw-et-bit.c", "smsw", ["smsw-check"]),
+    ("neg-smsw-logged.c", "smsw", [None]),
+    # open-vm-tools' shape: the caller fills a register block, a helper loads EAX and DX from it and runs IN
+    ("vmware-backdoor-caller.c", "in", ["vmware-backdoor"]),
+    ("neg-backdoor-helper-other-port.c", "in", [None]),
+    ("vmware-backdoor-hb.c", "ins", ["vmware-backdoor-hb"]),
+    ("neg-rep-insb-disk.c", "ins", [None]),
+    ("xen-cpuid-signature.c", "cpuid", ["xen-cpuid-signature"]),
+    ("neg-xen-signature-without-ud2.c", "cpuid", [None]),
+])
+def test_idioms_in_mingw_code(tmp_path, opt, source, site, expected):
+    exe = tmp_path / "t.exe"
+    subprocess.run([MINGW, opt, "-o", str(exe), str(C_FIXTURES / source)], check=True, capture_output=True)
+    report = scan_image(load(str(exe)), bundled_classifier())
+    assert [f.idiom for f in report.findings if f.name == site] == expected
+    if source == "vmware-backdoor-caller.c":
+        why = next(f.idiom_why for f in report.findings if f.name == "in")
+        assert re.search(r"\(set up by the caller at 0x[0-9a-f]+\)$", why)
+    if source.startswith("xen"):
+        # The signature's "xen" bytes decode as js; outsb: that outsb is not an instruction, so not a finding.
+        assert [f.name for f in report.findings if f.name == "outs"] == []
+    if source == "neg-xen-signature-without-ud2.c":
+        assert [f.name for f in report.findings if f.name == "outs"] == ["outs"]
+
+
+def test_a_pointer_in_a_stack_slot_is_followed():
+    # lea eax, [ebp-8]; mov [ebp-4], eax; sldt [ebp-8]... as bytes: mov dword [ebp-8], 0xdeadbeef; sldt [ebp-8];
+    # lea eax, [ebp-8]; mov [ebp-4], eax; mov eax, [ebp-4]; mov eax, [eax]; cmp eax, 0xdead0000
+    code = bytes.fromhex("c745f8efbeadde" "0f0045f8" "8d45f8" "8945fc" "8b45fc" "8b00" "3d0000adde")
+    assert find_idioms(code, 0, 32, [(7, "sldt")])[7][0] == "sldt-sentinel"
+    # ebp changes between the store and the read back: [ebp-8] is another cell now, and nothing is found
+    code = bytes.fromhex("c745f8efbeadde" "0f0045f8" "8d45f8" "bd00100000" "8b45f8" "3d0000adde")
+    assert find_idioms(code, 0, 32, [(7, "sldt")]) == {}                      # mov ebp, 0x1000

@@ -346,19 +346,82 @@ def test_pe_section_outside_the_file(tmp_path):
         load(str(path))
 
 
-def test_pe_section_table_past_the_end(tmp_path):
+def test_pe_section_table_past_the_end_is_a_warning(tmp_path):
+    # 200 entries announced, 30 fit in the file and 2 are real: the real ones are scanned, the loss is said.
     path = tmp_path / "many.exe"
     path.write_bytes(build_pe(sections=200))
-    with pytest.raises(TruncatedFile, match="section table"):
-        load(str(path))
+    image = load(str(path))
+    assert [r.name for r in image.regions] == [".text"] and image.regions[0].data == CODE32
+    assert "runs past the end of the file (1536 bytes): read the 30 entries inside it" in image.warnings[0]
+    assert "only 2 of 30 entries readable" in image.warnings[1]
 
 
 def test_pe_section_count_larger_than_the_table(tmp_path):
-    # The table fits in the file but entries 3.. are null bytes: pefile stops quietly; we do not.
+    # The table fits in the file but entry 3 is null bytes: pefile stops quietly; we say so (objdump lists the
+    # null entry as an empty section) and scan the others.
     path = tmp_path / "three.exe"
     path.write_bytes(build_pe(sections=3))
-    with pytest.raises(BadInput, match="only 2 of 3 sections"):
+    image = load(str(path))
+    assert [r.name for r in image.regions] == [".text"]
+    assert image.warnings == ("PE section table: only 2 of 3 entries readable (Invalid section 2. Contents are "
+                              "null-bytes): scanned the sections of those",)
+
+
+def test_pe32_plus_image_base_near_the_top_of_the_address_space(tmp_path):
+    # .text at ImageBase + 0x1000 straddles 2^64: what has an address is scanned, the rest is a warning.
+    data = bytearray(build_pe(plus=True))
+    at = data.index(struct.pack("<Q", 0x140000000))
+    data[at:at + 8] = struct.pack("<Q", (1 << 64) - 0x1000 - 4)
+    path = tmp_path / "top.exe"
+    path.write_bytes(bytes(data))
+    image = load(str(path))
+    (region,) = image.regions
+    assert region.start == (1 << 64) - 4 and region.data == CODE32[:4]
+    assert "runs past the top of the 64-bit address space: scanned its first 0x4 bytes" in image.warnings[0]
+    data[at:at + 8] = struct.pack("<Q", (1 << 64) - 0x1000)   # all of .text past the top: nothing to scan
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="not scanned; nothing left to scan"):
         load(str(path))
+
+
+def _elf_field(path, section_name, field, value):
+    """Rewrite one section header field of an ELF file in place (via pyelftools' own offsets)."""
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        index = elf.get_section_index(section_name) if section_name != "shstrtab" else elf.get_shstrndx()
+        entry = elf["e_shoff"] + index * elf["e_shentsize"]
+        sub = elf.structs.Elf_Shdr.subcons
+        offset = sum(c.sizeof() for c in sub[:[c.name for c in sub].index(field)])
+        width = next(c for c in sub if c.name == field).sizeof()
+    data = bytearray(open(path, "rb").read())
+    data[entry + offset:entry + offset + width] = value.to_bytes(width, "little")
+    open(path, "wb").write(bytes(data))
+
+
+def test_elf_name_table_at_offset_2_63_is_a_warning(tmp_path):
+    path = build_elf(tmp_path, 64)
+    _elf_field(path, "shstrtab", "sh_offset", 1 << 63)
+    image = load(path)
+    assert [r.name for r in image.regions] == ["section1"]          # .text, named by its index
+    assert "ELF section name table (section" in image.warnings[0] and "lies outside the file" in image.warnings[0]
+
+
+def test_elf_compressed_code_section_is_a_warning(tmp_path):
+    from elftools.elf.constants import SH_FLAGS
+    path = build_elf(tmp_path, 64)
+    _elf_field(path, ".text", "sh_flags", SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR | SH_FLAGS.SHF_COMPRESSED)
+    _elf_field(path, "shstrtab", "sh_offset", 1 << 63)     # pyelftools would also seek there for the header
+    with pytest.raises(TruncatedFile, match=r"section1 is compressed \(SHF_COMPRESSED\): not scanned"):
+        load(path)
+
+
+def test_elf_code_past_the_top_of_the_address_space(tmp_path):
+    path = build_elf(tmp_path, 64)
+    _elf_field(path, ".text", "sh_addr", (1 << 64) - 3)
+    image = load(path)
+    assert image.regions[0].start == (1 << 64) - 3 and len(image.regions[0].data) == 3
+    assert "past the top of the 64-bit address space: scanned its first 0x3 bytes" in image.warnings[0]
 
 
 def test_pe_for_arm(tmp_path):
@@ -394,6 +457,14 @@ def test_raw_with_mode_and_base(tmp_path):
     assert (region.name, region.start, region.end, region.mode, region.data) == (
         "raw", 0x100000, 0x100000 + len(CODE32), 32, CODE32)
     assert image.entry_points == (0x100000,)
+
+
+def test_raw_base_puts_the_last_byte_at_most_at_the_top(tmp_path):
+    path = tmp_path / "flat.bin"
+    path.write_bytes(CODE32)
+    assert load(str(path), mode=64, base=(1 << 64) - len(CODE32)).regions[0].end == 1 << 64
+    with pytest.raises(BadInput, match="past the top of the 64-bit address space"):
+        load(str(path), mode=64, base=(1 << 64) - 1)
 
 
 def test_raw_region_specs(tmp_path):

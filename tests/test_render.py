@@ -57,7 +57,7 @@ def sarif_validator():
 # --------------------------------------------------------------------------------------------- text
 
 def test_text_groups_by_class_in_order_and_ends_with_the_verdict():
-    text = render(DOC, "text")
+    text = render(DOC, "text", details=True)
     headings = [text.index(f"{cls} (") for cls in CLASSES]
     assert headings == sorted(headings)
     assert "sensitive-unprivileged (3)" in text and "privileged (1)" in text
@@ -70,25 +70,35 @@ def test_text_groups_by_class_in_order_and_ends_with_the_verdict():
     assert lines[-1].startswith("VERDICT: 3 sensitive-unprivileged instructions") and "Theorem 1" in lines[-1]
 
 
-def test_text_is_plain_and_fits_the_width():
-    text = render(DOC, "text")
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_text_is_plain_and_fits_the_width(width):
+    text = render(DOC, "text", details=True, width=width)
     assert "\x1b[" not in text
-    assert all(len(line) <= 120 for line in text.splitlines() if not line.startswith(("VERDICT", "file verdict")))
+    assert all(len(line) <= width for line in text.splitlines() if not line.startswith("VERDICT"))
+    # the prose column uses the room: fewer lines at 200 columns than at 80
+    if width == 200:
+        assert len(text.splitlines()) < len(render(DOC, "text", details=True, width=80).splitlines())
 
 
-def test_text_shows_errors_and_per_file_verdicts():
-    text = render(DOC, "text")
-    assert "== broken.elf" in text and "ERROR: truncated ELF: program header 3 past end of file" in text
-    assert "1 file(s) could not be scanned" in text
-    clean_part = text[text.index("== clean.bin"):text.index("== broken.elf")]
-    assert "file verdict: no sensitive-unprivileged instruction found" in clean_part
+def test_several_files_get_a_summary_table_first_and_blocks_only_with_details():
+    text = render(DOC, "text", width=200)
+    table = text[:text.index("(per-file findings: --details)")]
+    for cell in ("bin/guest one.elf", "clean.bin", "broken.elf", "Theorem 1 fails", "Theorem 1 holds", "error: truncated"):
+        assert cell in table
+    assert "== bin/guest" not in text and "sensitive-unprivileged (3)" not in text
+    assert text.count("VERDICT") == 1 and "file verdict" not in text
+    assert all(len(line) <= 80 for line in render(DOC, "text", width=80).splitlines() if not line.startswith("VERDICT"))
+    detailed = render(DOC, "text", details=True)
+    assert detailed.index("clean.bin") < detailed.index("== bin/guest one.elf")       # the summary comes first
+    assert "ERROR: truncated ELF: program header 3 past end of file" in detailed
+    assert "1 file(s) could not be scanned" in detailed and detailed.count("VERDICT") == 1
 
 
 def test_text_cap_per_class():
-    text = render(DOC, "text", max_rows_per_class=1)
+    text = render(DOC, "text", max_rows_per_class=1, details=True)
     assert "2 more sensitive-unprivileged finding(s) not shown" in text
     assert "0x401011" not in text.split("counts by canonical name")[0]
-    assert "sensitive-unprivileged (3): 3 finding(s) not shown" in render(DOC, "text", max_rows_per_class=0)
+    assert "sensitive-unprivileged (3): 3 finding(s) not shown" in render(DOC, "text", max_rows_per_class=0, details=True)
 
 
 def test_text_of_a_clean_document():

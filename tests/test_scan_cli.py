@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -269,3 +270,135 @@ def test_truncated_elf_is_scanned_with_a_warning(tmp_path, capsys):
     assert main(["scan", "--format", "sarif", str(cut)]) == 1
     notes = json.loads(capsys.readouterr().out)["runs"][0]["invocations"][0]["toolExecutionNotifications"]
     assert notes[0]["level"] == "warning"
+
+
+# ------------------------------------------------------------------------------ no traceback from any option
+
+def _one_line_error(err: str, fragment: str) -> None:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_base_at_the_top_of_the_address_space(tmp_path, capsys):
+    flat = tmp_path / "flat.bin"
+    flat.write_bytes(bytes.fromhex("0f0108 c3"))        # sidt [eax]; ret
+    code, out, err = scan(capsys, "--mode", "64", "--base", "0xffffffffffffffff", str(flat))
+    assert code == 2
+    _one_line_error(err, "past the top of the 64-bit address space")
+    code, out, err = scan(capsys, "--mode", "64", "--base", "0xfffffffffffffffc", "--strategy", "recursive",
+                          "--format", "json", str(flat))
+    assert code == 1 and json.loads(out)["files"][0]["findings"][0]["address"] == "0xfffffffffffffffc"
+    assert main(["scan", "--mode", "64", "--base", "0x10000000000000000", str(flat)]) == 2
+    assert "is not an address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, fragment", [("missing/out.txt", "does not exist"), (".", "is a directory")])
+def test_output_that_cannot_be_written_is_refused_before_scanning(exe32, tmp_path, capsys, target, fragment):
+    code, out, err = scan(capsys, "-o", str(tmp_path / target), str(exe32))
+    assert code == 2 and out == ""
+    _one_line_error(err, fragment)
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv", "json", "sarif"])
+def test_file_names_that_are_not_utf8(exe32, tmp_path, fmt):
+    # A name that is not UTF-8 reaches Python as surrogates: text and CSV write its original bytes back,
+    # JSON escapes them, SARIF percent-encodes them; to a file (-o, itself not UTF-8) and to standard output alike.
+    odd = os.fsencode(tmp_path) + b"/vm\xffdetect"
+    shutil.copy(exe32, odd)
+    report = os.fsencode(tmp_path) + b"/report\xfe"
+    for argv in (["-o", report], []):
+        proc = subprocess.run([*POPEK, "scan", "--format", fmt, *argv, odd], capture_output=True,
+                              env={**os.environ, "LC_ALL": "C.UTF-8"})
+        assert proc.returncode == 1 and b"Traceback" not in proc.stderr, proc.stderr
+        written = open(report, "rb").read() if argv else proc.stdout
+        # SARIF's URI percent-encodes the original byte.
+        assert {"text": b"vm\xffdetect", "csv": b"vm\xffdetect", "json": b"vm\\udcffdetect",
+                "sarif": b"vm%FFdetect"}[fmt] in written
+
+
+POPEK = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "popek")] \
+    if (Path(__file__).resolve().parent.parent / ".venv" / "bin" / "popek").exists() else ["popek"]
+
+
+def test_an_ascii_only_stdout(exe32):
+    proc = subprocess.run([*POPEK, "scan", str(exe32)], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.decode("ascii").startswith("popek ") and " scan -- strategy linear" in proc.stdout.decode()
+
+
+def test_load_of_a_fifo_does_not_hang(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = scan(capsys, "--load", str(fifo))
+    assert code == 2
+    _one_line_error(err, "not a regular file (fifo)")
+
+
+@pytest.mark.parametrize("extra, fragment", [(["x.bin"], "FILE arguments"), (["--strategy", "recursive"], "--strategy"),
+                                             (["--mode", "32", "--extended"], "--mode, --extended")])
+def test_load_with_scan_options_is_a_usage_error(exe32, tmp_path, capsys, extra, fragment):
+    saved = tmp_path / "saved.json"
+    assert main(["scan", "--format", "json", "-o", str(saved), str(exe32)]) == 1
+    capsys.readouterr()
+    code, _, err = scan(capsys, "--load", str(saved), *extra)
+    assert code == 2
+    _one_line_error(err, fragment)
+    assert scan(capsys, "--load", str(saved), "--format", "csv")[0] == 1
+
+
+def test_a_bad_file_in_a_batch_is_that_files_error(exe32, tmp_path, capsys, monkeypatch):
+    # A cut-short ELF with nothing left, and a file on which scanning itself fails (a bug, simulated): both are
+    # their own errors, the good file is still scanned, and the exit status is 2 (bad input), not 1.
+    import popek.scanner as scanner
+    d = tmp_path / "batch"
+    d.mkdir()
+    for name in ("a-good", "c-good"):
+        shutil.copy(exe32, d / name)
+    (d / "b-cut").write_bytes(exe32.read_bytes()[:200])
+    real = scanner.scan_image
+
+    def scan_image(image, *args):
+        if image.path.endswith("c-good"):
+            raise IndexError("simulated bug")
+        return real(image, *args)
+    monkeypatch.setattr(scanner, "scan_image", scan_image)
+    code, out, err = scan(capsys, "--format", "json", str(d))
+    assert code == 2 and "Traceback" not in err
+    files = {Path(f["path"]).name: f for f in json.loads(out)["files"]}
+    assert files["a-good"]["findings"] and files["b-cut"]["error"]
+    assert files["c-good"]["error"].startswith("internal error (a bug in popek; please report it with this file): "
+                                               "IndexError: simulated bug at test_scan_cli.py:")
+    assert len(err.strip().splitlines()) == 2
+    with pytest.raises(IndexError):
+        main(["--traceback", "scan", str(d)])
+
+
+def test_json_has_the_verdict_and_sarif_messages_are_sentences(exe32, tmp_path, capsys):
+    code, out, _ = scan(capsys, "--format", "json", str(exe32))
+    doc = json.loads(out)
+    assert doc["verdict"].startswith(f"{sum(1 for f in doc['files'][0]['findings'] if f['class'] == 'sensitive-unprivileged')}"
+                                     " sensitive-unprivileged instructions — classic trap-and-emulate cannot")
+    saved = tmp_path / "saved.json"
+    saved.write_text(out)
+    code, out, _ = scan(capsys, "--load", str(saved), "--format", "sarif")
+    messages = [r["message"]["text"] for r in json.loads(out)["runs"][0]["results"]]
+    assert messages and all(re.fullmatch(r"\S.* at 0x[0-9a-f]+ is an? [a-z-]+ instruction \(\w+\): [A-Za-z].*\.", m)
+                            for m in messages), messages[:3]
+
+
+@pytest.mark.skipif(not shutil.which("i686-w64-mingw32-gcc"), reason="gcc-mingw-w64-i686 not installed")
+@pytest.mark.parametrize("asm, holds", [("sidt %0", False), ("pushl %%cs; popl %%eax; movl %%eax, %0", True)])
+def test_user_mode_code_gets_the_theorem_3_verdict(tmp_path, capsys, asm, holds):
+    # A console program: SIDT is user-sensitive (a process sees the monitor's IDTR); PUSH CS only shows the
+    # real CPL, which is 3 natively and under a monitor alike, so Theorem 3's condition holds.
+    src = tmp_path / "p.c"
+    src.write_text('int main(void) { unsigned char m[6]; __asm__ volatile("' + asm + '" : "=m"(m) : : "eax");'
+                   ' return m[5]; }\n')
+    exe = tmp_path / "p.exe"
+    subprocess.run(["i686-w64-mingw32-gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    code, out, _ = scan(capsys, "--format", "json", str(exe))
+    doc = json.loads(out)
+    assert code == 1 and doc["files"][0]["user_mode"] == "PE subsystem Windows console"
+    assert doc["verdict"].startswith("user-mode code (PE subsystem Windows console): ")
+    assert ("Theorem 3's condition holds" if holds else "Theorem 3's condition fails") in doc["verdict"]
+    assert "classic trap-and-emulate cannot virtualize" not in doc["verdict"]

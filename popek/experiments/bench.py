@@ -17,44 +17,113 @@ from popek.textout import emit
 
 
 def _scan(args: argparse.Namespace) -> str:
-    """`popek scan --strategy linear` against `objdump -d` on the same file, and whether they agree."""
-    from popek.experiments.objdump_oracle import sites_from_listing
-    from popek.isa import language
-    from popek.isa.classify import Classifier
-    from popek.loaders import load
-    from popek.scanner import scan_image
-    from popek.scanner.document import ScanDocument
+    """`popek scan --strategy linear --format json` against `objdump -d`, per ELF/PE file, and whether the
+    sites agree."""
+    from popek.errors import BadInput
+    from popek.loaders import iter_files
 
     objdump = shutil.which("objdump")
     if objdump is None:
         raise UsageError("objdump (GNU binutils) is not installed; it is the baseline this benchmark compares with")
-    t0 = time.perf_counter()
-    image = load(args.file)
-    report = scan_image(image, Classifier(language.bundled()), "linear")
-    json.dumps(ScanDocument(files=(report,)).to_dict())  # what `popek scan --format json` produces
-    popek_seconds = time.perf_counter() - t0
-    popek_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    paths = list(args.paths)
+    if args.fetch:
+        paths.append(_fetch_debs(args.fetch))
+    if not paths:
+        raise UsageError("give FILEs or directories of ELF/PE binaries, or --fetch DIR to download Debian's")
+    lines, ratios = [], []
+    for path, error in iter_files(paths):
+        if error is not None:
+            continue
+        try:
+            lines += _scan_one(path, objdump, ratios)
+        except BadInput:
+            continue                     # a directory holds scripts, data, empty files: not benchmarks
+    files, popek_s, objdump_s, differ = _scan_one.small
+    if files:
+        ratios.append(popek_s / max(objdump_s, 1e-6))
+        lines.append(f"{files} smaller files (< {SMALL // 1024} KB of code each), together: CPU s objdump -d "
+                     f"{objdump_s:6.2f}, popek {popek_s:6.2f}; ratio {ratios[-1]:5.2f}; sites differ in {differ}")
+    if not ratios:
+        raise UsageError(f"no ELF or PE binary in {', '.join(paths)}")
+    head = (f"popek bench scan: {len(ratios)} row(s); CPU-time ratio popek / objdump: worst "
+            f"{max(ratios):.2f}, median {sorted(ratios)[len(ratios) // 2]:.2f}")
+    return "\n".join([head, *lines])
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+SMALL = 256 * 1024   # files with less code than this are summed into one line
+
+
+def _scan_one(path: str, objdump: str, ratios: list[float]) -> list[str]:
+    from popek.experiments.objdump_oracle import sites_from_listing
+    from popek.isa import bundled_classifier
+    from popek.loaders import load
+    from popek.scanner import scan_image
+    from popek.scanner.document import ScanDocument
+    from popek.scanner.render import render_json
+
+    classifier = bundled_classifier()          # built once per process, as one `popek scan` run does
+    t0 = _cpu()
+    image = load(path)
+    report = scan_image(image, classifier, "linear")
+    render_json(ScanDocument(files=(report,)))  # what `popek scan --format json` writes
+    popek_seconds = _cpu() - t0
 
     with tempfile.TemporaryFile("w+") as listing:
-        t0 = time.perf_counter()
-        subprocess.run([objdump, "-d", args.file], stdout=listing, stderr=subprocess.DEVNULL, check=True)
-        objdump_seconds = time.perf_counter() - t0
+        subprocess.run([objdump, "-d", path], stdout=listing, stderr=subprocess.DEVNULL, check=True)
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        objdump_seconds = child.ru_utime + child.ru_stime - _scan_one.children
+        _scan_one.children += objdump_seconds
         listing.seek(0)
         theirs = sites_from_listing(listing.read())
     ours = {(f.address, f.name) for f in report.findings}
     code_bytes = sum(len(r.data) for r in image.regions)
-    agree = "identical" if ours == theirs else (
-        f"popek only {len(ours - theirs)}, objdump only {len(theirs - ours)}: "
-        f"{sorted(ours ^ theirs)[:5]}")
-    return "\n".join([
-        f"popek bench scan {args.file} ({image.format}, {code_bytes / 1e6:.1f} MB of code in "
-        f"{len(image.regions)} regions, {report.instructions:,} instructions)",
-        f"  objdump -d                  {objdump_seconds:8.2f} s",
-        f"  popek scan (linear, json)   {popek_seconds:8.2f} s   {report.instructions / popek_seconds / 1e6:.2f} M instructions/s",
-        f"  ratio popek / objdump       {popek_seconds / objdump_seconds:8.2f}",
-        f"  popek peak memory           {popek_rss:8.0f} MiB (whole process)",
-        f"  sites: popek {len(ours)}, objdump {len(theirs)}, common {len(ours & theirs)} ({agree})",
-    ])
+    ratio = popek_seconds / max(objdump_seconds, 1e-6)
+    if code_bytes < SMALL:
+        small = _scan_one.small
+        small[0] += 1
+        small[1] += popek_seconds
+        small[2] += objdump_seconds
+        small[3] += ours != theirs
+        return []
+    ratios.append(ratio)
+    agree = "identical" if ours == theirs else f"popek only {len(ours - theirs)}, objdump only {len(theirs - ours)}"
+    return [f"{path} ({image.format}, {code_bytes / 1e6:.1f} MB of code, {report.instructions:,} instructions, "
+            f"{len(report.findings):,} findings)",
+            f"  CPU s: objdump -d {objdump_seconds:6.2f}, popek {popek_seconds:6.2f} "
+            f"({report.instructions / max(popek_seconds, 1e-6) / 1e6:.2f} M insn/s); ratio {ratio:5.2f}; "
+            f"sites {len(ours)} vs {len(theirs)} ({agree})"]
+
+
+_scan_one.children = 0.0
+_scan_one.small = [0, 0.0, 0.0, 0]    # files, popek s, objdump s, files whose sites differ
+
+# Large real binaries from Debian (apt-get download, as .ci/run fetches grub): the Xen 4.17 hypervisor's EFI
+# image (PE32+), GRUB's i386-pc modules (ELF32 objects), the C library (ELF64).
+BENCH_DEBS = ("xen-hypervisor-4.17-amd64", "grub-pc-bin", "libc6")
+
+
+def _fetch_debs(directory: str) -> str:
+    import pathlib
+    root = pathlib.Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise UsageError("--fetch needs apt-get and dpkg-deb (Debian); give FILEs or directories instead")
+    for package in BENCH_DEBS:
+        target = root / package
+        if target.is_dir():
+            continue
+        got = subprocess.run(["apt-get", "download", package], cwd=root, capture_output=True, text=True)
+        debs = sorted(root.glob(f"{package}_*.deb"))
+        if got.returncode != 0 or not debs:
+            raise UsageError(f"apt-get download {package} failed: {got.stderr.strip().splitlines()[-1:]}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(target)], check=True)
+        debs[-1].unlink()
+    return str(root)
 
 
 def _differential(args: argparse.Namespace) -> str:
@@ -200,9 +269,41 @@ def _module(name: str, help_text: str) -> tuple:
 
 
 
+def _fuzz(args: argparse.Namespace) -> str:
+    """Mutated ELF/PE inputs through load, scan and render; count the tracebacks (popek.scanner.fuzz)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from popek.loaders import read_file
+    from popek.scanner import fuzz
+
+    paths = args.seeds or fuzz.default_seeds()
+    if not paths:
+        raise UsageError("no seed binaries found; give some with --seeds FILE...")
+    seeds = [read_file(p, what="--seeds") for p in paths]
+    t0 = time.perf_counter()
+    total = fuzz.FuzzResult()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for part in pool.map(fuzz.run, [seeds] * args.jobs, [args.examples] * args.jobs,
+                             [args.seed] * args.jobs, range(args.jobs), [args.jobs] * args.jobs):
+            total.merge(part)
+    total.seconds = time.perf_counter() - t0
+    return fuzz.render(total, paths, args.jobs)
+
+
+def _fuzz_arguments(b: argparse.ArgumentParser) -> None:
+    import os
+    b.add_argument("--examples", type=int, default=100_000, help="mutated inputs (default 100000)")
+    b.add_argument("--seeds", nargs="+", metavar="FILE", help="ELF/PE files to mutate (default: vmdetect, "
+                                                              "/bin/true, pip's t32.exe and t64.exe)")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same inputs every run)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+
+
 # name -> (function, help[, function adding the benchmark's own arguments])
 BENCHMARKS = {
-    "scan": (_scan, "time popek scan --strategy linear against objdump -d on FILE"),
+    "scan": (_scan, "CPU time of popek scan --strategy linear --format json against objdump -d, per ELF/PE file"),
+    "fuzz": (_fuzz, "mutated ELF/PE files through popek scan's load, scan and render; count tracebacks",
+             _fuzz_arguments),
     "differential": (_differential, "run generated guests under native and a monitor; count divergences",
                      _differential_arguments),
     "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",
@@ -228,7 +329,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     for name, (fn, help_text, *arguments) in BENCHMARKS.items():
         b = sub.add_parser(name, help=help_text, description=help_text)
         if name == "scan":
-            b.add_argument("file", metavar="FILE")
+            b.add_argument("paths", nargs="*", metavar="PATH", help="ELF/PE files or directories of them")
+            b.add_argument("--fetch", metavar="DIR", help="download large real binaries from Debian into DIR "
+                                                          "(apt-get download: " + ", ".join(BENCH_DEBS) + ")")
         for add in arguments:
             add(b)
         b.set_defaults(_bench=fn)

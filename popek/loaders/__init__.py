@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 from popek.errors import BadInput, UnsupportedFormat, UsageError
@@ -43,6 +43,18 @@ class Image:
     entry_points: tuple[int, ...] = ()
     symbols: dict[int, str] = field(default_factory=dict)   # function symbol address -> name
     warnings: tuple[str, ...] = ()    # what could not be scanned (a file cut short), one line each
+    user_mode: str = ""               # why the headers say this is user-mode code ("" when they do not)
+
+
+def printable(text: str) -> str:
+    """``text`` fit for one line of output: control characters escaped (a lying header can name a section
+    "\\r\\n", and library messages quote what they read)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def section_name(raw: bytes, index: int) -> str:
+    """A section name as headers give it, printable; an empty name is section<index>."""
+    return printable(raw.decode("utf-8", "replace")) or f"section{index}"
 
 
 # Content sniffing, first match wins. Modules are imported on use so that scanning ELF files never pays
@@ -52,18 +64,26 @@ _MAGICS = ((b"\x7fELF", "popek.loaders.elf"), (b"MZ", "popek.loaders.pe"))
 
 def load(path: str, *, mode: int | None = None, base: int = 0,
          regions: Iterable[tuple[int, int, int]] | None = None, raw: bool = False) -> Image:
-    """Read ``path`` and return its executable regions.
+    """Read ``path`` and return its executable regions (see ``load_data``)."""
+    return load_data(read_file(path), path, mode=mode, base=base, regions=regions, raw=raw)
+
+
+def load_data(data: bytes, path: str, *, mode: int | None = None, base: int = 0,
+              regions: Iterable[tuple[int, int, int]] | None = None, raw: bool = False) -> Image:
+    """The executable regions of a file's content ``data`` (``path`` only names it).
 
     ELF and PE files carry their own addresses and modes, so ``mode``, ``base`` and ``regions`` apply only to
     raw (flat) input: a file that is neither ELF nor PE, or any file when ``raw`` is true. Raw input needs
     ``mode`` (16, 32 or 64) or ``regions`` ((start, end, mode) triples in address space, end exclusive).
     """
-    data = read_file(path)
+    if not data:
+        raise BadInput("empty file")
     digest = hashlib.sha256(data).hexdigest()
     if not raw:
         for magic, module in _MAGICS:
             if data.startswith(magic):
-                return importlib.import_module(module).load(data, path, digest)
+                image = _within_address_space(importlib.import_module(module).load(data, path, digest))
+                return replace(image, warnings=tuple(printable(w) for w in image.warnings))
     if mode is None and not regions:
         raise UnsupportedFormat("not ELF or PE; give --mode 16|32|64 to scan it as raw code")
     from popek.loaders import raw as raw_loader
@@ -71,19 +91,47 @@ def load(path: str, *, mode: int | None = None, base: int = 0,
                            regions=list(regions) if regions else None)
 
 
-def read_file(path: str) -> bytes:
-    """The whole content of a regular file, or BadInput saying why it cannot be had."""
+ADDRESS_LIMIT = 1 << 64   # addresses are 64-bit (Capstone's, objdump's bfd_vma, the CPU's linear address)
+
+
+def _within_address_space(image: Image) -> Image:
+    """Headers may put code past the top of the 64-bit address space (a PE32+ ImageBase near 2^64, an ELF
+    sh_addr near it): the part past 2^64 has no address, so it is cut off with a warning rather than
+    decoded at wrapped addresses."""
+    if all(r.end <= ADDRESS_LIMIT for r in image.regions):
+        return image
+    kept, warnings = [], list(image.warnings)
+    for r in image.regions:
+        if r.end <= ADDRESS_LIMIT:
+            kept.append(r)
+            continue
+        room = max(0, ADDRESS_LIMIT - r.start)
+        warnings.append(f"{r.name} at 0x{r.start:x} (0x{len(r.data):x} bytes) runs past the top of the 64-bit "
+                        f"address space: " + (f"scanned its first 0x{room:x} bytes" if room else "not scanned"))
+        if room:
+            kept.append(replace(r, data=r.data[:room]))
+    if not kept:
+        raise BadInput("; ".join(warnings[len(image.warnings):]) + "; nothing left to scan")
+    return replace(image, regions=tuple(kept), warnings=tuple(warnings),
+                   entry_points=tuple(e for e in image.entry_points if e < ADDRESS_LIMIT),
+                   symbols={a: n for a, n in image.symbols.items() if a < ADDRESS_LIMIT})
+
+
+def read_file(path: str, what: str = "") -> bytes:
+    """The whole content of a regular file, or BadInput saying why it cannot be had (``what`` names the
+    option the path came from, for the message)."""
+    where = f"{what} {path}: " if what else ""
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             # Opening a FIFO would block until a writer appears; a device may never end.
-            raise BadInput(f"not a regular file ({_kind(st.st_mode)})")
+            raise BadInput(f"{where}not a regular file ({_kind(st.st_mode)})")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}") from None
+        raise BadInput(f"{where}cannot read: {exc.strerror or exc}") from None
     if not data:
-        raise BadInput("empty file")
+        raise BadInput(f"{where}empty file")
     return data
 
 

@@ -11,20 +11,22 @@ import io
 import struct
 
 from elftools.common.exceptions import ELFError
+from elftools.common.utils import struct_parse
 from elftools.construct.core import ConstructError
 from elftools.elf.constants import P_FLAGS, SH_FLAGS
 from elftools.elf.descriptions import describe_e_machine
 from elftools.elf.elffile import ELFFile
 
 from popek.errors import BadInput, TruncatedFile, WrongArch
-from popek.loaders import Image, Region
+from popek.loaders import Image, Region, section_name
 
 # e_machine -> decoding mode. x32 (ELFCLASS32 with EM_X86_64) is 64-bit code with 32-bit pointers, so the
 # machine, not the class, decides. EM_IAMCU is the Intel MCU psABI: plain 32-bit x86 code.
 MODES = {"EM_386": 32, "EM_IAMCU": 32, "EM_X86_64": 64}
 
 # What pyelftools (and the construct copy inside it) raise on malformed input.
-_PARSE_ERRORS = (ELFError, ConstructError, struct.error, ValueError, LookupError)
+# OverflowError: a seek to an offset past 2^63 that a header gives.
+_PARSE_ERRORS = (ELFError, ConstructError, struct.error, ValueError, LookupError, OverflowError)
 
 # Symbol kinds worth naming code with, best first: when several names share an address the best wins.
 _KIND_RANK = {"STT_FUNC": 0, "STT_GNU_IFUNC": 0, "STT_NOTYPE": 1}
@@ -50,13 +52,26 @@ def load(data: bytes, path: str, sha256: str) -> Image:
         else:
             regions, symbols = _segment_regions(elf, data, mode, warnings), {}
         entry = elf["e_entry"]
+        # A program interpreter (ld.so) means a dynamically linked user program or PIE.
+        user = _user_mode(elf)
         entries = (entry,) if entry and elf["e_type"] in ("ET_EXEC", "ET_DYN") else ()
     except _PARSE_ERRORS as exc:
         raise BadInput(f"malformed ELF: {exc}") from None
     if warnings and not regions:
         raise TruncatedFile("; ".join(warnings) + "; nothing left to scan")
     return Image(path=path, format=f"elf{elf.elfclass}", sha256=sha256, regions=regions,
-                 entry_points=entries, symbols=symbols, warnings=tuple(warnings))
+                 entry_points=entries, symbols=symbols, warnings=tuple(warnings), user_mode=user)
+
+
+def _user_mode(elf: ELFFile) -> str:
+    """A program interpreter (ld.so) means a dynamically linked user program or PIE; kernels, firmware and
+    static programs have none (a static program is then judged as any code)."""
+    try:
+        if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
+            return "dynamically linked ELF program, PT_INTERP"
+    except _PARSE_ERRORS:
+        pass
+    return ""
 
 
 def _open(data: bytes) -> ELFFile:
@@ -120,20 +135,52 @@ def _within_file(what: str, offset: int, size: int, data: bytes, warnings: list[
 
 
 def _section_regions(elf: ELFFile, data: bytes, mode: int, warnings: list[str]):
-    """Regions of the executable PROGBITS sections, and {section index: (lowest, end) symbol value}."""
+    """Regions of the executable PROGBITS sections, and {section index: (lowest, end) symbol value}.
+
+    The headers are read one by one rather than as pyelftools section objects, which seek to where the
+    headers say (a name table or a compression header at offset 2^63 raises OverflowError)."""
     regions, exec_ranges = [], {}
     relocatable = elf["e_type"] == "ET_REL"
-    for index, section in enumerate(elf.iter_sections()):
-        name = section.name or f"section{index}"
-        offset, size = section["sh_offset"], section["sh_size"]
-        if section["sh_type"] == "SHT_PROGBITS" and section["sh_flags"] & SH_FLAGS.SHF_EXECINSTR and size:
+    headers = [_section_header(elf, i) for i in range(elf.num_sections())]
+    name_of = _section_names(elf, headers, data, warnings)
+    for index, header in enumerate(headers):
+        offset, size = header["sh_offset"], header["sh_size"]
+        if header["sh_type"] == "SHT_PROGBITS" and header["sh_flags"] & SH_FLAGS.SHF_EXECINSTR and size:
+            name = name_of(index)
+            if header["sh_flags"] & SH_FLAGS.SHF_COMPRESSED:
+                # Only debug sections are compressed in practice; decompressing lying headers is not worth it.
+                warnings.append(f"ELF section {name} is compressed (SHF_COMPRESSED): not scanned")
+                continue
             code = _within_file(f"ELF section {name}", offset, size, data, warnings)
             if code:
-                regions.append(Region(name, section["sh_addr"], code, mode))
+                regions.append(Region(name, header["sh_addr"], code, mode))
             # Symbol values in a relocatable object are offsets into their section.
-            low = 0 if relocatable else section["sh_addr"]
+            low = 0 if relocatable else header["sh_addr"]
             exec_ranges[index] = (low, low + size)
     return tuple(regions), exec_ranges
+
+
+def _section_header(elf: ELFFile, index: int):
+    return struct_parse(elf.structs.Elf_Shdr, elf.stream, stream_pos=elf["e_shoff"] + index * elf["e_shentsize"])
+
+
+def _section_names(elf: ELFFile, headers: list, data: bytes, warnings: list[str]):
+    """index -> section name, read from the section name string table when it lies inside the file; a
+    section without a readable name is called section<index>, as one unreadable table is a warning."""
+    index = elf.get_shstrndx()
+    table = headers[index] if 0 < index < len(headers) else None
+    if table is None or table["sh_offset"] + table["sh_size"] > len(data):
+        where = "missing" if table is None else (f"at offset 0x{table['sh_offset']:x} (size 0x{table['sh_size']:x}) "
+                                                 f"lies outside the file")
+        warnings.append(f"ELF section name table (section {index}) {where}: sections are named by index")
+        return lambda i: f"section{i}"
+    start, end = table["sh_offset"], table["sh_offset"] + table["sh_size"]
+
+    def name_of(i: int) -> str:
+        at = start + headers[i]["sh_name"]
+        stop = data.find(b"\0", at, end) if at < end else -1
+        return section_name(data[at:stop] if stop > at else b"", i)
+    return name_of
 
 
 def _segment_regions(elf: ELFFile, data: bytes, mode: int, warnings: list[str]) -> tuple[Region, ...]:

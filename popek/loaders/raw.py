@@ -6,7 +6,7 @@ file into regions, each with its own mode, given in address space as ``(start, e
 from __future__ import annotations
 
 from popek.errors import BadInput, UsageError
-from popek.loaders import MODES, Image, Region
+from popek.loaders import ADDRESS_LIMIT, MODES, Image, Region
 
 
 def load(data: bytes, path: str, sha256: str, *, mode: int | None, base: int = 0,
@@ -14,6 +14,9 @@ def load(data: bytes, path: str, sha256: str, *, mode: int | None, base: int = 0
     """One region named "raw" covering the file in ``mode``, or one region per spec named "raw@0x<start>"."""
     if base < 0:
         raise UsageError(f"base must not be negative, got {base}")
+    if base + len(data) > ADDRESS_LIMIT:
+        raise BadInput(f"base 0x{base:x} puts the file's {len(data)} bytes past the top of the 64-bit address "
+                         f"space (0x{ADDRESS_LIMIT - 1:x}); the last byte must sit at or below it")
     if regions:
         cut = tuple(_cut(data, base, spec) for spec in sorted(regions))
         for before, after in zip(cut, cut[1:]):

@@ -16,6 +16,30 @@ SCHEMA = 1
 CLASSES = ("sensitive-unprivileged", "privileged", "io", "extended")
 
 
+def verdict(count: int, model: str = "ia32") -> str:
+    """The one-line conclusion. Says "found" (not "absent") because a static sweep can miss code."""
+    if count == 0:
+        return ("VERDICT: no sensitive-unprivileged instruction found — every sensitive instruction seen here "
+                "traps, so trap-and-emulate can handle it (Popek-Goldberg Theorem 1's condition holds for this code)")
+    where = "on IA-32" if model == "ia32" else f"under the {model} model"
+    noun = "instruction" if count == 1 else "instructions"
+    return (f"VERDICT: {count} sensitive-unprivileged {noun} — classic trap-and-emulate cannot virtualize this "
+            f"code faithfully (Popek-Goldberg Theorem 1 fails {where})")
+
+
+def user_mode_verdict(user: int, sensitive: int, why: str) -> str:
+    """For user-mode code what matters is Theorem 3: only the user-sensitive instructions behave differently
+    under a monitor in a user process; the other sensitive ones matter only to a guest kernel."""
+    if user == 0:
+        return (f"VERDICT: user-mode code ({why}): no user-sensitive unprivileged instruction found — as a process "
+                f"it behaves the same under a trap-and-emulate or hybrid monitor (Popek-Goldberg Theorem 3's "
+                f"condition holds for this code)" + (f"; its {sensitive} other sensitive-unprivileged "
+                f"instruction(s) matter only in a guest kernel" if sensitive else ""))
+    noun = "instruction" if user == 1 else "instructions"
+    return (f"VERDICT: user-mode code ({why}): {user} user-sensitive unprivileged {noun} — even as a process "
+            f"it can see the monitor (Popek-Goldberg Theorem 3's condition fails for this code)")
+
+
 def _check_keys(cls, data: dict, extra_ok: tuple[str, ...] = ()) -> None:
     known = {f.name for f in fields(cls)} | set(extra_ok)
     unknown = set(data) - known
@@ -37,6 +61,7 @@ class Finding:
     reachable: bool | None = None   # recursive strategy only: reached from an entry point or symbol
     idiom: str | None = None        # VM-detection idiom recognised around this instruction
     idiom_why: str | None = None
+    user_sensitive: bool = False    # behaves differently under a monitor even in a user process (Theorem 3)
 
     def to_dict(self) -> dict:
         d = {
@@ -47,6 +72,8 @@ class Finding:
             d["reachable"] = self.reachable
         if self.idiom is not None:
             d["idiom"], d["idiom_why"] = self.idiom, self.idiom_why
+        if self.user_sensitive:
+            d["user_sensitive"] = True
         return d
 
     @classmethod
@@ -85,6 +112,7 @@ class FileReport:
     instructions: int = 0           # instructions decoded
     error: str | None = None        # set when the file could not be scanned (then nothing else is)
     warnings: tuple[str, ...] = ()  # scanned, but not all of it (a file cut short), one line each
+    user_mode: str = ""             # why the headers say this is user-mode code; its verdict is Theorem 3's
 
     @property
     def counts(self) -> dict[str, int]:
@@ -97,6 +125,15 @@ class FileReport:
     def sensitive_unprivileged(self) -> int:
         return sum(1 for f in self.findings if f.cls == "sensitive-unprivileged")
 
+    @property
+    def user_sensitive_unprivileged(self) -> int:
+        return sum(1 for f in self.findings if f.cls == "sensitive-unprivileged" and f.user_sensitive)
+
+    def verdict(self, model: str = "ia32") -> str:
+        if self.user_mode:
+            return user_mode_verdict(self.user_sensitive_unprivileged, self.sensitive_unprivileged, self.user_mode)
+        return verdict(self.sensitive_unprivileged, model)
+
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
@@ -107,6 +144,7 @@ class FileReport:
             "findings": [f.to_dict() for f in self.findings],
             "counts": self.counts,
             **({"warnings": list(self.warnings)} if self.warnings else {}),
+            **({"user_mode": self.user_mode} if self.user_mode else {}),
         }
 
     @classmethod
@@ -152,10 +190,22 @@ class ScanDocument(Tabular):
     def sensitive_unprivileged(self) -> int:
         return sum(f.sensitive_unprivileged for f in self.files)
 
+    @property
+    def verdict(self) -> str:
+        """The one-line conclusion over every file scanned (the text report's last line, JSON's verdict)."""
+        scanned = [f for f in self.files if f.error is None]
+        if self.files and not scanned:
+            return "VERDICT: no file could be scanned"
+        if scanned and all(f.user_mode for f in scanned):
+            return user_mode_verdict(sum(f.user_sensitive_unprivileged for f in scanned), self.sensitive_unprivileged,
+                                     scanned[0].user_mode if len(scanned) == 1 else "every file scanned")
+        return verdict(self.sensitive_unprivileged, self.model)
+
     def to_dict(self) -> dict:
         return {
             "schema": self.schema, "tool": self.tool, "version": self.version,
             "strategy": self.strategy, "model": self.model, "extended": self.extended,
+            "verdict": self.verdict.removeprefix("VERDICT: "),
             "files": [f.to_dict() for f in self.files],
             **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
@@ -163,7 +213,8 @@ class ScanDocument(Tabular):
     @classmethod
     def from_dict(cls, d: dict) -> "ScanDocument":
         d = dict(d)
-        _check_keys(cls, d)
+        _check_keys(cls, d, extra_ok=("verdict",))
+        d.pop("verdict", None)             # derived from the findings, recomputed
         if d.get("schema") != SCHEMA or d.get("tool") != "popek":
             raise ValueError("not a popek scan document (schema 1)")
         d["files"] = tuple(FileReport.from_dict(f) for f in d["files"])

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, decode_at, sweep, sweep_records
 from popek.isa.classify import Classifier
@@ -34,7 +34,8 @@ def _finding(classifier: Classifier, region: Region, address: int, size: int, mn
     verdict = classifier.verdicts[entry.name]
     return Finding(address=address, size=size, bytes=region.data[start:start + size],
                    text=f"{mnemonic} {op_str}".strip(), name=entry.name, cls=entry.category,
-                   region=region.name, why=verdict.why, mode=region.mode, reachable=reachable)
+                   region=region.name, why=verdict.why, mode=region.mode, reachable=reachable,
+                   user_sensitive=verdict.user_sensitive)
 
 
 # Prefix bytes Capstone refuses in front of an instruction and emits as a lone ``.byte`` (LOCK on an
@@ -95,9 +96,37 @@ def _with_refused_prefixes(finding: Finding, data: bytes, base: int, lone: set[i
                    bytes=refused + finding.bytes, text=f"{names} {finding.text}", why=f"{finding.why}; {why}")
 
 
-def reachable_starts(image: Image) -> dict[str, set[int]]:
-    """Instruction start addresses reached from the entry points and symbols, per region name."""
+class Decoded:
+    """A region's instructions by start offset, each decoded once. The traversal reaches the same code from
+    many blocks (and every call returns into the middle of one); decoding a short run from each new start
+    and keeping every instruction of it makes the whole traversal about one decode of each byte."""
+
+    RUN = 32   # instructions decoded from a start not seen yet
+
+    def __init__(self, region: Region):
+        self.region = region
+        self.at: dict[int, tuple[int, int, str, str]] = {}
+
+    def walk(self, offset: int) -> Iterator[tuple[int, int, str, str]]:
+        """``(address, size, mnemonic, op_str)`` from ``offset`` on, as ``sweep`` gives them."""
+        region, at = self.region, self.at
+        while offset < len(region.data):
+            insn = at.get(offset)
+            if insn is None:
+                for insn in sweep(region.data, region.start, region.mode, offset, self.RUN):
+                    at.setdefault(insn[0] - region.start, insn)
+                insn = at.get(offset)
+                if insn is None:
+                    return
+            yield insn
+            offset += insn[1]
+
+
+def reachable_starts(image: Image) -> tuple[dict[str, set[int]], dict[str, Decoded]]:
+    """Instruction start addresses reached from the entry points and symbols, per region name, and the
+    instructions decoded on the way."""
     reached: dict[str, set[int]] = {r.name: set() for r in image.regions}
+    decoded = {r.name: Decoded(r) for r in image.regions}
     work = list(image.entry_points) + list(image.symbols)
     seen_blocks: set[tuple[str, int]] = set()
     while work:
@@ -106,19 +135,20 @@ def reachable_starts(image: Image) -> dict[str, set[int]]:
         if region is None or (region.name, target) in seen_blocks:
             continue
         seen_blocks.add((region.name, target))
-        for address, size, mnemonic, op_str in sweep(region.data, region.start, region.mode, target - region.start):
-            if address in reached[region.name] and address != target:
+        starts = reached[region.name]
+        for address, size, mnemonic, op_str in decoded[region.name].walk(target - region.start):
+            if address in starts and address != target:
                 break  # joined a block we already walked
             if mnemonic == BAD:
                 break
-            reached[region.name].add(address)
+            starts.add(address)
             if mnemonic in _BRANCHES:
                 dest = _immediate(op_str)
                 if dest is not None:
                     work.append(dest)
             if mnemonic in _ENDS_BLOCK:
                 break
-    return reached
+    return reached, decoded
 
 
 def _immediate(op_str: str) -> int | None:
@@ -138,7 +168,7 @@ def _region_at(regions: Iterable[Region], address: int) -> Region | None:
 def recursive(image: Image, classifier: Classifier) -> tuple[list[Finding], int]:
     findings: list[Finding] = []
     total = 0
-    reached = reachable_starts(image)
+    reached, decoded = reachable_starts(image)
     for region in image.regions:
         found, count = linear(region, classifier)
         total += count
@@ -148,10 +178,9 @@ def recursive(image: Image, classifier: Classifier) -> tuple[list[Finding], int]
         # Instructions only the traversal decodes (the linear sweep was misaligned by data there).
         for address in sorted(starts - seen):
             off = address - region.start
-            for a, size, mnemonic, op_str in sweep(region.data, region.start, region.mode, off, 1):
-                entry = classifier.lookup(region.data, off, region.mode, mnemonic, op_str) \
-                    if mnemonic != BAD else None
-                if entry is not None:
-                    findings.append(_finding(classifier, region, a, size, mnemonic, op_str, entry, True))
+            a, size, mnemonic, op_str = decoded[region.name].at[off]
+            entry = classifier.lookup(region.data, off, region.mode, mnemonic, op_str) if mnemonic != BAD else None
+            if entry is not None:
+                findings.append(_finding(classifier, region, a, size, mnemonic, op_str, entry, True))
     findings.sort(key=lambda f: (f.region, f.address))
     return findings, total

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from popek.decode import BAD, sweep
 
@@ -48,6 +48,16 @@ class Taint:
     field: str       # what the site produced: "base", "limit", "ldtr", "tr", "msw", "ecx", ...
     lo: int          # field bit found at bit 0 of this value (shr adds, shl subtracts)
     width: int       # field width in bits
+
+
+@dataclass(frozen=True)
+class Addr:
+    """The address of a memory cell: what ``lea r, [m]`` or ``mov r, esp`` puts in a register, so that a later
+    ``[r + d]`` is the same cell as ``[m + d]`` (compilers at -O0 read a stored descriptor back through a pointer,
+    and pass a register block to a helper by its address)."""
+    key: tuple
+    disp: int
+    part: int = 0    # byte ``part`` of the pointer, as stored in one memory cell
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,11 @@ class Holds:
         hi = self.lo if self.hi is None else self.hi
         return isinstance(v, Const) and v.mask & self.mask == self.mask and self.lo <= v.value & self.mask <= hi
 
+    def possible(self, regs: dict) -> bool:
+        """Not contradicted: the register is unknown here (a caller may set it), or holds the value."""
+        v = regs.get(self.reg)
+        return not (isinstance(v, Const) and v.mask & self.mask == self.mask) or self(regs)
+
 
 @dataclass(frozen=True)
 class Idiom:
@@ -137,9 +152,12 @@ class Idiom:
     fields: frozenset = frozenset()
     checks: tuple = ()         # any one matching event on one of ``fields``; () = the set-up alone suffices
     operands: str = ""         # regex the site's operand text must contain (e.g. the port in DX, not an imm8)
+    before: bytes = b""        # bytes right before the site (a signature such as Xen's ud2; "xen")
 
-    def matches(self, regs_at_site: dict, events: list[Event], site_ops: str = "") -> bool:
+    def matches(self, regs_at_site: dict, events: list[Event], site_ops: str = "", preceding: bytes = b"") -> bool:
         if not re.search(self.operands, site_ops) or not all(h(regs_at_site) for h in self.setup):
+            return False
+        if self.before and not preceding.endswith(self.before):
             return False
         return not self.checks or any(
             ev.taint.field in self.fields and check(ev) for ev in events for check in self.checks)
@@ -175,6 +193,15 @@ IDIOMS: tuple[Idiom, ...] = (
     Idiom("vmware-backdoor", frozenset({"in"}),
           "VMware backdoor: IN from port 0x5658 ('VX') with EAX = 0x564D5868 ('VMXh') — only VMware answers",
           setup=(Holds("a", 0x564D5868), Holds("d", 0x5658, mask=0xFFFF)), operands=r"\bdx$"),
+    Idiom("vmware-backdoor-hb", frozenset({"ins", "outs"}),
+          "VMware high-bandwidth backdoor: string I/O on port 0x5659 ('VY') with EAX = 0x564D5868 ('VMXh') — only "
+          "VMware answers",
+          setup=(Holds("a", 0x564D5868), Holds("d", 0x5659, mask=0xFFFF))),
+    Idiom("xen-cpuid-signature", frozenset({"cpuid"}),
+          "Xen's forced-emulation prefix: ud2 then the bytes 'xen' before CPUID — a PV guest's way to get Xen's CPUID "
+          "answers; on bare hardware the ud2 faults (the 'xen' bytes are not instructions, whatever a disassembler "
+          "shows)",
+          before=b"\x0f\x0bxen"),
     Idiom("cpuid-hypervisor-bit", frozenset({"cpuid"}),
           "CPUID leaf 1 ECX bit 31 tested — the hypervisor-present bit every modern VMM sets",
           setup=(Holds("a", 1),), fields=frozenset({"ecx"}),
@@ -287,23 +314,37 @@ class _Flow:
 
     # -- reads and writes
 
+    def resolve(self, op):
+        """``[r + d]`` with r holding the address of a cell: that cell, ``+ d``."""
+        if isinstance(op, Mem) and len(op.key) == 2 and op.key[0] in ("", "ds", "ss"):
+            v = self.regs.get(op.key[1])
+            if isinstance(v, Addr) and v.part == 0:
+                return Mem(v.key, v.disp + op.disp, op.size, frozenset())
+        return op
+
     def read(self, op, size: int | None = None):
         if isinstance(op, Imm):
             bits = 8 * (size or self.word)
             return Const(op.value & ((1 << bits) - 1), (1 << bits) - 1)
         if isinstance(op, Reg):
+            if op.family == "sp":
+                return Addr(("sp",), self.sp) if op.size == self.word else None
             v = self.regs.get(op.family)
             full = (1 << 8 * op.size) - 1
             if isinstance(v, Taint):
                 return Taint(v.field, v.lo + op.off, v.width)
             if isinstance(v, Const) and (v.mask >> op.off) & full == full:
                 return Const((v.value >> op.off) & full, full)
+            if isinstance(v, Addr) and op.size >= min(4, self.word) and not op.off:
+                return v
             return None
         if isinstance(op, Mem):
             n = op.size or size or self.word
             cells = [self.mem.get((op.key, op.disp + k)) for k in range(n)]
             if all(isinstance(c, Const) for c in cells):
                 return Const(sum(c.value << 8 * k for k, c in enumerate(cells)), (1 << 8 * n) - 1)
+            if isinstance(cells[0], Addr) and all(c == replace(cells[0], part=k) for k, c in enumerate(cells)):
+                return replace(cells[0], part=0)
             for k, c in enumerate(cells):
                 if isinstance(c, Taint):     # bit 0 of the load is field bit c.lo - 8k
                     return Taint(c.field, c.lo - 8 * k, c.width)
@@ -313,11 +354,17 @@ class _Flow:
         if isinstance(op, Reg):
             self._forget_addressed_by(op.family)
             if op.family == "sp":
-                self._lose_stack()
+                if isinstance(value, Addr) and value.key == ("sp",):
+                    self.sp = value.disp         # mov esp, ebp: the frame pointer's copy of the stack pointer
+                else:
+                    self._lose_stack()
+                return
             if value is None:
                 self.regs.pop(op.family, None)
             elif isinstance(value, Taint):       # a partial write of a taint keeps it whole (approximation)
                 self.regs[op.family] = Taint(value.field, value.lo - op.off, value.width)
+            elif isinstance(value, Addr):
+                self.regs[op.family] = value
             elif op.size >= 4:                   # a 32-bit write zero-extends in 64-bit mode
                 self.regs[op.family] = Const(value.value, -1)
             else:                                # AL/AH/AX: merge into what is known of the rest
@@ -334,12 +381,17 @@ class _Flow:
                     self.mem[cell] = Const((value.value >> 8 * k) & 0xFF, 0xFF)
                 elif isinstance(value, Taint):
                     self.mem[cell] = Taint(value.field, value.lo + 8 * k, value.width)
+                elif isinstance(value, Addr) and n == self.word:
+                    self.mem[cell] = replace(value, part=k)
                 else:
                     self.mem.pop(cell, None)
 
     def _forget_addressed_by(self, family: str) -> None:
         if family != "sp":
             self.mem = {c: v for c, v in self.mem.items() if family not in {p.split("*")[0] for p in c[0][1:]}}
+            for fam, v in list(self.regs.items()):
+                if isinstance(v, Addr) and family in {p.split("*")[0] for p in v.key[1:]}:
+                    del self.regs[fam]
 
     def _lose_stack(self) -> None:
         self.mem = {c: v for c, v in self.mem.items() if c[0] != ("sp",)}
@@ -374,6 +426,13 @@ def _mov(flow, ops, mn):
         bits = value.mask.bit_length()       # sign-extend a known constant; a taint keeps its bits
         value = Const(value.value - ((value.value >> (bits - 1)) << bits), -1) if bits else value
     flow.write(ops[0], value)
+
+
+def _lea(flow, ops, mn):
+    # The operand was resolved already: [r + d] with r a known address is that address + d.
+    m = ops[1]
+    known = isinstance(m, Mem) and (m.key == ("sp",) or (len(m.key) == 2 and "*" not in m.key[1]))
+    flow.write(ops[0], Addr(m.key, m.disp) if known else None)
 
 
 def _cmp(flow, ops, mn):
@@ -415,6 +474,10 @@ def _alu(flow, ops, mn, record=True):
     full = (1 << 8 * n) - 1
     if mn == "xor" and ops[0] == ops[1]:
         out = Const(0, full)
+    elif isinstance(a, Addr) and isinstance(b, Const) and mn in ("add", "sub") and a.part == 0:
+        out = replace(a, disp=a.disp + (b.value if mn == "add" else -b.value))   # a pointer moved along a buffer
+    elif isinstance(a, Taint) and isinstance(b, Const) and mn in ("xor", "or"):
+        out = a   # `!bit` compiles to xor 1: the same bits, some flipped or set; what is tested next still tells
     elif isinstance(a, Const) and isinstance(b, Const) and a.mask & full == full:
         out = Const(_FOLD[mn](a.value, b.value) & full, full)
     elif isinstance(a, Taint) and isinstance(b, Const) and mn in ("shr", "sar", "shl", "sal"):
@@ -451,7 +514,7 @@ def _xchg(flow, ops, mn):
 
 
 HANDLERS = {
-    "mov": _mov, "movzx": _mov, "movsx": _mov, "movsxd": _mov, "movabs": _mov,
+    "lea": _lea, "mov": _mov, "movzx": _mov, "movsx": _mov, "movsxd": _mov, "movabs": _mov,
     "cmp": _cmp, "sub": _cmp, "test": _test, "bt": _bt,
     "and": _alu, "or": _alu, "xor": _alu, "add": _alu, "shl": _alu, "sal": _alu, "shr": _alu, "sar": _alu,
     "push": _push, "pop": _pop, "xchg": _xchg,
@@ -463,14 +526,18 @@ IMPLICIT = {"cpuid": "abcd", "rdtsc": "ad", "rdtscp": "acd", "mul": "ad", "div":
             "cwd": "d", "cqo": "d", "cwde": "a", "cdqe": "a", "leave": ("sp", "bp"), "lodsb": "a", "lodsd": "a",
             "pushal": ("sp",), "popal": ("sp", "a", "b", "c", "d", "si", "di", "bp"),
             "call": ("a", "c", "d", "si", "di", "r8", "r9", "r10", "r11")}
-NO_WRITE = frozenset({"cmp", "test", "bt", "push", "nop", "out", "outsb", "outsd", "call", "int", "loop",
+NO_WRITE = frozenset({"cmp", "test", "bt", "push", "nop", "out", "outsb", "outsw", "outsd", "call", "int", "loop",
                       "jecxz", "jrcxz", "stosb", "stosd", "stosq"})
 # Control leaves the straight line: what follows is not reached by falling through.
 BARRIERS = frozenset({"jmp", "ljmp", "ret", "retf", "iret", "iretd", "iretq", "hlt", "ud2", "int3", BAD})
 
 
+def _operands(flow: _Flow, op_str: str, address: int, size: int) -> list:
+    return [flow.resolve(_operand(t, address + size, flow.sp)) for t in op_str.split(", ")] if op_str else []
+
+
 def _step(flow: _Flow, address: int, size: int, mn: str, op_str: str) -> None:
-    ops = [_operand(t, address + size, flow.sp) for t in op_str.split(", ")] if op_str else []
+    ops = _operands(flow, op_str, address, size)
     previous, flow.last_test = flow.last_test, None
     if mn in ("js", "jns") and previous is not None and flow.events and flow.events[-1] is previous:
         # test r, r; js: only the sign bit decides the branch.
@@ -491,7 +558,7 @@ def _step(flow: _Flow, address: int, size: int, mn: str, op_str: str) -> None:
 # ------------------------------------------------------------------------------------------ the site itself
 
 def _site_effect(flow: _Flow, name: str, op_str: str, address: int, size: int) -> None:
-    ops = [_operand(t, address + size, flow.sp) for t in op_str.split(", ")] if op_str else []
+    ops = _operands(flow, op_str, address, size)
     if name in ("sidt", "sgdt") and ops and isinstance(ops[0], Mem):
         # The stored descriptor: a 16-bit limit, then the base (32-bit, or 64-bit in long mode).
         width = 64 if flow.mode == 64 else 32
@@ -531,35 +598,112 @@ def _window_start(code: bytes, base: int, mode: int, off: int) -> int:
     return off
 
 
-def analyse_site(code: bytes, base: int, mode: int, address: int, name: str) -> tuple[dict, list[Event], str]:
-    """Register constants just before the site, events after it, the site's operand text (for tests, debugging)."""
+def _run(flow: _Flow, code: bytes, base: int, mode: int, start: int, stop: int) -> bool:
+    """Step the flow over the instructions from ``start`` up to ``stop``; True when decoding lands on stop.
+    A barrier (jmp, ret) resets the flow: what follows it is a jump target with unknown state."""
+    end = start
+    for addr, size, mn, op_str in sweep(bytes(code[start:stop]), base + start, mode):
+        mn = mn.rsplit(" ", 1)[-1]      # "bnd ret", "notrack jmp", "rep stosd": the prefix changes no flow here
+        if mn in BARRIERS:
+            flow.reset()
+        else:
+            _step(flow, addr, size, mn, op_str)
+        end = addr + size - base
+    return end == stop
+
+
+def analyse_site(code: bytes, base: int, mode: int, address: int, name: str,
+                 flow: _Flow | None = None) -> tuple[dict, list[Event], str]:
+    """Register constants just before the site, events after it, the site's operand text (for tests, debugging).
+    ``flow``: the state the site's function was entered with (see ``_through_callers``); by default the window
+    before the site is decoded."""
     off = address - base
     assert 0 <= off < len(code), f"site 0x{address:x} outside the region"
-    # Look back only when some row needs a set-up for this trigger: the re-synchronising decode is the cost.
-    start = _window_start(code, base, mode, off) if name in NEEDS_SETUP else off
+    if flow is None:
+        flow = _Flow(mode)
+        # Look back only when some row needs a set-up for this trigger: the re-synchronising decode is the cost.
+        if name in NEEDS_SETUP:
+            _run(flow, code, base, mode, _window_start(code, base, mode, off), off)
     forward = FORWARD_FOR.get(name, FORWARD)
     end = min(len(code), off + 15 * (forward + 1))
-    flow, at_site, site_ops, after = _Flow(mode), None, "", None   # after: instructions seen past the site
-    for addr, size, mn, op_str in sweep(bytes(code[start:end]), base + start, mode, count=BACK_BYTES + forward + 1):
-        mn = mn.rsplit(" ", 1)[-1]      # "bnd ret", "notrack jmp", "rep stosd": the prefix changes no flow here
-        if addr == address:
-            at_site, site_ops = dict(flow.regs), op_str
+    at_site, site_ops = dict(flow.regs), ""
+    for n, (addr, size, mn, op_str) in enumerate(sweep(bytes(code[off:end]), address, mode, count=forward + 1)):
+        mn = mn.rsplit(" ", 1)[-1]
+        if n == 0:
+            site_ops = op_str
             _site_effect(flow, name, op_str, addr, size)
-            after = 0
             continue
-        if after is not None and (after >= forward or mn in BARRIERS):
+        if mn in BARRIERS:
             break
-        if mn in BARRIERS:          # before the site: what follows is a jump target with unknown state
-            flow.reset()
-            continue
         _step(flow, addr, size, mn, op_str)
-        if after is not None:
-            after += 1
-    return at_site or {}, flow.events, site_ops
+    return at_site, flow.events, site_ops
+
+
+CALLEE_REACH = 96     # bytes from a function's start to a site whose set-up the caller may have done
+MAX_CALLERS = 8
+
+
+def _call_targets(code: bytes, mode: int) -> dict[int, list[int]]:
+    """{target offset: [offsets of E8 bytes calling it]} for every E8 rel16/rel32 whose target lies in the
+    region; which of them are real calls is checked by decoding, only where a site needs it."""
+    width = 2 if mode == 16 else 4
+    targets: dict[int, list[int]] = {}
+    i = code.find(b"\xe8")
+    while i != -1:
+        if i + 1 + width <= len(code):
+            t = i + 1 + width + int.from_bytes(code[i + 1:i + 1 + width], "little", signed=True)
+            if 0 <= t < len(code):
+                targets.setdefault(t, []).append(i)
+        i = code.find(b"\xe8", i + 1)
+    return targets
+
+
+def _through_callers(code: bytes, base: int, mode: int, off: int, targets: dict[int, list[int]]):
+    """For a site in a small function, the state at the site as each direct caller enters it: the caller's
+    window up to its call, the return address pushed, then the function's instructions up to the site
+    (the VMware backdoor helper that loads EAX and DX from a block its caller filled). Yields
+    (flow, caller address)."""
+    start = next((t for t in range(off, max(-1, off - CALLEE_REACH), -1) if t in targets), None)
+    if start is None or not _run(_Flow(mode), code, base, mode, start, off):
+        return
+    for call in targets[start][:MAX_CALLERS]:
+        insn = next(iter(sweep(code, base, mode, call, 1)), None)
+        if insn is None or insn[2] != "call" or _target(insn[3]) != base + start:
+            continue            # an E8 byte inside another instruction, or data
+        flow = _Flow(mode)
+        if not _run(flow, code, base, mode, _window_start(code, base, mode, call), call):
+            continue
+        flow.sp -= flow.word                       # the return address
+        flow.write(Mem(("sp",), flow.sp, flow.word, frozenset()), None)
+        if _run(flow, code, base, mode, start, off):
+            yield flow, base + call
+
+
+def _target(op_str: str) -> int | None:
+    try:
+        return int(op_str, 0)
+    except ValueError:
+        return None
 
 
 TRIGGERS = frozenset(t for idiom in IDIOMS for t in idiom.triggers)
 NEEDS_SETUP = frozenset(t for idiom in IDIOMS if idiom.setup for t in idiom.triggers)
+SIGNATURES = {idiom.name: len(idiom.before) for idiom in IDIOMS if idiom.before}
+
+
+def _possible_rows(code: bytes) -> tuple[Idiom, ...]:
+    """The rows that can match in this region. The flow knows a register's constant only from an immediate
+    in the code, so a row whose set-up needs a distinctive 32-bit value ('VMXh') cannot match in a region
+    where those four bytes never occur: its sites are not analysed at all (the cost of a scan full of IN and
+    INS decoded out of data)."""
+    def present(h: Holds) -> bool:
+        return h.hi is not None or h.mask != 0xFFFFFFFF or h.lo <= 0xFFFF or h.lo.to_bytes(4, "little") in code
+    return tuple(i for i in IDIOMS if all(present(h) for h in i.setup))
+
+
+def _match(name: str, regs: dict, events: list[Event], site_ops: str, preceding: bytes,
+           rows: tuple[Idiom, ...] = IDIOMS) -> Idiom | None:
+    return next((i for i in rows if name in i.triggers and i.matches(regs, events, site_ops, preceding)), None)
 
 
 def find_idioms(code: bytes, base: int, mode: int, sites: list[tuple[int, str]]) -> dict[int, tuple[str, str]]:
@@ -567,14 +711,29 @@ def find_idioms(code: bytes, base: int, mode: int, sites: list[tuple[int, str]])
 
     ``code`` is one region's bytes starting at virtual address ``base``, decoded in ``mode`` (16/32/64);
     ``sites`` are (address, canonical name) of findings in that region. Sites that match no row are absent.
+    A site whose set-up is not in its own window (a helper given its registers by its caller) is looked at
+    again as each direct caller enters its function.
     """
     found: dict[int, tuple[str, str]] = {}
+    targets = None
+    rows = _possible_rows(code)
     for address, name in sites:
-        if name not in TRIGGERS:
+        if not any(name in i.triggers for i in rows):
             continue
+        off = address - base
+        preceding = bytes(code[max(0, off - 8):off])
         regs, events, site_ops = analyse_site(code, base, mode, address, name)
-        for idiom in IDIOMS:
-            if name in idiom.triggers and idiom.matches(regs, events, site_ops):
-                found[address] = (idiom.name, idiom.why)
-                break
+        idiom = _match(name, regs, events, site_ops, preceding, rows)
+        # A caller can only supply what the site's own window leaves unknown (DX = 0x3F8 here is no backdoor).
+        if idiom is None and any(name in i.triggers and i.setup and all(h.possible(regs) for h in i.setup)
+                                 for i in rows):
+            targets = _call_targets(code, mode) if targets is None else targets
+            for flow, caller in _through_callers(code, base, mode, off, targets):
+                idiom = _match(name, *analyse_site(code, base, mode, address, name, flow), preceding, rows)
+                if idiom is not None and idiom.setup:
+                    found[address] = (idiom.name, f"{idiom.why} (set up by the caller at 0x{caller:x})")
+                    break
+            continue
+        if idiom is not None:
+            found[address] = (idiom.name, idiom.why)
     return found

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument
+from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument, verdict
 
 FORMATS = ("text", "json", "sarif", "csv")
 TEXT_WIDTH = 120
@@ -25,46 +25,61 @@ CSV_HEADER = ("file", "address", "size", "bytes", "name", "class", "region", "mo
 SARIF_SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 
 
-def render(doc: ScanDocument, fmt: str, *, max_rows_per_class: int | None = None) -> str:
-    """The document in ``fmt`` (one of FORMATS). ``max_rows_per_class`` caps only the text listing."""
+def render(doc: ScanDocument, fmt: str, *, max_rows_per_class: int | None = None, details: bool | None = None,
+           width: int = TEXT_WIDTH) -> str:
+    """The document in ``fmt`` (one of FORMATS). ``max_rows_per_class``, ``details`` and ``width`` shape only
+    the text report (see ``render_text``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "text":
-        return render_text(doc, max_rows_per_class=max_rows_per_class)
+        return render_text(doc, max_rows_per_class=max_rows_per_class, details=details, width=width)
     return {"json": render_json, "sarif": render_sarif, "csv": render_csv}[fmt](doc)
 
 
 # ---------------------------------------------------------------------------------------------- json
 
 def render_json(doc: ScanDocument) -> str:
-    """The DESIGN §3.2 contract: exactly ``doc.to_dict()``."""
-    return json.dumps(doc.to_dict(), indent=2)
+    """The DESIGN §3.2 contract: exactly ``doc.to_dict()``, one finding per line.
+
+    json.dumps with ``indent`` runs the pure-Python encoder (CPython uses its C encoder only without
+    indent), which was a fifth of a scan with many findings: each finding is encoded by the C encoder on a
+    line of its own instead, and only the few outer levels are laid out here."""
+    encode = json.JSONEncoder().encode      # no indent: the C encoder
+    d = doc.to_dict()
+    files = []
+    for report in d.pop("files"):
+        findings = report.pop("findings", None)
+        head = encode(report)
+        if findings:
+            head = head[:-1] + ', "findings": [\n    ' + ",\n    ".join(map(encode, findings)) + "\n  ]}"
+        elif findings is not None:
+            head = head[:-1] + ', "findings": []}'
+        files.append(head)
+    outer = encode(d)
+    return outer[:-1] + ', "files": [\n  ' + ",\n  ".join(files) + "\n]}"
 
 
 # ---------------------------------------------------------------------------------------------- text
 
-def verdict(count: int, model: str = "ia32") -> str:
-    """The one-line conclusion. Says "found" (not "absent") because a static sweep can miss code."""
-    if count == 0:
-        return ("VERDICT: no sensitive-unprivileged instruction found — every sensitive instruction seen here "
-                "traps, so trap-and-emulate can handle it (Popek-Goldberg Theorem 1's condition holds for this code)")
-    where = "on IA-32" if model == "ia32" else f"under the {model} model"
-    noun = "instruction" if count == 1 else "instructions"
-    return (f"VERDICT: {count} sensitive-unprivileged {noun} — classic trap-and-emulate cannot virtualize this "
-            f"code faithfully (Popek-Goldberg Theorem 1 fails {where})")
-
-
-def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, width: int = TEXT_WIDTH) -> str:
-    """A report per file: findings grouped by class (CLASSES order), counts, a verdict; then a summary."""
+def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, details: bool | None = None,
+                width: int = TEXT_WIDTH) -> str:
+    """Several files: a summary table (one row per file) first, then the per-file blocks only with
+    ``details``; one file: its block. The verdict sentence comes once, last. ``width``: the terminal's."""
     assert max_rows_per_class is None or max_rows_per_class >= 0
+    details = len(doc.files) == 1 if details is None else details
     # color_system=None and force_terminal=False: plain text whatever stdout is; the CLI may print it anywhere.
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
                       highlight=False, emoji=False, markup=False)
     console.print(f"popek {doc.version} scan — strategy {doc.strategy}, model {doc.model}"
                   f"{', extended' if doc.extended else ''}, {len(doc.files)} file(s)")
-    for report in doc.files:
+    if len(doc.files) > 1:
         console.print()
-        _file_text(console, report, doc.model, max_rows_per_class)
+        console.print(_summary_table(doc))
+        if not details:
+            console.print("(per-file findings: --details)")
+    for report in doc.files if details else ():
+        console.print()
+        _file_text(console, report, max_rows_per_class)
     console.print()
     if doc.skipped:
         console.print(f"skipped {len(doc.skipped)} file(s) that are not ELF or PE binaries: "
@@ -72,15 +87,40 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, wid
     failed = sum(1 for f in doc.files if f.error is not None)
     if failed:
         console.print(f"{failed} file(s) could not be scanned (see ERROR above)")
-    if doc.files and failed == len(doc.files):
-        console.print("VERDICT: no file could be scanned", soft_wrap=True)
-    else:
-        console.print(verdict(doc.sensitive_unprivileged, doc.model), soft_wrap=True)
+    # soft_wrap: a verdict stays on one line, so `grep VERDICT` and the tests see it whole.
+    console.print(doc.verdict, soft_wrap=True)
     # rich pads every line to the console width; trailing blanks only make diffs noisy.
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
 
 
-def _file_text(console: Console, report: FileReport, model: str, cap: int | None) -> None:
+def _short_verdict(report: FileReport, model: str) -> str:
+    if report.error is not None:
+        return "error: " + report.error
+    if report.user_mode:
+        return "user mode: Theorem 3 " + ("holds" if not report.user_sensitive_unprivileged else "fails")
+    return "Theorem 1 " + ("holds" if not report.sensitive_unprivileged else "fails")
+
+
+def _summary_table(doc: ScanDocument) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, caption=Text("sens.: sensitive-unprivileged, priv.: privileged, io: I/O "
+                                                    "instructions; idioms: VM-detection idioms recognised"),
+                  caption_justify="left")
+    table.add_column("file", overflow="fold", min_width=12)
+    table.add_column("format", no_wrap=True)
+    for heading in ("sens.", "priv.", "io", "idioms"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    table.add_column("verdict", overflow="fold", min_width=15)
+    for report in doc.files:
+        by = {cls: sum(1 for f in report.findings if f.cls == cls) for cls in CLASSES}
+        cells = [report.path, report.format or "-", by["sensitive-unprivileged"], by["privileged"], by["io"],
+                 sum(1 for f in report.findings if f.idiom is not None)]
+        if report.error is not None:
+            cells[2:6] = ["-"] * 4
+        table.add_row(*(Text(str(c)) for c in cells), Text(_short_verdict(report, doc.model)))
+    return table
+
+
+def _file_text(console: Console, report: FileReport, cap: int | None) -> None:
     console.print(f"== {report.path}")
     if report.error is not None:
         console.print(f"ERROR: {report.error}")
@@ -100,9 +140,6 @@ def _file_text(console: Console, report: FileReport, model: str, cap: int | None
     if report.findings:
         console.print()
         console.print(_counts_table(report))
-    # soft_wrap: a verdict stays on one line, so `grep VERDICT` and the tests see it whole.
-    console.print(verdict(report.sensitive_unprivileged, model).replace("VERDICT:", "file verdict:", 1),
-                  soft_wrap=True)
 
 
 def _class_table(cls: str, rows: list[Finding], cap: int | None) -> Table | Text:
@@ -179,10 +216,17 @@ def _uri(path: str) -> str:
 
 
 def _message(f: Finding) -> str:
-    text = f"{f.text} ({f.name}, {f.cls}) at 0x{f.address:x}: {f.why}"
+    """Sentences: what the instruction is, why it matters, and the idiom it belongs to."""
+    article = "an" if f.cls[0] in "aeiou" else "a"
+    text = f"{f.text} at 0x{f.address:x} is {article} {f.cls} instruction ({f.name}): {_sentence(f.why)}"
     if f.idiom is not None:
-        text += f" VM-detection idiom {f.idiom}: {f.idiom_why}"
+        text += f" It is part of the VM-detection idiom {f.idiom}: {_sentence(f.idiom_why)}"
     return text
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith(".") else text + "."
 
 
 def _rules(doc: ScanDocument) -> list[dict]:

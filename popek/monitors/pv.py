@@ -28,7 +28,9 @@ Choices where the ABI page leaves one, and simplifications (docs/pv.md says the 
 - set_gdt: the frames must be consecutive page numbers (popek keeps one linear table: -EINVAL otherwise;
   Xen takes any frames); a descriptor that fails validation is -EINVAL and nothing changes. While
   installed, the frames are read-only to the guest: a guest store there is #GP(0) (the machine's fault
-  for a write to a read-only page; Xen's is #PF), and descriptors change through update_descriptor.
+  for a write to a read-only page; Xen's is #PF), and descriptors change through update_descriptor. The
+  hypervisor's own writes go through ``PvSpace.write`` and refuse them too: a hypercall write-back is
+  -EFAULT, a bounce frame there crashes the domain. start_info's and shared_info's frames cannot be a GDT.
 - update_descriptor: a machine address that is not 8-aligned, or not in guest RAM, is -EINVAL (Xen:
   a bad MFN is -EINVAL).
 - stack_switch: SS with RPL 0 is taken as RPL 1; any other RPL but 1 is -EINVAL. The stack also becomes
@@ -39,9 +41,11 @@ Choices where the ABI page leaves one, and simplifications (docs/pv.md says the 
   or out-of-range port -EINVAL. ``unmask`` clears the mask bit and raises the upcall if the port is
   pending.
 - A multicall inside a multicall gets -EINVAL as that entry's result (Xen: "Multicall reentry is
-  disallowed"); an entry outside guest RAM ends the multicall with -EFAULT, results of the earlier ones
-  written back.
-- sched_op(shutdown): the run ends with reason ``shutdown`` and the reason as its code.
+  disallowed"); an array not wholly in guest RAM is -EFAULT before any entry runs; after
+  ``MULTICALL_BATCH`` entries the hypercall is continued (EBX/ECX advanced, ``int 0x82`` again).
+- sched_op(shutdown): the run ends with reason ``shutdown`` and the reason's low byte as its code
+  (Xen's domain_shutdown(d, (u8)reason)).
+- rdpmc outside ring 0 is #GP(0) (CR4.PCE = 0); Unicorn's #UD is turned into it.
 - The domain crashes (end reason ``crash``, with the vector, EIP, the instruction and, for a privileged
   instruction, what a PV kernel does instead) when an event has no trap-table entry, an upcall is due with
   no event callback set, an upcall frame cannot be written, or a delivery keeps faulting (where the bare

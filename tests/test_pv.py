@@ -319,6 +319,40 @@ def test_stack_switch_and_set_callbacks_check_selectors():
     assert results(machine, 5) == [-EINVAL, 0, 0, -EPERM, 0]
 
 
+def test_hypercall_write_backs_into_an_installed_gdt_frame_are_efault():
+    """The multicall result and bind_virq's port used to land in the read-only GDT frame."""
+    body = copy_gdt(2) + f"""
+        mov dword ptr [{GDT_PAGE + 0x800}], 17          ; a multicall entry: xen_version(0)
+        mov dword ptr [{GDT_PAGE + 0x804}], 0x11111111
+        mov dword ptr [{GDT_PAGE + 0x828}], 0x22222222  ; bind_virq(VIRQ_TIMER, vcpu 0)'s port field
+""" + hypercall(0, 2, "frames", 2) + hypercall(1, 13, GDT_PAGE + 0x800, 1) + hypercall(2, 32, 1, GDT_PAGE + 0x820) \
+        + hypercall(3, 32, 1, "bind")
+    machine, result = run_pv(body, gdt_data((0, 0), RING1_DATA) + "bind: .dword 0, 0, 0\n")
+    # the bind whose write-back failed still bound the VIRQ, as Xen leaves it: a second bind is -EEXIST
+    assert results(machine, 4) == [0, -EFAULT, -EFAULT, -EEXIST]
+    assert machine.memory.u32(GDT_PAGE + 0x804) == 0x11111111
+    assert machine.memory.u32(GDT_PAGE + 0x828) == 0x22222222
+    assert result.events["multicall"] == {"xen_version": 1}
+
+
+def test_a_bounce_frame_into_an_installed_gdt_frame_crashes_the_domain():
+    """A stack inside the GDT frame used to get the #GP frame written there (guest-controlled descriptors)."""
+    body = copy_gdt(2) + hypercall(0, 0, "traps") + hypercall(1, 2, "frames", 2) + f"""
+        mov esp, {GDT_PAGE + 0x40}
+        cli
+"""
+    machine, result = run_pv(body, gdt_data((0, 0), RING1_DATA) + GP_TRAP_TABLE + "gp: iretd\n")
+    assert results(machine, 2) == [0, 0]
+    assert result.exit.reason == "crash"
+    assert "the bounce frame for #GP" in result.exit.why and "GDT frame" in result.exit.why
+    assert machine.memory.read(GDT_PAGE + 0x10, 0x30) == bytes(0x30)
+
+
+def test_set_gdt_refuses_the_start_info_and_shared_info_frames():
+    machine, _ = run_pv(hypercall(0, 2, "top_frames", 1), f"top_frames: .dword {(TOP >> 12) - 1}\n")
+    assert results(machine, 1) == [-EINVAL]
+
+
 # --- multicall -------------------------------------------------------------------------------------------------
 def multicall_entries(*entries) -> str:
     return "\n".join(f"        .dword {op}, 0xFFFFFFFF, " + ", ".join(str(a) for a in (list(args) + [0] * 6)[:6])
@@ -337,9 +371,8 @@ text:   .ascii "mc"
     assert results(machine, 2) == [0, -EFAULT]
     assert result.console == "mc"
     assert result.events["hypercall"]["multicall"] == 2
-    # the second multicall ran the zeroed entry at TOP - 32 (set_trap_table(NULL)), then ran off RAM
-    assert result.events["multicall"] == {"console_io": 1, "multicall": 1, "set_trap_table": 1, "unknown": 1,
-                                          "xen_version": 1}
+    # the second multicall's array runs off RAM: -EFAULT before any entry runs (Xen's copy_from_guest)
+    assert result.events["multicall"] == {"console_io": 1, "multicall": 1, "unknown": 1, "xen_version": 1}
 
 
 def test_multicall_results_are_written_back():
@@ -354,6 +387,31 @@ calls:
     base = guest.symbols["calls"]
     written = [struct.unpack("<i", machine.memory.read(base + 32 * i + 4, 4))[0] for i in range(3)]
     assert written == [4 << 16 | 17, -EINVAL, -ENOSYS]
+
+
+def test_a_huge_multicall_count_is_efault_at_once():
+    """0xFFFFFFFF entries used to run ~2 million entries over all of RAM (17 s): the array is checked up front."""
+    machine, result = run_pv(hypercall(0, 13, 0x200000, 0xFFFFFFFF) + hypercall(1, 13, 0x200000, (TOP - 0x200000) // 32 + 1))
+    assert results(machine, 2) == [-EFAULT, -EFAULT]
+    assert "multicall" not in result.events
+
+
+def test_a_long_multicall_is_continued_in_batches_each_one_int_0x82():
+    guest = build(hypercall(0, 13, "calls", 200) + f"""
+        mov dword ptr [{RESULTS + 4}], ebx
+        mov dword ptr [{RESULTS + 8}], ecx
+""", "        .align 8\ncalls:\n" + "\n".join([multicall_entries((17, 0))] * 200))
+    machine = Machine()
+    machine.load(guest)
+    r = Run(machine, ParaVirtual(), 100_000)
+    r.step()
+    result = r.result()
+    base = guest.symbols["calls"]
+    written = {struct.unpack("<i", machine.memory.read(base + 32 * i + 4, 4))[0] for i in range(200)}
+    assert results(machine, 3) == [0, base + 192 * 32, 8]     # the continuation's arguments (as on Xen)
+    assert written == {4 << 16 | 17}
+    assert result.events["hypercall"]["multicall"] == 4        # ceil(200 / 64) entries into the hypervisor
+    assert result.events["multicall"] == {"xen_version": 200}
 
 
 # --- events and the timer --------------------------------------------------------------------------------------
@@ -540,3 +598,49 @@ text:   .ascii "hello"
     assert result.console == "hello!"
     assert result.events["trap"] == {"out": 1, "outs": 1}
     assert results(machine, 2) == [0, 0x6060]
+
+
+def test_rdpmc_at_ring_1_is_gp0_not_ud():
+    """Unicorn raises #UD for rdpmc at every CPL; at CPL 1 with CR4.PCE = 0 the SDM says #GP(0)."""
+    body = hypercall(0, 0, "traps") + "        rdpmc\n"
+    data = f"""
+gp:     mov eax, dword ptr [esp]
+        mov dword ptr [{RESULTS + 4}], eax
+        mov dword ptr [{RESULTS + 8}], 0x6060
+        add dword ptr [esp + 4], 2
+        add esp, 4
+        iretd
+ud:     mov dword ptr [{RESULTS + 8}], 0x0606
+        add dword ptr [esp], 2
+        iretd
+        .align 8
+traps:  .byte 13, 0
+        .word 0xE019
+        .dword gp
+        .byte 6, 0
+        .word 0xE019
+        .dword ud
+        .dword 0, 0
+"""
+    machine, result = run_pv(body, data)
+    assert results(machine, 3) == [0, 0, 0x6060]
+    assert result.events["reflect"] == {"#GP": 1}
+
+
+def test_console_write_of_nothing_touches_no_memory_and_shutdown_takes_the_low_byte():
+    body = hypercall(0, 18, 0, 0, 0x7FFFFFF0) + hypercall(1, 18, 0, 0, TOP) + """
+        mov dword ptr [shutdown_reason], 0x105
+"""
+    machine, result = run_pv(body)
+    assert results(machine, 2) == [0, 0]
+    # Xen: domain_shutdown(d, (u8)reason): no -EINVAL, the reason's low byte
+    assert result.exit.reason == "shutdown" and result.exit.code == 5
+
+
+def test_a_cmdline_longer_than_start_info_holds_is_a_usage_error(tmp_path, capsys):
+    from popek.cli import main
+    guest = tmp_path / "g.s"
+    guest.write_text("_start: hlt\n")
+    assert main(["run", str(guest), "--monitor", "pv", "--cmdline", "x" * 1024]) == 2
+    assert capsys.readouterr().err.strip().endswith("--cmdline is 1024 bytes; start_info holds at most 1023")
+    assert main(["run", str(guest), "--monitor", "pv", "--cmdline", "x" * 1023]) != 2

@@ -28,7 +28,9 @@ Choices where the ABI page leaves one, and simplifications (docs/pv.md says the 
 - set_gdt: the frames must be consecutive page numbers (popek keeps one linear table: -EINVAL otherwise;
   Xen takes any frames); a descriptor that fails validation is -EINVAL and nothing changes. While
   installed, the frames are read-only to the guest: a guest store there is #GP(0) (the machine's fault
-  for a write to a read-only page; Xen's is #PF), and descriptors change through update_descriptor.
+  for a write to a read-only page; Xen's is #PF), and descriptors change through update_descriptor. The
+  hypervisor's own writes go through ``PvSpace.write`` and refuse them too: a hypercall write-back is
+  -EFAULT, a bounce frame there crashes the domain. start_info's and shared_info's frames cannot be a GDT.
 - update_descriptor: a machine address that is not 8-aligned, or not in guest RAM, is -EINVAL (Xen:
   a bad MFN is -EINVAL).
 - stack_switch: SS with RPL 0 is taken as RPL 1; any other RPL but 1 is -EINVAL. The stack also becomes
@@ -39,9 +41,11 @@ Choices where the ABI page leaves one, and simplifications (docs/pv.md says the 
   or out-of-range port -EINVAL. ``unmask`` clears the mask bit and raises the upcall if the port is
   pending.
 - A multicall inside a multicall gets -EINVAL as that entry's result (Xen: "Multicall reentry is
-  disallowed"); an entry outside guest RAM ends the multicall with -EFAULT, results of the earlier ones
-  written back.
-- sched_op(shutdown): the run ends with reason ``shutdown`` and the reason as its code.
+  disallowed"); an array not wholly in guest RAM is -EFAULT before any entry runs; after
+  ``MULTICALL_BATCH`` entries the hypercall is continued (EBX/ECX advanced, ``int 0x82`` again).
+- sched_op(shutdown): the run ends with reason ``shutdown`` and the reason's low byte as its code
+  (Xen's domain_shutdown(d, (u8)reason)).
+- rdpmc outside ring 0 is #GP(0) (CR4.PCE = 0); Unicorn's #UD is turned into it.
 - The domain crashes (end reason ``crash``, with the vector, EIP, the instruction and, for a privileged
   instruction, what a PV kernel does instead) when an event has no trap-table entry, an upcall is due with
   no event callback set, an upcall frame cannot be written, or a delivery keeps faulting (where the bare
@@ -59,10 +63,11 @@ from typing import TYPE_CHECKING, Any
 import unicorn
 
 from popek.decode import decode_at
+from popek.errors import UsageError
 from popek.events import REFLECT
 from popek.machine import interrupts
 from popek.machine.descriptors import Descriptor
-from popek.machine.faults import EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, TS, GuestFault, Interrupt
+from popek.machine.faults import EXCEPTION, EXTERNAL, GP, NP, PF, SOFTWARE, TS, UD, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 from popek.machine.result import CRASH, SHUTDOWN, TRIPLE_FAULT
 from popek.monitors import pv_abi as X
@@ -76,6 +81,7 @@ if TYPE_CHECKING:
 
 UPCALL = 0x100                      # the vector of an upcall on its way (not an IA-32 vector)
 MAX_TRAP_ENTRIES = 4096
+MULTICALL_BATCH = 64                # multicall entries per entry into the hypervisor (Xen's preemption point)
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
 
 # What a PV kernel does instead of a privileged instruction (the crash message of an unported guest).
@@ -114,12 +120,48 @@ class Crash(Exception):
     """The domain crashes (Xen's domain_crash): the run ends with reason ``crash``."""
 
 
+class ReadOnlyFrame(GuestFault):
+    """A hypervisor write into an installed GDT frame (``PvSpace.write``)."""
+
+
+class BounceFailed(Crash):
+    """A bounce frame that could not be written: Xen's create_bounce_frame crashes the domain at once."""
+
+
+class Continuation(Exception):
+    """A hypercall preempted with work left (Xen's hypercall_create_continuation): the guest re-executes
+    ``int 0x82`` with these argument registers."""
+
+    def __init__(self, **registers: int):
+        super().__init__(registers)
+        self.registers = registers
+
+
 class Errno(Exception):
     """A hypercall fails with -errno."""
 
     def __init__(self, errno: int):
         super().__init__(errno)
         self.errno = errno
+
+
+class PvSpace(AddressSpace):
+    """The guest's address space as the hypervisor writes into it: every hypervisor write to guest memory
+    (bounce frames, hypercall write-backs, emulated instructions) goes through ``write`` here, which refuses
+    the installed GDT frames as Xen's copy to the guest does (they are mapped read-only)."""
+
+    __slots__ = ("read_only",)
+
+    def __init__(self, *args, read_only: tuple[int, ...] = ()):
+        super().__init__(*args)
+        self.read_only = read_only
+
+    def write(self, linear: int, data: bytes, fault: tuple[int, int] = (GP, 0)) -> None:
+        physical = self.physical(linear, len(data), True)
+        first, last = physical >> 12, (physical + len(data) - 1) >> 12
+        if data and any(first <= frame <= last for frame in self.read_only):
+            raise ReadOnlyFrame(fault[0], fault[1], f"write at {linear:#x} into an installed (read-only) GDT frame")
+        super().write(linear, data, fault)
 
 
 @dataclass(slots=True)
@@ -133,6 +175,7 @@ class PvCpu(VCpu):
     traps: dict[int, tuple[int, int, int]] = field(default_factory=dict)    # vector -> (flags, cs, address)
     kernel_stack: tuple[int, int] = (0, 0)          # (ss, esp) from stack_switch
     callback: tuple[int, int] = (0, 0)              # the event callback (selector, address)
+    gdt_frames: tuple[int, ...] = ()                # the installed GDT's frames (read-only to the guest)
 
     @classmethod
     def from_machine(cls, machine: Machine, ring: int) -> PvCpu:
@@ -158,8 +201,8 @@ class PvCpu(VCpu):
     # --- what the guest sees ---------------------------------------------------------------------------
     def space(self, machine: Machine, mark: bool = True) -> AddressSpace:
         """Selectors resolve in the real GDT: the guest's validated entries and Xen's flat ones."""
-        return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, (self.real_gdt, TABLE_SIZE - 1),
-                            self.ldtr[1:], mark)
+        return PvSpace(machine.memory, self.cr0, self.cr3, self.cr4, (self.real_gdt, TABLE_SIZE - 1),
+                       self.ldtr[1:], mark, read_only=self.gdt_frames)
 
     def state(self, machine: Machine) -> dict:
         s = VCpu.state(self, machine)               # (slots dataclass: no zero-argument super)
@@ -173,6 +216,12 @@ class PvCpu(VCpu):
     def fault_address(self, machine: Machine, address: int) -> None:
         self.cr2 = address
         self.memory.write(self.shared + X.VCPU_CR2, struct.pack("<I", address & 0xFFFFFFFF))
+
+    def enter_handler(self, m: Machine, event: Interrupt, depth: int) -> None:
+        try:
+            VCpu.enter_handler(self, m, event, depth)
+        except ReadOnlyFrame as fault:
+            raise BounceFailed(f"the bounce frame for {event.name} at {event.insn:#x}: {fault.why}") from None
 
     def tss_stack(self, space: AddressSpace, cpl: int, ext: int) -> tuple[int, int]:
         ss, esp = self.kernel_stack
@@ -225,6 +274,9 @@ class ParaVirtual(Deprivileged):
 
     def __init__(self, cmdline: str = ""):
         self.cmdline = cmdline.encode()
+        if len(self.cmdline) > X.CMD_LINE_SIZE - 1:     # start_info's cmd_line[1024] ends with a NUL
+            raise UsageError(f"--cmdline is {len(self.cmdline)} bytes; start_info holds at most "
+                             f"{X.CMD_LINE_SIZE - 1}")
 
     # --- boot --------------------------------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
@@ -240,7 +292,6 @@ class ParaVirtual(Deprivileged):
         self._rep: tuple[int, int] | None = None        # the string I/O instruction in progress
         self.timer: int | None = None                   # the one-shot timer's deadline (system time)
         self.virqs: dict[int, int] = {}                 # VIRQ -> bound port
-        self.gdt_frames: tuple[int, ...] = ()
         self._in_multicall = False
         super().attach(machine)
         v = self.vcpu
@@ -279,7 +330,20 @@ class ParaVirtual(Deprivileged):
         return True
 
     def routing(self):
-        return {(SOFTWARE, X.HYPERCALL_VECTOR): self._hypercall, (EXCEPTION, PF): self.hidden_page_fault}
+        return {(SOFTWARE, X.HYPERCALL_VECTOR): self._hypercall, (EXCEPTION, UD): self._undefined,
+                (EXCEPTION, PF): self.hidden_page_fault}
+
+    def _undefined(self, machine: Machine, event: Interrupt) -> bool:
+        """rdpmc is #UD on this machine at every CPL; the guest never runs at CPL 0 and CR4.PCE is 0, so the
+        SDM's answer is #GP(0)."""
+        try:
+            recipe = self.recipes.get(machine, self.vcpu, event.insn)
+        except GuestFault:
+            return False
+        if recipe is None or recipe.name != "rdpmc":
+            return False
+        self.reflect(machine, GuestFault(GP, 0, "rdpmc at CPL > 0 with CR4.PCE = 0").event(event.insn))
+        return True
 
     # --- events from the machine ------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:
@@ -298,6 +362,9 @@ class ParaVirtual(Deprivileged):
         machine.events.count("direct-trap" if direct else REFLECT, event.name)
         try:
             interrupts.deliver(machine, self.vcpu, event)
+        except BounceFailed as failed:
+            self.crash(machine, str(failed))
+            return
         except Crash as crash:
             self.crash(machine, self._no_entry(machine, crash.args[0], event))
             return
@@ -351,7 +418,14 @@ class ParaVirtual(Deprivileged):
             return True
         r = machine.registers(("eax", "ebx", "ecx", "edx", "esi", "edi"))
         machine.set_reg("eip", event.eip)
-        result = self.call(r["eax"], (r["ebx"], r["ecx"], r["edx"], r["esi"], r["edi"]), self._calls)
+        try:
+            result = self.call(r["eax"], (r["ebx"], r["ecx"], r["edx"], r["esi"], r["edi"]), self._calls)
+        except Continuation as more:                    # the same hypercall again, on the rest of its work
+            for register, value in more.registers.items():
+                machine.set_reg(register, value & 0xFFFFFFFF)
+            machine.set_reg("eip", event.insn)
+            self.take_interrupt(machine)                # a preemption point: pending events come first
+            return True
         if machine.end is None:
             machine.set_reg("eax", result & 0xFFFFFFFF)
             self._refresh_time(machine)
@@ -376,9 +450,12 @@ class ParaVirtual(Deprivileged):
         return self.m.memory.read(address, size)
 
     def _write(self, address: int, data: bytes) -> None:
-        if not self.m.memory.in_ram(address, len(data)):
-            raise Errno(X.EFAULT)
-        self.m.memory.write(address, data)
+        """A hypercall's write-back: through the guest's space (no paging: linear = physical), so an
+        installed GDT frame or an address outside RAM is -EFAULT (Xen's copy_to_guest)."""
+        try:
+            self.vcpu.space(self.m).write(address, data)
+        except GuestFault:
+            raise Errno(X.EFAULT) from None
 
     def _u32(self, address: int) -> int:
         return struct.unpack("<I", self._read(address, 4))[0]
@@ -415,7 +492,7 @@ class ParaVirtual(Deprivileged):
             return -X.EINVAL
         count = (entries + 511) // 512
         frames = struct.unpack(f"<{count}I", self._read(frame_list, 4 * count))
-        pages = self.m.memory.ram_size // 4096
+        pages = self.start_info // 4096                 # start_info and shared_info stay writable
         if any(f >= pages for f in frames) or any(b != a + 1 for a, b in zip(frames, frames[1:])):
             return -X.EINVAL
         base = frames[0] * 4096 if frames else 0
@@ -428,8 +505,8 @@ class ParaVirtual(Deprivileged):
 
         if any(X.descriptor_ok(d, own_code) for d in table):
             return -X.EINVAL
-        self._protect(self.gdt_frames, unicorn.UC_PROT_ALL)
-        self.gdt_frames = frames
+        self._protect(self.vcpu.gdt_frames, unicorn.UC_PROT_ALL)
+        self.vcpu.gdt_frames = frames
         self.vcpu.gdtr = (base, entries * 8 - 1) if entries else (0, 0)
         self.vcpu.changed("gdtr")
         self._protect(frames, unicorn.UC_PROT_READ | unicorn.UC_PROT_EXEC)
@@ -445,7 +522,7 @@ class ParaVirtual(Deprivileged):
             return -X.EINVAL
         raw = struct.pack("<II", lo, hi)
         base, limit = self.vcpu.gdtr
-        in_gdt = self.gdt_frames and base <= address and address + 7 <= base + limit
+        in_gdt = self.vcpu.gdt_frames and base <= address and address + 7 <= base + limit
 
         def own_code(selector: int) -> bool:
             at = base + (selector & 0xFFF8)
@@ -478,21 +555,30 @@ class ParaVirtual(Deprivileged):
         return 0
 
     def hc_multicall(self, calls: int, count: int, *_) -> int:
+        """The entries in order, results written back; the whole array must be in guest RAM (Xen's
+        copy_from_guest of it: -EFAULT, nothing run). After ``MULTICALL_BATCH`` entries the hypercall is
+        continued (docs/pv.md): each batch is one ``int 0x82`` the run counts, so no single instruction
+        runs more than a batch."""
+        size = X.MULTICALL_ENTRY.size
         if self._in_multicall:
             return -X.EINVAL
+        if not self.m.memory.in_ram(calls, count * size):
+            return -X.EFAULT
         self._in_multicall = True
         try:
-            for i in range(count):
-                entry = calls + i * X.MULTICALL_ENTRY.size
-                op, _result, *args = X.MULTICALL_ENTRY.unpack(self._read(entry, X.MULTICALL_ENTRY.size))
+            for i in range(min(count, MULTICALL_BATCH)):
+                entry = calls + i * size
+                op, _result, *args = X.MULTICALL_ENTRY.unpack(self._read(entry, size))
                 result = self.call(op, tuple(args[:5]), self._multicalls)
                 self._write(entry + 4, struct.pack("<I", result & 0xFFFFFFFF))
                 if self.m.end is not None:
-                    break
+                    return 0
         except Errno as error:
             return -error.errno
         finally:
             self._in_multicall = False
+        if count > MULTICALL_BATCH:
+            raise Continuation(ebx=calls + MULTICALL_BATCH * size, ecx=count - MULTICALL_BATCH)
         return 0
 
     def hc_set_timer_op(self, lo: int, hi: int, *_) -> int:
@@ -512,6 +598,8 @@ class ParaVirtual(Deprivileged):
             return 0
         if cmd != X.CONSOLEIO_WRITE:
             return -X.ENOSYS
+        if count == 0:                                  # Xen copies nothing: no pointer to check
+            return 0
         self.m.serial.emit(self._read(buffer, count))
         return count
 
@@ -530,7 +618,7 @@ class ParaVirtual(Deprivileged):
         return 0
 
     def _shutdown(self, arg: int) -> int:
-        reason = self._u32(arg)
+        reason = self._u32(arg) & 0xFF                  # Xen: domain_shutdown(d, (u8)reason), never -EINVAL
         self.m.finish(SHUTDOWN, reason, f"sched_op shutdown, reason {reason}")
         return 0
 
@@ -547,8 +635,8 @@ class ParaVirtual(Deprivileged):
         if virq in self.virqs:
             return -X.EEXIST
         port = next(p for p in range(1, X.NR_PORTS) if p not in self.virqs.values())
+        self.virqs[virq] = port                         # bound even if the write-back fails, as in Xen
         self._write(arg + 8, struct.pack("<I", port))
-        self.virqs[virq] = port
         return 0
 
     def _bound_port(self, arg: int) -> int:
@@ -639,7 +727,7 @@ class ParaVirtual(Deprivileged):
         eip = machine.reg("eip")
         try:
             v.enter_handler(machine, Interrupt(UPCALL, EXTERNAL, None, eip=eip, insn=eip, why="upcall"), 0)
-        except GuestFault as fault:
+        except (GuestFault, BounceFailed) as fault:
             self.crash(machine, f"the upcall frame could not be written at {eip:#x}: {fault}")
         return True
 

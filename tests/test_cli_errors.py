@@ -85,6 +85,8 @@ BAD = [
     ["bench", "bt", "--instructions", "-1"],
     ["bench", "pv", "--iterations", "0"],
     ["bench", "pv", "--iterations", "x"],
+    ["bench", "sun4v", "--iterations", "0"],
+    ["bench", "sun4v", "--iterations", "-3"],
     ["bench", "nope"],
     # popek asm
     ["asm", "/no/such/source.s"],

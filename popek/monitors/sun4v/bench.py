@@ -15,9 +15,7 @@ priced on a profile whose every sun4v number is assumed (``popek profiles ultras
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-SAMPLES = Path(__file__).resolve().parents[3] / "samples"
 GUESTS = ("hello", "timer", "syscall", "kernel", "critical_section", "store_tables", "flags", "segments_read",
           "descriptors", "far_transfers")
 MONITORS = ("trap", "bt", "pv", "hvm", "sun4v")
@@ -40,64 +38,30 @@ again:
 
 
 def arguments(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--iterations", type=int, default=20_000, help="fast traps in the timed loop (default 20000)")
-
-
-def _best(guest, monitor: str, runs: int = 3):
-    from popek.monitors import run_guest
-    results = [run_guest(guest, monitor=monitor, profile=PROFILE) for _ in range(runs)]
-    return min(r.wall_seconds for r in results), results[0]
+    from popek.arguments import count
+    b.add_argument("--iterations", type=count, default=20_000, help="fast traps in the timed loop (default 20000)")
 
 
 def run(args: argparse.Namespace) -> str:
-    from popek.asm import assemble_text
-    from popek.errors import UsageError
     from popek.events import monitor_entries
-    from popek.machine.guest import Guest, load_guest
-    from popek.monitors import platform_defines
+    from popek.machine.guest import load_guest
+    from popek.monitors.platform_bench import SAMPLES, best_of, entries_table, per_call_us
 
     n = args.iterations
-    if n < 1:
-        raise UsageError("--iterations must be at least 1")
-
-    def loop(empty: bool) -> Guest:
-        program = assemble_text(FAST_TRAP_LOOP.format(n=n), defines={"SUN4V": 1, **({"EMPTY": 1} if empty else {})},
-                                include_dirs=(str(SAMPLES / "guests"),))
-        return Guest("fast-traps", ((program.origin, bytes(program.image)),), program.entry, "asm")
-
-    full, full_result = _best(loop(False), "sun4v")
-    empty, _ = _best(loop(True), "sun4v")
-    calls = full_result.events["hypercall"]["cpu_myid"]
+    one, _ = per_call_us(FAST_TRAP_LOOP, n, "sun4v", {"SUN4V": 1}, "hypercall", "cpu_myid", PROFILE)
+    table, rows = entries_table(GUESTS, MONITORS, "sun4v", ("hypercall", "hypertrap"), PROFILE)
     lines = [f"popek bench sun4v ({n:,} fast traps; wall times of this Python model on this host; cycles on "
              f"profile {PROFILE}, whose sun4v prices are assumed)",
-             f"  one fast trap (cpu_myid: int 0x80 -> function table -> return)  "
-             f"{(full - empty) / calls * 1e6:8.2f} µs",
+             f"  one fast trap (cpu_myid: int 0x80 -> function table -> return)  {one:8.2f} µs",
              "", "  monitor entries per sample guest (each monitor on its platform's build: -D PV for pv, "
-             "-D SUN4V for sun4v)",
-             f"  {'guest':18} " + " ".join(f"{m:>8}" for m in MONITORS) + "   sun4v kinds"]
-    builds = {m: platform_defines(m) for m in MONITORS}
-    cycles = []
-    for name in GUESTS:
-        path = str(SAMPLES / "guests" / f"{name}.s")
-        native = _best(load_guest(path), "native", 1)[1]
-        row = {}
-        for monitor, defines in builds.items():
-            result = _best(load_guest(path, defines=defines or None), monitor, 1)[1]
-            same = result.exit.code == native.exit.code and result.exit.reason in ("exit-port", "mach-exit")
-            row[monitor] = (monitor_entries(result.events), same, result)
-        s4 = row["sun4v"][2]
-        kinds = ", ".join(f"{k} {sum(s4.events.get(k, {}).values())}" for k in ("hypercall", "hypertrap")
-                          if s4.events.get(k)) or "-"
-        lines.append(f"  {name:18} " + " ".join(f"{row[m][0]:>7,}{'' if row[m][1] else '*'}" for m in MONITORS)
-                     + f"   {kinds}")
-        cycles.append((name, native.modelled_cycles, s4.modelled_cycles))
-    lines.append("  (* the exit code differs from the native build's: the technique diverges on this guest)")
+             "-D SUN4V for sun4v)", *table]
+    cycles = [(r.guest, r.native.modelled_cycles, r.results["sun4v"].modelled_cycles) for r in rows]
     lines += ["", f"  nanobenchmarks under sun4v (samples/nanobench -D SUN4V, N = 1000): per operation",
               f"  {'bench':10} {'entries':>8} {'µs':>8} {'cycles':>8}"]
     for name in NANO:
         path = str(SAMPLES / "nanobench" / f"{name}.s")
-        op_wall, op = _best(load_guest(path, defines={"SUN4V": 1}), "sun4v")
-        empty_wall, none = _best(load_guest(path, defines={"SUN4V": 1, "EMPTY": 1}), "sun4v")
+        op_wall, op = best_of(load_guest(path, defines={"SUN4V": 1}), "sun4v", profile=PROFILE)
+        empty_wall, none = best_of(load_guest(path, defines={"SUN4V": 1, "EMPTY": 1}), "sun4v", profile=PROFILE)
         ok = op.exit.reason == "mach-exit" and op.exit.code == 0
         lines.append(f"  {name:10} {(monitor_entries(op.events) - monitor_entries(none.events)) / 1000:8.2f} "
                      f"{(op_wall - empty_wall) / 1000 * 1e6:8.2f} "

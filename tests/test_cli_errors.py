@@ -87,6 +87,10 @@ BAD = [
     ["bench", "pv", "--iterations", "x"],
     ["bench", "sun4v", "--iterations", "0"],
     ["bench", "sun4v", "--iterations", "-3"],
+    ["bench", "fuzz", "--examples", "-5"],
+    ["bench", "fuzz", "--jobs", "0"],
+    ["bench", "fuzz", "--seed", "-1"],
+    ["bench", "fuzz", "--seeds", "/no/such/file"],
     ["bench", "nope"],
     # popek asm
     ["asm", "/no/such/source.s"],

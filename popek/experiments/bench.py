@@ -292,11 +292,15 @@ def _fuzz(args: argparse.Namespace) -> str:
 
 def _fuzz_arguments(b: argparse.ArgumentParser) -> None:
     import os
-    b.add_argument("--examples", type=int, default=100_000, help="mutated inputs (default 100000)")
+
+    from popek import arguments
+    b.add_argument("--examples", type=arguments.count, default=100_000, help="mutated inputs (default 100000)")
     b.add_argument("--seeds", nargs="+", metavar="FILE", help="ELF/PE files to mutate (default: vmdetect, "
                                                               "/bin/true, pip's t32.exe and t64.exe)")
-    b.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same inputs every run)")
-    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+    b.add_argument("--seed", type=arguments.in_range(0), default=0,
+                   help="random seed (default 0: the same inputs every run)")
+    b.add_argument("--jobs", type=arguments.in_range(1, 256), default=os.cpu_count() or 1,
+                   help="processes (default: one per CPU)")
 
 
 # name -> (function, help[, function adding the benchmark's own arguments])

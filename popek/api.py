@@ -31,11 +31,13 @@ def _paths(paths) -> list[str]:
 
 def scan(paths, *, strategy: str = "linear", mode: int | None = None, base: int = 0,
          regions: Iterable[str] | None = None, raw: bool = False, extended: bool = False,
-         isa: str | os.PathLike | None = None, model: str = "ia32"):
+         isa: str | os.PathLike | None = None, model: str = "ia32", internal_errors: bool = True):
     """Classify every instruction of ``paths`` (files or directories) in Popek-Goldberg terms.
 
     ``regions``: raw input's ``START:END:MODE`` strings (as ``popek scan --region``). Returns the
-    ``ScanDocument`` (``.files``: one report per file with its findings and any error)."""
+    ``ScanDocument`` (``.files``: one report per file with its findings and any error).
+    ``internal_errors``: record a bug of popek's on one file as that file's error and go on (False: raise it,
+    as ``popek --traceback scan`` does)."""
     from popek.isa import language
     from popek.isa.classify import Classifier
     from popek.loaders import parse_region_spec
@@ -49,7 +51,8 @@ def scan(paths, *, strategy: str = "linear", mode: int | None = None, base: int 
         raise UsageError("give at least one FILE or directory to scan")
     spans = [parse_region_spec(s) for s in regions] if regions else None
     classifier = Classifier(language.load(isa), model, extended=extended)
-    return scan_paths(files, classifier, strategy=strategy, mode=mode, base=base, regions=spans, raw=raw)
+    return scan_paths(files, classifier, strategy=strategy, mode=mode, base=base, regions=spans, raw=raw,
+                      internal_errors=internal_errors)
 
 
 def assemble(source, *, defines: dict | None = None, name: str | None = None, include_dirs=()):

@@ -11,10 +11,7 @@ from pathlib import Path
 
 from popek.cli import EXIT_BAD_INPUT, EXIT_FOUND, EXIT_OK
 from popek.errors import BadInput, UsageError
-from popek.isa import language
-from popek.isa.classify import Classifier
-from popek.loaders import ADDRESS_LIMIT, parse_region_spec, read_file
-from popek.scanner import scan_paths
+from popek.loaders import ADDRESS_LIMIT, read_file
 from popek.scanner.document import ScanDocument
 from popek.scanner.engine import STRATEGIES
 from popek.textout import encode
@@ -71,12 +68,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--load re-renders a saved result; it cannot be combined with {what}")
         doc = _load_saved(args.load)
     else:
-        if not args.paths:
-            raise UsageError("give at least one FILE or directory to scan")
-        regions = [parse_region_spec(s) for s in args.region] or None
-        classifier = Classifier(language.load(args.isa), args.model, extended=args.extended)
-        doc = scan_paths(args.paths, classifier, strategy=args.strategy, mode=args.mode, base=args.base,
-                         regions=regions, raw=args.raw, internal_errors=not args.traceback)
+        from popek import api
+        doc = api.scan(args.paths, strategy=args.strategy, mode=args.mode, base=args.base, regions=args.region,
+                       raw=args.raw, extended=args.extended, isa=args.isa, model=args.model,
+                       internal_errors=not args.traceback)
     # The terminal's width (COLUMNS, or the tty's); a file or a pipe gets the fixed default.
     width = TEXT_WIDTH if args.output else shutil.get_terminal_size((TEXT_WIDTH, 24)).columns
     text = render(doc, args.format, details=args.details or None, width=max(60, width))

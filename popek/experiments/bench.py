@@ -129,8 +129,10 @@ def _fetch_debs(directory: str) -> str:
 def _differential(args: argparse.Namespace) -> str:
     """Generated guests under native and --monitor: examples run, divergences (the first few shrunk), rate."""
     from popek.experiments.differential import fuzz
+    from popek.monitors.hvm import command as hvm_command
+    options = hvm_command.options(args)     # --vendor/--controls/--control: hvm only, checked before any work
     return fuzz(args.monitor, args.examples, reference=args.reference, seed=args.seed, jobs=args.jobs,
-                shrink_first=args.shrink).render()
+                shrink_first=args.shrink, options=options).render()
 
 
 def _differential_arguments(b: argparse.ArgumentParser) -> None:
@@ -148,6 +150,8 @@ def _differential_arguments(b: argparse.ArgumentParser) -> None:
                    help="processes (default: one per CPU)")
     b.add_argument("--shrink", type=arguments.in_range(0), default=3,
                    help="kinds of divergence to shrink and print (default 3)")
+    from popek.monitors.hvm import command as hvm_command
+    hvm_command.configure(b, trace=False)
 
 
 def _emulate(args: argparse.Namespace) -> str:

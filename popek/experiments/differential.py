@@ -207,6 +207,7 @@ class FuzzReport:
     signatures: dict = field(default_factory=dict)     # signature -> count
     first: dict = field(default_factory=dict)          # signature -> the first GuestSpec that showed it
     shrunk: list = field(default_factory=list)         # Divergence of the shrunk guests (with .source)
+    options: dict = field(default_factory=dict)         # the monitor's options (hvm: vendor, controls, control)
 
     def merge(self, other: FuzzReport) -> None:
         self.examples += other.examples
@@ -218,7 +219,10 @@ class FuzzReport:
 
     def render(self) -> str:
         rate = self.examples / self.seconds if self.seconds else 0.0
-        lines = [f"popek bench differential: {self.reference} vs {self.monitor}, seed {self.seed}",
+        given = " ".join(f"--{k} {v}" for k, vs in sorted(self.options.items())
+                         for v in (vs if isinstance(vs, (list, tuple)) else (vs,)))
+        lines = [f"popek bench differential: {self.reference} vs {self.monitor}{' ' + given if given else ''}, "
+                 f"seed {self.seed}",
                  f"  examples run      {self.examples:,}",
                  f"  divergent         {self.divergent:,}"
                  + (f" ({100 * self.divergent / self.examples:.2f}%)" if self.examples else ""),
@@ -238,7 +242,7 @@ class FuzzReport:
 
 
 def _fuzz_share(monitor: str, reference: str, examples: int, seed: int, batch: int, max_items: int,
-                kinds: tuple | None = None) -> FuzzReport:
+                kinds: tuple | None = None, options: dict | None = None) -> FuzzReport:
     """Run ``examples`` generated guests in Hypothesis batches (a fresh search tree per batch bounds memory)."""
     import time
 
@@ -247,7 +251,7 @@ def _fuzz_share(monitor: str, reference: str, examples: int, seed: int, batch: i
 
     from popek.experiments import guestgen
 
-    report = FuzzReport(reference, monitor, seed=seed)
+    report = FuzzReport(reference, monitor, seed=seed, options=dict(options or {}))
     strategy = guestgen.guests(max_items=max_items, kinds=kinds)
     started = time.perf_counter()
     done, b = 0, 0
@@ -260,7 +264,7 @@ def _fuzz_share(monitor: str, reference: str, examples: int, seed: int, batch: i
         @given(strategy)
         def one(spec):
             report.examples += 1
-            d = compare(spec, reference, monitor, max_instructions=guestgen.BUDGET)
+            d = compare(spec, reference, monitor, max_instructions=guestgen.BUDGET, options_b=options)
             if d is not None:
                 report.divergent += 1
                 report.signatures[d.signature] = report.signatures.get(d.signature, 0) + 1
@@ -276,36 +280,38 @@ def _fuzz_share(monitor: str, reference: str, examples: int, seed: int, batch: i
 
 def fuzz(monitor: str = "emulate", examples: int = 100_000, *, reference: str = "native", seed: int = 0,
          jobs: int = 1, batch: int = 1000, shrink_first: int = 3, max_items: int = 30,
-         kinds: tuple | None = None) -> FuzzReport:
+         kinds: tuple | None = None, options: dict | None = None) -> FuzzReport:
     """Compare ``reference`` and ``monitor`` on ``examples`` generated guests; count divergences and shrink
     the first guest of each of the first ``shrink_first`` kinds of divergence (``guestgen.shrink``). With
-    ``jobs`` > 1 the examples are split over processes with different seeds."""
+    ``jobs`` > 1 the examples are split over processes with different seeds. ``options``: constructor
+    arguments of ``monitor`` (hvm's vendor, controls, control), checked here before any guest runs."""
     import time
 
     from popek.experiments import guestgen
     from popek.monitors import get_monitor
 
-    for name in (reference, monitor):
-        get_monitor(name)                               # an unknown or unbuilt monitor: UsageError now
+    options = dict(options or {})
+    get_monitor(reference)                              # an unknown or unbuilt monitor, a bad control: UsageError now
+    get_monitor(monitor, **options)
     started = time.perf_counter()
-    report = FuzzReport(reference, monitor, seed=seed)
+    report = FuzzReport(reference, monitor, seed=seed, options=options)
     shares = [examples // jobs + (1 if k < examples % jobs else 0) for k in range(max(1, jobs))]
     if jobs <= 1:
-        report.merge(_fuzz_share(monitor, reference, examples, seed, batch, max_items, kinds))
+        report.merge(_fuzz_share(monitor, reference, examples, seed, batch, max_items, kinds, options))
     else:
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            parts = pool.starmap(_fuzz_share, [(monitor, reference, n, seed + k * 7919, batch, max_items, kinds)
-                                               for k, n in enumerate(shares) if n])
+            parts = pool.starmap(_fuzz_share, [(monitor, reference, n, seed + k * 7919, batch, max_items, kinds,
+                                                options) for k, n in enumerate(shares) if n])
         for part in parts:
             report.merge(part)
     report.seconds = time.perf_counter() - started
     for sig, spec in list(report.first.items())[:shrink_first]:
         def same_kind(candidate, sig=sig):
-            d = compare(candidate, reference, monitor, max_instructions=guestgen.BUDGET)
+            d = compare(candidate, reference, monitor, max_instructions=guestgen.BUDGET, options_b=options)
             return d is not None and d.signature == sig
         small = guestgen.shrink(spec, same_kind)
-        d = compare(small, reference, monitor, max_instructions=guestgen.BUDGET, locate=True)
+        d = compare(small, reference, monitor, max_instructions=guestgen.BUDGET, locate=True, options_b=options)
         if d is not None:
             report.shrunk.append(d)
     report.shrink_seconds = time.perf_counter() - started - report.seconds

@@ -2,10 +2,11 @@
 guest can see differs, and name the sensitive instructions responsible.
 
 How the blame is found: before each run, the guest's loaded image is swept with the classifier, and a code
-hook is put on exactly the sensitive-unprivileged instructions it contains (nothing else is slowed down).
-Each time one executes, the observer records the state that instruction reads — the ISA description's
-``reads`` list (GDTR, IDTR, LDTR, TR, CR0, EFLAGS.IF/IOPL, CPL, segments) — as the real machine holds it at
-that moment. Pairing the two runs' records by (address, n-th execution) shows, for each instruction, what
+hook is put on exactly the instructions it observes (nothing else is slowed down). Each time one executes,
+the observer records the state that instruction reads, the ISA description's ``reads`` list, as
+``_OBSERVE`` says to read each state: for a sensitive-unprivileged instruction (GDTR, IDTR, LDTR, TR, CR0,
+EFLAGS.IF/IOPL, CPL, segments) as the real machine holds it at that moment; for state a monitor answers
+(CPUID: hvm's cpuid exits) what it was asked and, at the next instruction, the answer the guest got. Pairing the two runs' records by (address, n-th execution) shows, for each instruction, what
 the guest saw under the monitor against what the bare machine gave. Under a monitor that runs the guest
 directly (``trap``) these hooks see the real, monitor-owned state, which is exactly what such an instruction
 leaks; under a translating monitor the guest's instructions do not execute in place and nothing is recorded.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from unicorn import UC_HOOK_CODE
 
@@ -119,17 +121,45 @@ def _byte_spans(x: bytes, y: bytes) -> list[tuple[int, int]]:
         spans.append((start, len(x)))
     return spans
 
+def _field(state: str, read: Callable) -> Callable:
+    return lambda m: ((state, read(m)),)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How to observe one piece of state (a ``reads`` name of the ISA description) at an instruction.
+
+    ``before``: (field, value) pairs read on the machine as the instruction starts. That is what a
+    sensitive-unprivileged instruction reads, because it runs in place under every monitor, so such probes
+    are used at sensitive-unprivileged sites only (elsewhere a trapping monitor emulates the instruction and
+    the real state is not what the guest got). ``after``: for state a monitor may answer for the guest
+    (cpuid's), the answer as the guest got it, read once the instruction has completed; ``before`` then says
+    what was asked. Such a probe is valid at any site: whoever carried the instruction out, its result is
+    what the guest sees."""
+
+    before: Callable
+    after: Callable | None = None
+    why: str = ""                   # for an answered state: why a monitor's answer may differ (a note)
+
+
+_REGS = ("eax", "ebx", "ecx", "edx")
 # How to read, on the machine, each piece of state the description says an instruction reads.
 _OBSERVE = {
-    "GDTR": lambda m: "base={1:#010x} limit={2:#06x}".format(*m.table("gdtr")),
-    "IDTR": lambda m: "base={1:#010x} limit={2:#06x}".format(*m.table("idtr")),
-    "LDTR": lambda m: f"{m.table('ldtr')[0] & 0xFFFF:#06x}",
-    "TR": lambda m: f"{m.table('tr')[0] & 0xFFFF:#06x}",
-    "CR0": lambda m: f"{m.reg('cr0'):#010x}",
-    "EFLAGS.IF": lambda m: str((m.reg("eflags") >> 9) & 1),
-    "EFLAGS.IOPL": lambda m: str((m.reg("eflags") >> 12) & 3),
-    "CPL": lambda m: str(m.reg("cs") & 3),
-    "segments": lambda m: "cs={cs:#06x} ss={ss:#06x}".format(**m.registers(("cs", "ss"))),
+    "GDTR": Probe(_field("GDTR", lambda m: "base={1:#010x} limit={2:#06x}".format(*m.table("gdtr")))),
+    "IDTR": Probe(_field("IDTR", lambda m: "base={1:#010x} limit={2:#06x}".format(*m.table("idtr")))),
+    "LDTR": Probe(_field("LDTR", lambda m: f"{m.table('ldtr')[0] & 0xFFFF:#06x}")),
+    "TR": Probe(_field("TR", lambda m: f"{m.table('tr')[0] & 0xFFFF:#06x}")),
+    "CR0": Probe(_field("CR0", lambda m: f"{m.reg('cr0'):#010x}")),
+    "EFLAGS.IF": Probe(_field("EFLAGS.IF", lambda m: str((m.reg("eflags") >> 9) & 1))),
+    "EFLAGS.IOPL": Probe(_field("EFLAGS.IOPL", lambda m: str((m.reg("eflags") >> 12) & 3))),
+    "CPL": Probe(_field("CPL", lambda m: str(m.reg("cs") & 3))),
+    "segments": Probe(_field("segments", lambda m: "cs={cs:#06x} ss={ss:#06x}".format(**m.registers(("cs", "ss"))))),
+    # cpuid: asked with EAX (leaf) and ECX (subleaf), answered in EAX, EBX, ECX, EDX (SDM Vol. 2A, CPUID)
+    "CPUID": Probe(lambda m: (("leaf", f"{m.reg('eax'):#x}"), ("subleaf", f"{m.reg('ecx'):#x}")),
+                   lambda m: tuple((r, f"{v:#010x}") for r, v in m.registers(_REGS).items()),
+                   "hvm answers cpuid itself at a CPUID exit and, with the control cpuid-hypervisor-bit, "
+                   "reports a hypervisor (CPUID.1:ECX[31], the leaves 0x40000000+): the documented "
+                   "difference (docs/hvm.md)"),
 }
 
 
@@ -139,15 +169,28 @@ class Observation:
     name: str
     text: str
     occurrence: int                 # 1 for the first execution of this address, 2 for the second, ...
-    seen: tuple[tuple[str, str], ...]   # (state, value as the instruction read it)
+    seen: tuple[tuple[str, str], ...]   # (field, value as the instruction read it or answered it)
+    asked: tuple[tuple[str, str], ...] = ()     # (field, value) of what an answered instruction was asked
+    why: str = ""                                # the answered state's note (``Probe.why``)
 
     @property
     def key(self) -> tuple[int, int]:
         return self.address, self.occurrence
 
 
+@dataclass(frozen=True)
+class _Site:
+    name: str
+    text: str
+    next: int                       # the address after the instruction, where an answer is read
+    before: tuple[Probe, ...]       # state read as it starts
+    answers: tuple[Probe, ...]      # state it answers, read as the next instruction starts
+
+
 class Observer:
-    """Records what the sensitive-unprivileged instructions of a loaded guest read, each time they run."""
+    """Records what the observed instructions of a loaded guest read, each time they run: the
+    sensitive-unprivileged ones (the state they read in place) and those whose state a monitor answers
+    (cpuid: what was asked and the answer), as ``_OBSERVE`` says for each state the ISA description names."""
 
     LIMIT = 10_000  # records kept per run: enough to find the first differences, bounded for looping guests
 
@@ -155,26 +198,49 @@ class Observer:
         self.classifier = classifier
         self.records: list[Observation] = []
         self._counts: dict[int, int] = {}
-        self._sites: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+        self._sites: dict[int, _Site] = {}
+        self._pending: dict[int, tuple[int, _Site, int, tuple]] = {}   # next address -> (site, n, asked)
 
     def attach(self, machine) -> None:
+        hooked: set[int] = set()
         for address, data in machine.guest.segments:
             region = Region("guest", address, data, 32)
             findings, _ = engine.linear(region, self.classifier)
             for f in findings:
-                if f.cls != "sensitive-unprivileged":
+                in_place = f.cls == "sensitive-unprivileged"
+                probes = [_OBSERVE[s] for s in self.classifier.isa.instructions[f.name].reads if s in _OBSERVE]
+                answers = tuple(p for p in probes if p.after is not None)
+                if not in_place and not answers:
                     continue
-                reads = tuple(s for s in self.classifier.isa.instructions[f.name].reads if s in _OBSERVE)
-                self._sites[f.address] = (f.name, f.text, reads)
-                machine.uc.hook_add(UC_HOOK_CODE, self._hook, machine, f.address, f.address)
+                before = tuple(p for p in probes if p.after is None) if in_place else ()
+                self._sites[f.address] = _Site(f.name, f.text, f.address + f.size, before, answers)
+                hooked.add(f.address)
+                if answers:
+                    hooked.add(f.address + f.size)
+        for address in sorted(hooked):
+            machine.uc.hook_add(UC_HOOK_CODE, self._hook, machine, address, address)
 
     def _hook(self, uc, address: int, size: int, machine) -> None:
-        if len(self.records) >= self.LIMIT:
+        pending = self._pending.pop(address, None)
+        if pending is not None:             # the answered instruction before this one has completed
+            site_address, site, n, asked = pending
+            seen = tuple(pair for p in site.answers for pair in p.after(machine))
+            why = "; ".join(p.why for p in site.answers if p.why)
+            self._keep(Observation(site_address, site.name, site.text, n, seen, asked, why))
+        site = self._sites.get(address)
+        if site is None or len(self.records) >= self.LIMIT:
             return
-        name, text, reads = self._sites[address]
         n = self._counts[address] = self._counts.get(address, 0) + 1
-        seen = tuple((state, _OBSERVE[state](machine)) for state in reads)
-        self.records.append(Observation(address, name, text, n, seen))
+        if site.answers:
+            asked = tuple(pair for p in site.answers for pair in p.before(machine))
+            self._pending[site.next] = (address, site, n, asked)
+        else:
+            self._keep(Observation(address, site.name, site.text, n,
+                                   tuple(pair for p in site.before for pair in p.before(machine))))
+
+    def _keep(self, o: Observation) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(o)
 
 
 class Writers:
@@ -206,7 +272,7 @@ class Report(Tabular):
     native: dict
     other: dict
     differences: list[str] = field(default_factory=list)      # what the guest can see that differs
-    blamed: list[dict] = field(default_factory=list)          # sensitive instructions that read different state
+    blamed: list[dict] = field(default_factory=list)          # observed instructions that saw different state
     paths: str = ""                                           # where the runs' executions part, if they do
     verdict: Verdict = Verdict(EQUIVALENT)
     writers: list[dict] = field(default_factory=list)         # differing RAM ranges and who wrote them
@@ -233,9 +299,10 @@ class Report(Tabular):
         return f"{self.guest}: native vs {self.monitor}: {verdict}"
 
     def table(self) -> tuple[list[str], list[list]]:
-        """One row per sensitive instruction execution that saw different state than on the bare machine."""
-        return (["address", "instruction", "text", "execution", "read", "bare machine"],
-                [[b["address"], b["name"], b["text"], b["occurrence"], b["saw"], b["native"]] for b in self.blamed])
+        """One row per observed instruction execution that saw different state than on the bare machine."""
+        return (["address", "instruction", "text", "execution", "asked", "read", "bare machine"],
+                [[b["address"], b["name"], b["text"], b["occurrence"], _pairs(b["asked"]), b["saw"], b["native"]]
+                 for b in self.blamed])
 
     def render_text(self) -> str:
         lines = [f"popek diff {self.guest}: native vs {self.monitor}"]
@@ -254,20 +321,25 @@ class Report(Tabular):
             lines += [f"  {w['range']}: native {w['native'] or 'no store seen'}, monitored "
                       f"{w['monitored'] or 'no store seen'}" for w in self.writers]
         if self.blamed:
-            lines.append("\nsensitive-unprivileged instructions that saw different state than on the bare machine:")
-            groups: dict[tuple[str, str, str], list[dict]] = {}
+            lines.append("\ninstructions that saw different state than on the bare machine:")
+            groups: dict[tuple[str, str, str, str], list[dict]] = {}
             for b in self.blamed:  # the same leak at several sites reads as one line
-                groups.setdefault((b["name"], b["saw"], b["native"]), []).append(b)
-            for (name, saw, native), sites in list(groups.items())[:self.SHOWN]:
+                groups.setdefault((b["name"], _pairs(b["asked"]), b["saw"], b["native"]), []).append(b)
+            for (name, asked, saw, native), sites in list(groups.items())[:self.SHOWN]:
                 first = sites[0]
                 where = f"{first['address']} ({first['text']})"
                 if len(sites) > 1:
                     where += f" and {len(sites) - 1} more execution{'s' * (len(sites) > 2)}"
-                lines.append(f"  {name} at {where}: read {saw}; the bare machine gave {native}")
+                if asked:           # an answered instruction: what it was asked, which outputs differ
+                    lines.append(f"  {name} at {where}, {asked}: {', '.join(first['fields'])} differ: "
+                                 f"{self.monitor} answered {saw}; the bare machine answered {native}")
+                else:
+                    lines.append(f"  {name} at {where}: read {saw}; the bare machine gave {native}")
             if len(groups) > self.SHOWN:
                 lines.append(f"  ... {len(groups) - self.SHOWN} more (--format json lists every one)")
         elif self.status == DIVERGES:
-            lines.append("\nno sensitive-unprivileged instruction of the loaded image read different state")
+            lines.append("\nno observed instruction of the loaded image (the sensitive-unprivileged ones, and cpuid's "
+                         "answers) saw different state")
         if self.paths:
             lines.append(f"\n{self.paths}")
         lines += [f"\nnote: {n}" for n in self.notes]
@@ -320,12 +392,8 @@ def diff(guest, monitor: str, *, max_instructions: int = DEFAULT_BUDGET, options
                                    "monitored": _writer(guest, seen[1].get(r))})
     report.blamed = blame(native_obs, other_obs)
     report.paths = _parting(native_obs, other_obs)
-    cpuid = report.other["events"].get("exit", {}).get("CPUID", 0)
-    if cpuid:
-        report.notes.append(f"cpuid: {monitor} answered {cpuid} cpuid exit{'s' * (cpuid > 1)} itself and, with the "
-                            "control cpuid-hypervisor-bit, reports a hypervisor (CPUID.1:ECX[31], leaves "
-                            "0x40000000+): where the difference is in what cpuid returned, that is the "
-                            "documented one (docs/hvm.md)")
+    report.notes += [f"{b['name']} at {b['address']}: {b['why']}" for b in
+                     {b["why"]: b for b in reversed(report.blamed) if b["why"]}.values()][::-1]
     if "first hyperprivileged trap: " in other.exit.why:
         trap = other.exit.why.split("first hyperprivileged trap: ", 1)[1]
         report.notes.append(f"{monitor}: the guest is not ported: its first hyperprivileged trap was {trap}; "
@@ -334,19 +402,31 @@ def diff(guest, monitor: str, *, max_instructions: int = DEFAULT_BUDGET, options
 
 
 def blame(native_obs: list[Observation], other_obs: list[Observation]) -> list[dict]:
-    """The executions of sensitive-unprivileged instructions that read different state under the monitor than
-    the same execution (address, n-th time) did on the bare machine."""
+    """The executions of observed instructions that read (or were answered) different state under the monitor
+    than the same execution (address, n-th time) on the bare machine: each names what it was asked (cpuid's
+    leaf and subleaf), the fields that differ (``fields``: field -> native and monitored values) and, as
+    text, the differing fields under both (``saw``, ``native``)."""
     theirs = {o.key: o for o in native_obs}
     blamed = []
     for o in other_obs:
         ref = theirs.get(o.key)
-        if ref is not None and ref.seen != o.seen:
-            blamed.append({
-                "address": f"{o.address:#x}", "name": o.name, "text": o.text, "occurrence": o.occurrence,
-                "saw": ", ".join(f"{s} {v}" for s, v in o.seen),
-                "native": ", ".join(f"{s} {v}" for s, v in ref.seen),
-            })
+        if ref is None or (ref.seen, ref.asked) == (o.seen, o.asked):
+            continue
+        mine, native = dict(o.seen), dict(ref.seen)
+        differ = [k for k in dict.fromkeys([*native, *mine]) if native.get(k) != mine.get(k)] or list(mine)
+        blamed.append({
+            "address": f"{o.address:#x}", "name": o.name, "text": o.text, "occurrence": o.occurrence,
+            "asked": {k: v for k, v in o.asked}, "native_asked": {k: v for k, v in ref.asked},
+            "fields": {k: {"native": native.get(k), "monitored": mine.get(k)} for k in differ},
+            "why": o.why,
+            "saw": ", ".join(f"{k} {mine.get(k)}" for k in differ),
+            "native": ", ".join(f"{k} {native.get(k)}" for k in differ),
+        })
     return blamed
+
+
+def _pairs(asked: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in asked.items())
 
 
 def _writer(guest, eip: int | None) -> str | None:

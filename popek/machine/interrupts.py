@@ -98,7 +98,10 @@ def deliver(m: Machine, cpu: Cpu, event: Interrupt) -> None:
             second = fault.event(current.insn)
             m.events.count("delivery-fault", second.name)
             why = f"{second.name} ({fault.why}) while delivering {current.name}"
-            current, depth = escalate(current, second), depth + 1
+            then = escalate(current, second)
+            if m.ops is not None:
+                m.ops.delivery_fault(m, current, second, then)
+            current, depth = then, depth + 1
     m.triple_fault(why if current is None else f"more than {MAX_DEPTH} nested faults: {why}")
 
 

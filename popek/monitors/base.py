@@ -64,6 +64,11 @@ class MonitorOps:
         """Handle ``event`` instead of the guest's IDT; True when handled."""
         return False
 
+    def delivery_fault(self, machine: Machine, delivering: Interrupt, fault: Interrupt,
+                       then: Interrupt | None) -> None:
+        """``fault`` was raised while delivering ``delivering``; the CPU goes on with ``then`` (the fault
+        itself, a #DF, or None: a triple fault). Only observed: hvm's exception bitmap applies to it."""
+
     def interrupts_enabled(self, machine: Machine) -> bool:
         return machine.interrupts_enabled()
 

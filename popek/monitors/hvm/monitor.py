@@ -133,6 +133,7 @@ class HardwareAssisted(MonitorOps):
         self._pending: tuple[Exit, int | None, str, Recipe] | None = None
         self._requested = False                 # an interrupt request has exited and waits to be injected
         self._window = False                    # interrupt-window exiting is set
+        self._triple = False                    # delivery_fault has seen the triple fault
         watched = {e.name for e in self.model.exits
                    if e.name in self.isa.instructions and e.name not in NOT_WATCHED and self._may_exit(e)}
         self.watch = Watch(machine, watched, self._on_insn, kind="hvm")
@@ -206,15 +207,43 @@ class HardwareAssisted(MonitorOps):
             if event.vector == GP and event.why.endswith("memory)") and self.controls["nested-paging"]:
                 self._event_exit("ept-violation", None, event.why, event.eip)
             if event.vector in self.controls["exception-bitmap"]:
-                code = "" if event.error_code is None else f" error {event.error_code:#x}"
-                self._event_exit("exception", event.vector, f"{vector_name(event.vector)}{code}", event.eip)
+                self._exception_exit(event, "", event.eip)
                 if event.vector == PF and self.guest.paging is not None:
                     return self._page_fault(machine, event.error_code)
+        elif event.source == SOFTWARE and event.name in ("int3", "into"):
+            if event.vector in self.controls["exception-bitmap"]:   # SDM 3C: the bitmap covers INT3 and INTO
+                self._exception_exit(event, "", event.insn)
         elif event.source == SOFTWARE and event.name.startswith("int ") and self._on("swint-intercept"):
             line = self.model.exits_for("int")
             if line:
                 self._exit(line[0], None, "int", event.name, event.insn)
         return False                             # the guest's own IDT, as on the bare machine
+
+    def delivery_fault(self, machine: Machine, delivering: Interrupt, fault: Interrupt,
+                       then: Interrupt | None) -> None:
+        """An exception raised while delivering an event (SDM 3C "VM exits during event delivery"; the SDM's
+        VMM programming considerations: an exit whose IDT-vectoring information is #DF is the guest's triple
+        fault, which the monitor does not re-inject; AMD APM Vol. 2 15.7.2, EXITINTINFO): it exits
+        if its vector is in the exception bitmap, the IDT-vectoring information recording the event being
+        delivered; if it does not, the #DF the CPU makes of the pair is checked in turn, and a fault while
+        delivering #DF that does not exit is a triple fault (TRIPLE_FAULT; SVM: SHUTDOWN). After an exit the
+        monitor lets the delivery go on as on the bare machine (it re-injects what the CPU would deliver)."""
+        bitmap = self.controls["exception-bitmap"]
+        vectoring = f" (IDT-vectoring: {delivering.name})"
+        exits = fault.vector in bitmap
+        if exits:
+            self._exception_exit(fault, vectoring, delivering.insn)
+        if then is None:
+            self._triple = True
+            if not exits:
+                self._event_exit("triple-fault", None, f"{fault.name} while delivering {delivering.name}",
+                                 delivering.insn)
+        elif then is not fault and not exits and then.vector in bitmap:
+            self._exception_exit(then, vectoring, delivering.insn)
+
+    def _exception_exit(self, event: Interrupt, after: str, address: int) -> None:
+        code = "" if event.error_code is None else f" error {event.error_code:#x}"
+        self._event_exit("exception", event.vector, f"{vector_name(event.vector)}{code}{after}", address)
 
     def _event_exit(self, what: str, n: int | None, qualification: str, address: int) -> None:
         lines = self.model.exits_for(what)
@@ -296,7 +325,8 @@ class HardwareAssisted(MonitorOps):
         return True
 
     def detach(self, machine: Machine) -> None:
-        if machine.end is not None and machine.end.reason == TRIPLE_FAULT:
+        if machine.end is not None and machine.end.reason == TRIPLE_FAULT and not self._triple:
+            # (the machine's own rule: too many nested handler faults; delivery_fault saw the others)
             self._event_exit("triple-fault", None, machine.end.why, machine.reg("eip"))
 
     def state(self, machine: Machine) -> dict:

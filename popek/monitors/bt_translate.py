@@ -10,7 +10,7 @@ guest instruction may be followed by a jump that is not its own. Hence the layou
   next unit), at a callout, at a call or loop instruction (their glue has the exits) or at ``cap``; the
   run goes on with the next unit, which execution reaches by falling through.
 - The run ends at an unconditional transfer (jmp, ret, indirect jmp, iret, far jmp/ret), at the end of the
-  page, at ``max_run``, or before code that cannot be fetched or decoded. Where execution would fall out of
+  page, at ``max_run``, before code that cannot be fetched or decoded, or before code translated already. Where execution would fall out of
   the run, its last guest instruction is moved into glue and followed there by an exit: the unit holds a
   counted ``jmp`` that stands for that instruction (a copied instruction runs the same anywhere: IA-32 has
   no EIP-relative data addressing; a conditional branch becomes ``jcc``/``jmp`` with two exits). A callout
@@ -176,7 +176,11 @@ class Translator:
                 unit = self._unit(run, key, pos)
                 self._emit(run, unit, pos, UD2, pos + 1)
                 break
-            if insn is None or run.instructions >= self.max_run or pos // PAGE != page:
+            if insn is None or run.instructions >= self.max_run or pos // PAGE != page \
+                    or (pos, key) in cache.index:
+                # ... or at code translated already: an exit chains to it. Translating it again would leave
+                # one more live copy of it per retranslation of the code before it (a store into the next
+                # instruction in a loop retranslates every iteration: work quadratic in the iterations).
                 self._close(run, pending, key, pos)
                 break
             if pending is not None:

@@ -174,6 +174,16 @@ next:   mov ebx, 5
         mov al, 0
         out 0xf4, al
 """,
+"call-translated-function": """
+        mov esp, 0x90000
+        call f
+        jmp next
+next:   call f
+        mov al, 0
+        out 0xf4, al
+f:      inc ebx
+        ret
+""",
 "smc-loop": """
         mov esp, 0x90000
         mov ecx, 2000

@@ -144,7 +144,7 @@ class BinaryTranslation(Deprivileged):
         self._syscall_hook = hook_syscall(uc, self._on_syscall)
         self._eip = live_eip(m)
         m.memory.runs_ram = self.direct_user            # only direct user code runs from guest RAM
-        self.guard = Guard(m, cache, self.counts, lambda: self._base)
+        self.guard = Guard(m, cache, self.counts, self._key)
         self._goto(m.reg("eip"), callout=False)
 
     def _count_guest_only(self) -> None:
@@ -324,6 +324,7 @@ class BinaryTranslation(Deprivileged):
             return                          # a guest syscall copied unchanged: a no-op, as natively
         if self.paranoid:
             self._check_invisible()
+        self.guard.shadow = None
         kind = site.kind
         if kind == "emulate":
             self._emulate(site, False)
@@ -363,6 +364,10 @@ class BinaryTranslation(Deprivileged):
                 return
             if name in DATA_LOADS:
                 self._accessed((recipe.operands[0].reg,))
+                if recipe.operands[0].reg == "ss":
+                    self.guard.shadow = site.next
+            elif name == "sti":
+                self.guard.shadow = site.next
             if last or self._flush_wanted is not None or eip != (site.next - site.owner.key[1]) & 0xFFFFFFFF:
                 self._goto(eip, callout=True)
             return

@@ -38,14 +38,17 @@ GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
 class Guard:
     """The hooks and listeners above, for one machine and one cache."""
 
-    def __init__(self, machine, cache, counts: Counter, base):
+    def __init__(self, machine, cache, counts: Counter, key):
         self.m, self.cache, self.counts = machine, cache, counts
-        self.base = base                                # () -> the CS base EIPs in the cache are relative to
+        self.key = key                                  # () -> the translation key now: (CPL, CS base, 32-bit)
         self.counter = ctypes.c_uint64.from_address(machine.uc._uch.value + machine.engine.layout.counter)
         self._watched: list[tuple[int, int]] = []       # the ranges the write hooks cover
         self._hooks: list[int] = []                     # write hooks (made once, ranges rewritten)
         self._spans: dict[int, list[int]] = {}          # physical page -> [first, end) byte of code in it
         self._blanked: list[tuple[int, bytes]] = []
+        # The guest instruction (linear) right after a sti, mov ss or pop ss the monitor just emulated: in
+        # that interrupt shadow the bare machine (QEMU) runs a translation block of that one instruction.
+        self.shadow: int | None = None
         machine.uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_cache_read, None, cache.base, cache.end - 1)
         machine.memory.on_write = self._on_host_write
 
@@ -113,7 +116,8 @@ class Guard:
 
     def _on_guest_write(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
         cache, m = self.cache, self.m
-        running = cache.unit_at((m.engine.read(X.UC_X86_REG_EIP) + self.base()) & 0xFFFFFFFF)
+        running = self._running()
+        after = self._continuation(running)
         cache.deferring = True
         try:
             hit = self._invalidate(address, size, "guest-write")
@@ -121,7 +125,8 @@ class Guard:
             cache.deferring = False
         if not hit:
             return
-        if running is not None and not running.alive:
+        if running is not None and not self._in_shadow() and (running in hit or any(unit in hit and address + size > start
+                                                          for unit, start in after)):
             # The bare machine restarts a store into the block it is running in, and counts it again
             # (tests/regressions/smc-store-counted-twice.s): count it again too, so that instruction
             # counts, and the timer that ticks on them, stay the bare machine's.
@@ -136,13 +141,48 @@ class Guard:
         if physical >> 12 in pages or (physical + size - 1) >> 12 in pages:
             self._invalidate(physical, size, "host-write")
 
-    def _invalidate(self, address: int, size: int, why: str) -> bool:
+    def _running(self):
+        """The unit whose guest instruction is executing: the one EIP is in, or, for an instruction moved into
+        glue at the end of its run (bt_translate), the unit that stands for it."""
+        cache, key = self.cache, self.key()
+        eip = (self.m.engine.read(X.UC_X86_REG_EIP) + key[1]) & 0xFFFFFFFF
+        unit = cache.unit_at(eip)
+        if unit is None:
+            guest = cache.guest_address(eip)
+            at = None if guest is None else cache.index.get((guest, key))
+            unit = None if at is None else cache.unit_at(at)
+        return unit
+
+    def _in_shadow(self) -> bool:
+        """Whether the storing instruction runs in an interrupt shadow (``shadow``): then the bare machine's
+        block holds that instruction alone, and a store into the code after it is not into the running block
+        (a store into its own bytes would be; none is known to matter)."""
+        if self.shadow is None:
+            return False
+        eip = (self.m.engine.read(X.UC_X86_REG_EIP) + self.key()[1]) & 0xFFFFFFFF
+        return self.cache.guest_address(eip) == self.shadow
+
+    def _continuation(self, unit, most: int = 16) -> list:
+        """Where straight-line execution goes on after ``unit`` when its run stopped before code translated
+        already (``Unit.joins``): [(the translation there now, its first physical byte)]. A store into those
+        bytes is a store into the code running now (the bare machine's translation block would hold them)."""
+        cache, key, out = self.cache, self.key(), []
+        while unit is not None and unit.joins is not None and len(out) < most:
+            linear, start = unit.joins
+            at = cache.index.get((linear, key))
+            unit = None if at is None else cache.unit_at(at)
+            if unit is not None:
+                out.append((unit, start))
+        return out
+
+    def _invalidate(self, address: int, size: int, why: str) -> list:
+        """Invalidate the units made from the bytes written; returns them."""
         units = self.cache.units_overlapping(address, address + size)
         for unit in units:
             self.cache.invalidate(unit)
         if units:
             self.counts["invalidation", why] += len(units)
-        return bool(units)
+        return units
 
     def _on_cache_read(self, uc, access: int, address: int, size: int, value: int, _user) -> None:
         """A guest instruction reads the cache: it gets #GP(0) as for any address outside memory; the bytes

@@ -176,11 +176,16 @@ class Translator:
                 unit = self._unit(run, key, pos)
                 self._emit(run, unit, pos, UD2, pos + 1)
                 break
-            if insn is None or run.instructions >= self.max_run or pos // PAGE != page \
-                    or (pos, key) in cache.index:
-                # ... or at code translated already: an exit chains to it. Translating it again would leave
+            translated = pending is not None and cache.index.get((pos, key))
+            if insn is None or run.instructions >= self.max_run or pos // PAGE != page or translated:
+                # ... or at code translated already (not a traced call's target: pending is None there, and
+                # the trace is the point), to which an exit chains. Translating it again would leave
                 # one more live copy of it per retranslation of the code before it (a store into the next
                 # instruction in a loop retranslates every iteration: work quadratic in the iterations).
+                if translated and not self._ends_unit(pending) and in_unit < self.cap:
+                    # the unit would have gone on there: for the guard's count of a store into the code
+                    # running now (bt_guard), it goes on in that translation
+                    unit.joins = (pos, self._physical_page(pos // PAGE) * PAGE + pos % PAGE)
                 self._close(run, pending, key, pos)
                 break
             if pending is not None:

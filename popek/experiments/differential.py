@@ -3,7 +3,8 @@
 ``compare(guest, "native", "emulate")`` runs the guest on two fresh machines and returns ``None`` when the
 results agree, else a ``Divergence`` whose ``report()`` says what differs, readably: the exit (reason and
 code), the console (the first differing offset with context), every visible state field of DESIGN §3.4
-(``RunResult.to_dict()["state"]``) and, where meaningful, ``guest_instructions``. Event counts are never
+(``RunResult.to_dict()["state"]``), guest RAM (the first differing byte ranges) and, where meaningful,
+``guest_instructions``. Event counts are never
 compared: they describe what each monitor did, which is the point of having several.
 
 ``locate=True`` adds where the runs part: a bisection over the instruction budget finds the smallest
@@ -20,6 +21,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from popek.experiments.divergence import memory_differences
 from popek.machine.result import STATE_KEYS, RunResult
 
 DEFAULT_BUDGET = 5_000_000
@@ -27,13 +29,15 @@ DEFAULT_BUDGET = 5_000_000
 
 @dataclass(frozen=True)
 class Difference:
-    what: str            # "exit", "console", "guest_instructions", "state.<key>"
-    a: Any
+    what: str            # "exit", "console", "memory", "guest_instructions", "state.<key>"
+    a: Any               # "memory": the lines that name the differing ranges (b: None)
     b: Any
 
     def render(self, monitor_a: str, monitor_b: str) -> str:
         if self.what == "console":
             return _console_diff(self.a, self.b, monitor_a, monitor_b)
+        if self.what == "memory":
+            return "\n  ".join(self.a)
         return f"{self.what}: {monitor_a} {_show(self.a)}, {monitor_b} {_show(self.b)}"
 
 
@@ -96,6 +100,8 @@ def differences(a: RunResult, b: RunResult, instructions: bool = True) -> list[D
         out.append(Difference("exit", f"{a.exit.reason} {a.exit.code}", f"{b.exit.reason} {b.exit.code}"))
     if a.console != b.console:
         out.append(Difference("console", a.console, b.console))
+    if a.memory is not None and b.memory is not None and a.memory.digest != b.memory.digest:
+        out.append(Difference("memory", tuple(memory_differences(a.memory, b.memory)[1]), None))
     for key in STATE_KEYS:
         if a.state.get(key) != b.state.get(key):
             out.append(Difference(f"state.{key}", a.state.get(key), b.state.get(key)))

@@ -68,7 +68,7 @@ def judge(reference, other, ported: bool = False) -> Verdict:
     differences = _differences(a, b)
     ranges: tuple[tuple[int, int], ...] = ()
     if not ported and reference.memory is not None and other.memory is not None:
-        ranges, text = _memory_differences(reference.memory, other.memory)
+        ranges, text = memory_differences(reference.memory, other.memory)
         differences += text
     unfinished = [f"{which} ended on {r.exit.reason} ({r.exit.why or r.guest_instructions})"
                   for which, r in (("reference", reference), ("monitored", other)) if not r.finished]
@@ -81,7 +81,8 @@ def judge(reference, other, ported: bool = False) -> Verdict:
     return Verdict(EQUIVALENT)
 
 
-def _memory_differences(a, b) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+def memory_differences(a, b) -> tuple[tuple[tuple[int, int], ...], list[str]]:
+    """The first differing byte ranges of two ``RamImage``s and a line per range (nothing when equal)."""
     if a.size != b.size:
         return (), [f"guest RAM size: reference {a.size:#x}, monitored {b.size:#x}"]
     if a.digest == b.digest:

@@ -41,6 +41,21 @@ def existing_directory(text: str) -> Path:
     return Path(text)
 
 
+def output_directory(text: str) -> str:
+    """A folder to write files into: an existing writable directory, or a new one in an existing writable
+    directory (created when the files are written)."""
+    if os.path.isdir(text):
+        if not os.access(text, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text}: directory is not writable")
+        return text
+    if os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot be created (no writable directory {parent})")
+    return text
+
+
 def output_file(*suffixes: str) -> ArgumentType:
     """A file to write: its directory exists and is writable, it is not a directory, and its name ends
     with one of ``suffixes`` when given (the format is chosen by the suffix)."""

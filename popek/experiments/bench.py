@@ -314,6 +314,8 @@ BENCHMARKS = {
              _fuzz_arguments),
     "differential": (_differential, "run generated guests under native and a monitor; count divergences",
                      _differential_arguments),
+    "images": _module("popek.experiments.images", "random 4 KiB images (half behind a 256-gate IDT that resumes "
+                      "them) under native and a monitor; count how their ends differ"),
     "emulate": (_emulate, "wall time of the pure interpreter (emulate) against native on a compute-bound guest",
                 _emulate_arguments),
     "trap": (_trap, "native speed and the cost of one trapped-and-emulated privileged instruction under trap"),

@@ -68,21 +68,38 @@ CHUNK = 8192  # instructions per Capstone call: bounds memory (Capstone allocate
 CAPSTONE_GAPS = {bytes([0x0F, b]): name for b, name in [
     (0x18, "nop"), (0x19, "nop"), (0x1A, "nop"), (0x1B, "nop"), (0x1C, "nop"), (0x1D, "nop"), (0x1E, "nop"),
     (0x1F, "nop"), (0x0D, "nop"), (0xAE, "lfence"), (0xB9, "ud1")]}
+# x87 register forms that Capstone 5 (and objdump) reject but every x87 FPU since the 8087 executes as
+# aliases of documented operations, and Unicorn (QEMU's fxch4, fcom2, fcomp3, fcomp5, fxch7, fstp8, fstp9)
+# executes too: by (opcode, ModRM & 0xF8), each two bytes long after its prefixes. The other register forms
+# Capstone rejects in D8-DF are #UD on the CPU and in Unicorn, and stay undecodable here.
+X87_ALIASES = {(0xDC, 0xD0): "fcom", (0xDC, 0xD8): "fcomp", (0xDD, 0xC8): "fxch", (0xDE, 0xD0): "fcomp",
+               (0xDF, 0xC8): "fxch", (0xDF, 0xD0): "fstp", (0xDF, 0xD8): "fstp"}
 _GAP_IDS = frozenset([0, x86_const.X86_INS_UD1])   # .byte, and UD1 (decoded without its ModRM)
 
 
-def gap_length(code, offset: int, mode: int) -> int | None:
-    """The length of the instruction at ``code[offset]`` if it is one of CAPSTONE_GAPS, else None."""
+def gap(code, offset: int, mode: int) -> tuple[int, str] | None:
+    """``(length, mnemonic)`` of the instruction at ``code[offset]`` if it is one Capstone misdecodes or
+    rejects (CAPSTONE_GAPS, X87_ALIASES), else None."""
     end = min(len(code), offset + 15)
     i, addr16 = offset, mode == 16
     while i < end and (code[i] in LEGACY_PREFIXES or (mode == 64 and 0x40 <= code[i] <= 0x4F)):
         if code[i] == 0x67 and mode != 64:
             addr16 = not addr16
         i += 1
+    if i + 1 < end and (code[i], code[i + 1] & 0xF8) in X87_ALIASES:
+        return i + 2 - offset, X87_ALIASES[code[i], code[i + 1] & 0xF8]
     if i + 2 >= end or bytes(code[i:i + 2]) not in CAPSTONE_GAPS:
         return None
     length = i + 3 - offset + modrm_tail(code[i + 2], code[i + 3] if i + 3 < end else 0, addr16)
-    return length if offset + length <= len(code) and length <= 15 else None
+    if offset + length > len(code) or length > 15:
+        return None
+    return length, CAPSTONE_GAPS[bytes(code[i:i + 2])]
+
+
+def gap_length(code, offset: int, mode: int) -> int | None:
+    """The length of the instruction at ``code[offset]`` if it is a gap (``gap``), else None."""
+    found = gap(code, offset, mode)
+    return found[0] if found else None
 
 
 def modrm_tail(modrm: int, sib: int, addr16: bool) -> int:
@@ -114,9 +131,9 @@ def sweep(code: bytes, base: int, mode: int, offset: int = 0, count: int = 0) ->
             done += 1
             if last[2] in (BAD, "ud1"):
                 start = last[0] - base
-                size = gap_length(code, start, mode)
-                if size is not None and size != last[1]:
-                    last = (last[0], size, CAPSTONE_GAPS[_gap_opcode(code, start, mode)], "")
+                found = gap(code, start, mode)
+                if found is not None and found[0] != last[1]:
+                    last = (last[0], *found, "")
                     yield last
                     left -= 1 if left > 0 else 0
                     chunk = max(16, done * 2)   # as in sweep_records: decode less after a gap
@@ -130,11 +147,6 @@ def sweep(code: bytes, base: int, mode: int, offset: int = 0, count: int = 0) ->
         if last is None:
             return
         offset = last[0] + last[1] - base
-
-
-def _gap_opcode(code, offset: int, mode: int) -> bytes:
-    op, _ = opcode_and_modrm(code, offset, mode)
-    return op
 
 
 # The scanner's hot loop reads Capstone's C records directly: one ctypes call decodes CHUNK instructions and
@@ -187,10 +199,9 @@ def sweep_records(code: bytes, base: int, mode: int) -> Iterator[Records]:
         # A misdecoded gap (CAPSTONE_GAPS) ends the batch at its true length; decoding resumes after it.
         for i in [i for i, ident in enumerate(batch.ids) if ident in _GAP_IDS]:
             address, size = batch.address_size(i)
-            true = gap_length(code, address - base, mode)
-            if true is not None and true != size:
-                batch = Records(blob[:i * RECORD] + _gap_record(blob[i * RECORD:(i + 1) * RECORD], true,
-                                                               CAPSTONE_GAPS[_gap_opcode(code, address - base, mode)]))
+            found = gap(code, address - base, mode)
+            if found is not None and found[0] != size:
+                batch = Records(blob[:i * RECORD] + _gap_record(blob[i * RECORD:(i + 1) * RECORD], *found))
                 break
         # Gaps come in runs (a table of them, or code full of endbr-like hints): decode less after one, so
         # the instructions decoded past it and thrown away stay few.
@@ -200,7 +211,9 @@ def sweep_records(code: bytes, base: int, mode: int) -> Iterator[Records]:
         offset = address + size - base
 
 
-_GAP_ID = {"nop": x86_const.X86_INS_NOP, "lfence": x86_const.X86_INS_LFENCE, "ud1": x86_const.X86_INS_UD1}
+_GAP_ID = {"nop": x86_const.X86_INS_NOP, "lfence": x86_const.X86_INS_LFENCE, "ud1": x86_const.X86_INS_UD1,
+           "fxch": x86_const.X86_INS_FXCH, "fcom": x86_const.X86_INS_FCOM, "fcomp": x86_const.X86_INS_FCOMP,
+           "fstp": x86_const.X86_INS_FSTP}
 
 
 def _gap_record(record: bytes, size: int, mnemonic: str) -> bytes:
@@ -235,10 +248,10 @@ def decode_at(code: bytes, offset: int, base: int, mode: int) -> Insn | None:
     """The instruction at ``code[offset]`` (address ``base + offset``), or None if it does not decode."""
     for address, size, mnemonic, op_str in _cs(mode, False).disasm_lite(code[offset:offset + 15], base + offset, 1):
         if mnemonic in (BAD, "ud1"):                # a Capstone gap: its true length, as the sweep has it
-            length = gap_length(code, offset, mode)
-            if length is not None and (mnemonic == BAD or length != size):
-                return Insn(address, length, CAPSTONE_GAPS[_gap_opcode(code, offset, mode)], "",
-                            bytes(code[offset:offset + length]), mode)
+            found = gap(code, offset, mode)
+            if found is not None and (mnemonic == BAD or found[0] != size):
+                length, name = found
+                return Insn(address, length, name, "", bytes(code[offset:offset + length]), mode)
             if mnemonic == BAD:
                 return None
         return Insn(address, size, mnemonic, op_str, bytes(code[offset:offset + size]), mode)

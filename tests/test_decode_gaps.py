@@ -65,3 +65,39 @@ def test_ud1_operand_bytes_are_not_a_far_jump(tmp_path, capsys):
     flat.write_bytes(bytes.fromhex("0fb90000ea00000000ff0f"))
     assert main(["scan", "--format", "json", "--mode", "32", "--base", "0", str(flat)]) == 0
     assert json.loads(capsys.readouterr().out)["files"][0]["findings"] == []
+
+
+def test_x87_aliases_are_decoded_at_the_length_the_cpu_executes():
+    """Unicorn is the oracle here (objdump rejects these too): every register form of D8-DF that Capstone
+    rejects either executes as a two-byte alias, which the decoder must step over as one instruction, or is
+    #UD, which must stay undecodable."""
+    import capstone
+    import unicorn
+    from unicorn.x86_const import UC_X86_REG_EIP
+
+    from popek.decode import X87_ALIASES, decode_at
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+    runs, invalid = [], []
+    for opcode in range(0xD8, 0xE0):
+        for modrm in range(0xC0, 0x100):
+            code = bytes([opcode, modrm, 0xF4])
+            if [size for _, size, _, _ in md.disasm_lite(code, 0, 1)] == [2]:
+                continue                    # Capstone decodes it: not a gap
+            uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+            uc.mem_map(0, 0x2000)
+            uc.mem_write(0x1000, code)
+            try:
+                uc.emu_start(0x1000, 0, count=1)
+                assert uc.reg_read(UC_X86_REG_EIP) == 0x1002
+                runs.append(code)
+            except unicorn.UcError as e:
+                assert e.errno == unicorn.UC_ERR_INSN_INVALID
+                invalid.append(code)
+    assert len(runs) == 56 and len(invalid) == 92
+    for code in runs:
+        insn = decode_at(code, 0, 0, 32)
+        assert insn is not None and insn.size == 2
+        assert insn.mnemonic == X87_ALIASES[code[0], code[1] & 0xF8]
+        assert [s for _, s, _, _ in sweep(b"\x66" + code, 0, 32)][0] == 3       # behind a prefix too
+        assert [b.address_size(0)[1] for b in sweep_records(code, 0, 32)][0] == 2
+    assert all(decode_at(code, 0, 0, 32) is None for code in invalid)

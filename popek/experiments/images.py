@@ -37,6 +37,7 @@ IMAGE_SIZE = 0x1000
 LOAD = 0x00100000                   # the machine's flat-image address: the prologue, or the bare image
 IMAGE = LOAD + 0x1000               # the image behind the prologue
 RESUMES = 64                        # faults the prologue's handler resumes from before it ends the run
+BATCH = 16                          # images per task of a --jobs pool
 BUDGET = 20_000                     # instructions per run (random code loops often; both runs get the same)
 
 PROLOGUE = f"""
@@ -212,9 +213,11 @@ def bench(monitor: str = "bt", examples: int = 2400, *, seed: int = 0, jobs: int
         report.merge(_share(monitor, seed, range(examples), budget, options))
     else:
         import multiprocessing
+        # small consecutive batches, not every jobs-th image: with two jobs that would give one all the bare
+        # images and the other all the (slower) prologue ones
+        batches = [range(start, min(start + BATCH, examples)) for start in range(0, examples, BATCH)]
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            parts = pool.starmap(_share, [(monitor, seed, range(j, examples, jobs), budget, options)
-                                          for j in range(jobs)])
+            parts = pool.starmap(_share, [(monitor, seed, b, budget, options) for b in batches], chunksize=1)
         for part in parts:
             report.merge(part)
     report.seconds = time.perf_counter() - started

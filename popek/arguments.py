@@ -41,6 +41,14 @@ def existing_directory(text: str) -> Path:
     return Path(text)
 
 
+def add_campaign(b: argparse.ArgumentParser, examples: int, what: str, seed: str = "random seed") -> None:
+    """--examples, --seed and --jobs of a benchmark that runs many generated or mutated cases."""
+    b.add_argument("--examples", type=count, default=examples, help=f"{what} (default {examples})")
+    b.add_argument("--seed", type=in_range(0), default=0, help=f"{seed} (default 0: the same {what} every run)")
+    b.add_argument("--jobs", type=in_range(1, 256), default=os.cpu_count() or 1,
+                   help="processes (default: one per CPU)")
+
+
 def output_directory(text: str) -> str:
     """A folder to write files into: an existing writable directory, or a new one in an existing writable
     directory (created when the files are written)."""

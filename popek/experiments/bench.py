@@ -136,18 +136,12 @@ def _differential(args: argparse.Namespace) -> str:
 
 
 def _differential_arguments(b: argparse.ArgumentParser) -> None:
-    import os
-
     from popek import arguments
     b.add_argument("--monitor", type=arguments.monitor_name, default="emulate",
                    help="the monitor compared with the reference (default emulate)")
     b.add_argument("--reference", type=arguments.monitor_name, default="native",
                    help="the reference monitor (default native)")
-    b.add_argument("--examples", type=arguments.count, default=100_000, help="generated guests to run (default 100000)")
-    b.add_argument("--seed", type=arguments.in_range(0), default=0,
-                   help="Hypothesis seed (default 0: the same guests every run)")
-    b.add_argument("--jobs", type=arguments.in_range(1, 256), default=os.cpu_count() or 1,
-                   help="processes (default: one per CPU)")
+    arguments.add_campaign(b, 100_000, "generated guests", seed="Hypothesis seed")
     b.add_argument("--shrink", type=arguments.in_range(0), default=3,
                    help="kinds of divergence to shrink and print (default 3)")
     from popek.monitors.hvm import command as hvm_command
@@ -295,16 +289,10 @@ def _fuzz(args: argparse.Namespace) -> str:
 
 
 def _fuzz_arguments(b: argparse.ArgumentParser) -> None:
-    import os
-
     from popek import arguments
-    b.add_argument("--examples", type=arguments.count, default=100_000, help="mutated inputs (default 100000)")
+    arguments.add_campaign(b, 100_000, "mutated inputs")
     b.add_argument("--seeds", nargs="+", metavar="FILE", help="ELF/PE files to mutate (default: vmdetect, "
                                                               "/bin/true, pip's t32.exe and t64.exe)")
-    b.add_argument("--seed", type=arguments.in_range(0), default=0,
-                   help="random seed (default 0: the same inputs every run)")
-    b.add_argument("--jobs", type=arguments.in_range(1, 256), default=os.cpu_count() or 1,
-                   help="processes (default: one per CPU)")
 
 
 # name -> (function, help[, function adding the benchmark's own arguments])

@@ -248,14 +248,11 @@ def arguments(b: argparse.ArgumentParser) -> None:
     from popek.monitors.hvm import command as hvm_command
     b.add_argument("--monitor", type=types.monitor_name, default="bt",
                    help="the monitor compared with native (default bt)")
-    b.add_argument("--examples", type=types.count, default=2400, help="random images to run (default 2400)")
-    b.add_argument("--seed", type=types.in_range(0), default=0,
-                   help="random seed (default 0: the same images every run)")
-    b.add_argument("--jobs", type=types.in_range(1, 256), default=os.cpu_count() or 1,
-                   help="processes (default: one per CPU)")
+    types.add_campaign(b, 2400, "random images")
     b.add_argument("--max-instructions", type=types.budget, default=BUDGET,
                    help=f"instruction budget of each run (default {BUDGET:,}; a run that reaches it is undecided)")
     b.add_argument("--locate", type=types.in_range(0), default=3,
                    help="kinds of divergence whose first image is located and printed (default 3)")
-    b.add_argument("--save", type=types.output_directory, metavar="DIR", help="write the first image of each kind of divergence into DIR")
+    b.add_argument("--save", type=types.output_directory, metavar="DIR",
+                   help="write the first image of each kind of divergence into DIR")
     hvm_command.configure(b, trace=False)

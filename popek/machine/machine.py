@@ -104,6 +104,8 @@ class Machine:
         self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
         self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
         self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
+        self._probes: dict[int, int] = {}    # guard -> code hook on the byte before it (a hlt there?)
+        self._probed: int | None = None      # the probed address that began an instruction in this chunk
         self.stop_requested = False          # Ctrl-C: end the run with reason `interrupted` (request_stop)
         self._boot()
         self._install_hooks()
@@ -155,7 +157,16 @@ class Machine:
         self.guards.update(found)
         self.uc.ctl_set_exits(sorted(self.guards))
         for address in found:                   # a block translated before cannot know the new exit
-            self.uc.ctl_remove_cache(address, address + 1)
+            if address not in self._probes and address > 0:
+                self._probes[address] = self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_probe, None,
+                                                         address - 1, address - 1)
+            self.uc.ctl_remove_cache(address - 1 if address else 0, address + 1)
+
+    def _on_probe(self, uc, address: int, size: int, _) -> None:
+        # Unicorn stops on hlt and before an exit alike (it implements exits as an imitated hlt), so a stop
+        # at a guard right after a one-byte hlt is ambiguous; an instruction that began at the byte before
+        # the guard, and is a hlt, tells them apart (execute).
+        self._probed = address
 
     # --- registers --------------------------------------------------------------------------------------
     def reg(self, name: str) -> int:
@@ -297,6 +308,7 @@ class Machine:
         or END (the run is over)."""
         assert count >= 1 and self.end is None
         self._stop_at, self._pending, self._saved, self._last_access = None, None, {}, None
+        self._probed = None
         error = None
         self._running = True
         try:
@@ -333,9 +345,10 @@ class Machine:
             return COUNT
         # emu_start returned by itself before the count ran out: at a guard (an exit), or hlt.
         eip = self.reg("eip")
-        if eip in self.guards:
+        hlt = self._byte_before(eip) == 0xF4
+        if eip in self.guards and not (hlt and self._probed == eip - 1):
             return self._guarded(eip) if counted < count else COUNT
-        if self._byte_before(eip) == 0xF4:
+        if hlt:
             self.halted = True
             return HLT
         raise EngineError(f"emulation stopped without a reason at {eip:#x}")
@@ -349,6 +362,9 @@ class Machine:
         quirk = quirks.match(code, 0)
         if quirk is None:                           # the guest rewrote it, or runs it through another mapping
             del self.guards[eip]
+            probe = self._probes.pop(eip, None)
+            if probe is not None:
+                self.uc.hook_del(probe)
             self.uc.ctl_set_exits(sorted(self.guards))
             self.uc.ctl_remove_cache(eip, eip + 1)
             return STOPPED

@@ -800,3 +800,30 @@ tick:
     assert (r.exit.reason, r.exit.code) == ("exit-port", 1)
     assert r.guest_instructions < 2_000_000 + 600 + POLL_MAX
     assert r.wall_seconds < 1.0
+
+
+# --- stores into the running code are counted once (popek.machine.selfmod) ---------------------------------
+SMC_LOOP = """
+        mov ecx, 6
+again:  add byte ptr [imm + 1], 1       ; into the next instruction: the block running
+imm:    mov al, 5
+        loop again
+        exit al
+        pm_data
+"""
+
+
+@pytest.mark.parametrize("guest", ["loop", "smc-store-counted-twice", "smc-unaligned-store-into-itself",
+                                   "smc-unaligned-xchg-reads-its-own-write"])
+def test_a_store_into_the_running_block_is_one_instruction_at_every_budget(guest):
+    # Unicorn reruns such a store; the machine must count it once wherever the budget cuts the run, also
+    # right between the first attempt and the rerun. bt, which runs the guest from its cache and so never
+    # reruns, is the independent count; RAM and state must agree at every budget.
+    from popek.experiments.differential import differences
+    g = build(SMC_LOOP) if guest == "loop" else load_guest(str(ROOT / "tests" / "regressions" / f"{guest}.s"))
+    whole = run_guest(g, "native")
+    assert whole.exit.reason == "exit-port" and whole.events["corrected"]["smc-rerun"] >= 1
+    for budget in range(1, whole.guest_instructions + 1):
+        native, bt = run_guest(g, "native", max_instructions=budget), run_guest(g, "bt", max_instructions=budget)
+        assert native.guest_instructions == budget or native.exit.reason == "exit-port"
+        assert not differences(native, bt), (budget, [d.render("native", "bt") for d in differences(native, bt)])

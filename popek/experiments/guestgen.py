@@ -28,7 +28,8 @@ after the faulting instruction in ``resume`` first; a fault with ``resume`` clea
 items aim at a monitor's own edges: near branches behind prefixes (``f2 f3 2e 3e 26 36 64 65 67``),
 16-bit operand- and address-size branches (``66 e9``/``e8``/``0f 8x`` to a landing pad below 64 KiB, ``jmp
 ax``, ``ret`` with 66, ``67 jcxz``/``loop``), reads at the top of RAM, at the end of monitor memory and the
-cache (faulting ones only with handlers), and, by name only (``OPT_IN``), stores into the next instruction.
+cache (faulting ones only with handlers), and stores into the next instruction (self-modifying code, counted
+exactly by the bare machine: popek.machine.selfmod).
 
 The **epilogue** saves EFLAGS and the general registers as the body left them, then prints them, a
 checksum of the scratch area (and of the trace that ``Options.trace`` keeps) and the counters (ticks, software interrupts, faults, the last error code,
@@ -1323,12 +1324,7 @@ LEAVES = {
 CONTROL = {"if": r_if, "loop": r_loop, "call": r_call}
 ITEMS = {**{k: v for k, v in LEAVES.items()}, **{k: (v, None) for k, v in CONTROL.items()}}
 NEEDS_IDT = {"int", "fault", "hlt"}
-# Kinds drawn only when asked for by name (``kinds=``). store_next: the bare machine counts a store into the
-# translation block it runs in twice (tests/regressions/smc-store-counted-twice.s), and where Unicorn's
-# blocks end is not something a monitor can follow exactly, so the instruction count would differ by one
-# for reasons of the reference, not of the monitor; it is exercised against emulate on its own.
-OPT_IN = {"store_next"}
-DEFAULT_KINDS = tuple(k for k in LEAVES if k not in OPT_IN)
+DEFAULT_KINDS = tuple(LEAVES)
 
 
 def options(own_gdt=None, idt=None, timer=None, faults=None):

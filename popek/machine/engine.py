@@ -73,6 +73,7 @@ class Layout:
     env_delta: int = 0
     count_hook: int | None = None    # offset in uc_struct of uc->count_hook (a struct hook *); None: not found
     hook_range: int = 0              # offset of uint64 begin (end follows) in struct hook
+    store_recursion: int | None = None   # offset in uc_struct of int uc->size_recur_mem; None: not found
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -169,7 +170,34 @@ def layout() -> Layout:
     count_hook, hook_range = _find_count_hook(uc)
     return Layout(counter=counter, error_code=found["error_code"], is_int=found["is_int"],
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
-                  env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range)
+                  env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range,
+                  store_recursion=_find_store_recursion())
+
+
+# An unaligned store into a page holding translated code is made a byte at a time, with Unicorn's write hooks
+# off (uc->size_recur_mem = the store's size) until the last byte; a byte that lands in the block running
+# leaves through QEMU's restart and the field keeps the size: every later write hook stays silent
+# (popek.machine.selfmod). Found as the one uc_struct word such a store leaves 4 (a dword) and 2 (a word).
+# Code at 0x2000: mov [0x2007], eax (or ax), into the nops after it (eax holds nops), then hlt.
+_RECURSION_PROBES = ((bytes.fromhex("a307200000"), 0x90909090, 4), (bytes.fromhex("66a307200000"), 0x9090, 2))
+
+
+def _find_store_recursion() -> int | None:
+    found = None
+    for code, eax, size in _RECURSION_PROBES:
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+        uc.mem_map(0, 0x10000)
+        uc.mem_write(0x2000, code + b"\x90" * 8 + b"\xf4")
+        uc.reg_write(X.UC_X86_REG_EAX, eax)
+        before = _pread(uc._uch.value, 8192)
+        uc.emu_start(0x2000, NEVER, count=100)
+        after = _pread(uc._uch.value, 8192)
+        if before is None or after is None:
+            return None
+        b, a = struct.unpack("<2048i", before), struct.unpack("<2048i", after)
+        hits = {4 * i for i in range(2048) if b[i] == 0 and a[i] == size}
+        found = hits if found is None else found & hits
+    return found.pop() if found and len(found) == 1 else None
 
 
 _RANGE_MARKS = (0x13579BDF, 0x2468ACE0)
@@ -277,6 +305,8 @@ class Engine:
         self._ctx_address = _context_address(self._ctx)
         self._counter = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter)
         self._count_limit = ctypes.c_uint64.from_address(self._uch.value + self.layout.counter + 8)
+        at = self.layout.store_recursion
+        self._recursion = None if at is None else ctypes.c_int32.from_address(self._uch.value + at)
         self._batches: dict[tuple[int, ...], tuple] = {}
         self._mmr = UcRegMMR()
         self._gprs: dict[int, ctypes.c_uint64] = {}
@@ -362,6 +392,19 @@ class Engine:
     def count_limit(self) -> int:
         """The current ``emu_start``'s count limit (``count``, unless ``stop_at_next`` lowered it)."""
         return self._count_limit.value
+
+    def extend_limit(self) -> None:
+        """Let the current ``emu_start`` count one more instruction (one attempt it counted was not one)."""
+        self._count_limit.value += 1
+
+    def store_recursion(self) -> int:
+        """Unicorn's ``size_recur_mem``: not 0 while write hooks are off (engine notes above
+        ``_find_store_recursion``); 0 where the field was not found."""
+        return self._recursion.value if self._recursion is not None else 0
+
+    def clear_store_recursion(self) -> None:
+        if self._recursion is not None:
+            self._recursion.value = 0
 
     def stop_at_next(self) -> None:
         """End the current ``emu_start`` before the next counted instruction, letting the current one

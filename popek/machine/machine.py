@@ -38,6 +38,7 @@ from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS
     Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
+from popek.machine.selfmod import SelfModifyingStores
 from popek.machine.result import EXIT_PORT, INTERRUPTED, TRIPLE_FAULT, Events, Exit
 
 BOOT_ESP = 0x00090000
@@ -135,6 +136,7 @@ class Machine:
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access, None, 0, 0xFFFFFFFF)
+        self.selfmod = SelfModifyingStores(self)        # exact counts for stores into running code
         if self.umip:
             from popek.machine.umip import Umip
             self.umip_detector = Umip(self)             # its block hook: popek.machine.watch
@@ -310,6 +312,7 @@ class Machine:
         self._stop_at, self._pending, self._saved, self._last_access = None, None, {}, None
         self._probed = None
         error = None
+        count = self.selfmod.begin(count)
         self._running = True
         try:
             self.uc.emu_start(self.reg("eip"), 0, count=count)
@@ -318,6 +321,9 @@ class Machine:
         finally:
             self._running = False
         counted = self.engine.counter()
+        if error is None:
+            self.selfmod.end(counted)
+        count += self.selfmod.extended
         # (a count limit lowered by request_stop stops Unicorn at limit + 1 counted, before that instruction)
         executed = self._stop_at if self._stop_at is not None else min(counted, count, self.engine.count_limit())
         executed = max(0, executed - self._uncounted)

@@ -324,7 +324,6 @@ class BinaryTranslation(Deprivileged):
             return                          # a guest syscall copied unchanged: a no-op, as natively
         if self.paranoid:
             self._check_invisible()
-        self.guard.shadow = None
         kind = site.kind
         if kind == "emulate":
             self._emulate(site, False)
@@ -364,10 +363,6 @@ class BinaryTranslation(Deprivileged):
                 return
             if name in DATA_LOADS:
                 self._accessed((recipe.operands[0].reg,))
-                if recipe.operands[0].reg == "ss":
-                    self.guard.shadow = site.next
-            elif name == "sti":
-                self.guard.shadow = site.next
             if last or self._flush_wanted is not None or eip != (site.next - site.owner.key[1]) & 0xFFFFFFFF:
                 self._goto(eip, callout=True)
             return

@@ -63,7 +63,6 @@ class Unit:
     alive: bool = True
     phys: tuple = ()                        # (linear page, physical page) of each page its bytes are in
     spans: tuple = ()                       # physical_spans(), computed when the unit is installed
-    joins: tuple | None = None              # (linear, physical address): its run stopped before code translated
                                             # already, and straight-line execution goes on in its translation
 
     @property

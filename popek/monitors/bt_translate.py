@@ -182,10 +182,6 @@ class Translator:
                 # the trace is the point), to which an exit chains. Translating it again would leave
                 # one more live copy of it per retranslation of the code before it (a store into the next
                 # instruction in a loop retranslates every iteration: work quadratic in the iterations).
-                if translated and not self._ends_unit(pending) and in_unit < self.cap:
-                    # the unit would have gone on there: for the guard's count of a store into the code
-                    # running now (bt_guard), it goes on in that translation
-                    unit.joins = (pos, self._physical_page(pos // PAGE) * PAGE + pos % PAGE)
                 self._close(run, pending, key, pos)
                 break
             if pending is not None:

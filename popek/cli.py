@@ -18,6 +18,7 @@ EXIT_FOUND = 1  # scan: some sensitive-unprivileged instruction; diff, compare: 
 EXIT_BAD_INPUT = 2
 EXIT_TRIPLE_FAULT = 3  # run: the guest ended in a triple fault (the machine reset)
 EXIT_UNDECIDED = 4  # run: the instruction budget ran out; diff: a run ended on its budget, nothing decided
+EXIT_UNSUPPORTED = 5  # run: the monitor met what it does not model; the run stopped there
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): partial results were printed
 
 # name -> (module, one-line help). Modules are imported only when their command runs.

@@ -531,3 +531,31 @@ big_tss_end:
     for options in ({}, {"direct_user": True}):
         result, _, _ = machine_run(guest, "bt", **options)
         same(reference, result, instructions=not options)
+
+
+V86_IRET = """
+_start:
+        push 0                          ; gs, fs, ds, es
+        push 0
+        push 0
+        push 0
+        push 0x9000                     ; ss
+        mov eax, 0xfffe
+        push eax                        ; sp
+        push 0x20002                    ; eflags with VM: the iret enters virtual-8086 mode
+        push 0x1000                     ; cs
+        push 0                          ; ip
+        iretd
+"""
+
+
+def test_iret_to_virtual_8086_mode_ends_the_run_unsupported(tmp_path, capsys):
+    # bt does not model virtual-8086 mode: it stops there, saying so, instead of giving the guest a #GP
+    # the CPU would not raise (a silent divergence; bench images, image 139). Natively the guest runs on.
+    path = tmp_path / "v86.s"
+    path.write_text(V86_IRET)
+    native, result = run_guest(str(path), "native", 1000), run_guest(str(path), "bt", 1000)
+    assert native.exit.reason == "budget"
+    assert result.exit.reason == "unsupported" and "virtual-8086" in result.exit.why and not result.finished
+    assert main(["run", str(path), "--monitor", "bt"]) == 5
+    assert "unsupported (bt: iret to virtual-8086 mode is not modelled)" in capsys.readouterr().out

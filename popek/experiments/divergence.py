@@ -26,7 +26,7 @@ from popek.isa.classify import Classifier
 from popek.loaders import Region
 from popek.machine.faults import GuestFault
 from popek.machine.memory import RAM_DEFAULT
-from popek.machine.result import PORTED_EXITS
+from popek.machine.result import BUDGET, PORTED_EXITS, UNSUPPORTED
 from popek.monitors.base import DEFAULT_BUDGET
 from popek.scanner import engine
 from popek.tabular import Tabular
@@ -71,6 +71,7 @@ def judge(reference, other, ported: bool = False) -> Verdict:
         ranges, text = memory_differences(reference.memory, other.memory)
         differences += text
     unfinished = [f"{which} ended on {r.exit.reason} ({r.exit.why or r.guest_instructions})"
+                  f"{_ADVICE.get(r.exit.reason, '')}"
                   for which, r in (("reference", reference), ("monitored", other)) if not r.finished]
     if unfinished:
         return Verdict(UNDECIDED, tuple(differences), ranges, "; ".join(unfinished))
@@ -79,6 +80,10 @@ def judge(reference, other, ported: bool = False) -> Verdict:
     if not ported and (reference.memory is None or other.memory is None):
         return Verdict(UNDECIDED, (), (), "no guest RAM image to compare")
     return Verdict(EQUIVALENT)
+
+
+# What to do about a run that did not end, by its end reason.
+_ADVICE = {BUDGET: " (raise --max-instructions)", UNSUPPORTED: " (the monitor cannot run this guest further)"}
 
 
 def memory_differences(a, b) -> tuple[tuple[tuple[int, int], ...], list[str]]:
@@ -311,8 +316,7 @@ class Report(Tabular):
             lines.append(f"EQUIVALENT: same console output, exit, visible state and guest RAM "
                          f"({self.native['guest_instructions']} vs {self.other['guest_instructions']} guest instructions)")
         elif self.status == UNDECIDED:
-            lines.append(f"UNDECIDED: {self.verdict.reason}; a run that did not end proves nothing "
-                         f"(raise --max-instructions)")
+            lines.append(f"UNDECIDED: {self.verdict.reason}; a run that did not end proves nothing")
             lines += [f"  - already differs: {d}" for d in self.differences]
         else:
             lines.append(f"DIVERGES in {len(self.differences)} places:")

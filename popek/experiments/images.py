@@ -19,6 +19,8 @@ the visible state, guest RAM and the instruction count. Every outcome is one of
 - ``equal up to the budget``: both reached the budget and nothing differs at that instruction: undecided,
   never counted as equal;
 - ``divergent``: something differs (and a second native run agrees with the first);
+- ``not modelled by the monitor``: the monitor ended its run ``unsupported``, naming what it does not model
+  (virtual-8086 mode, ...): a known limit, said, not a silent divergence;
 - ``native nondeterministic``: two native runs differ (rdtsc follows the host's clock, a machine bug the
   regression rdtsc-follows-host-clock.s records): nothing can be concluded, counted apart.
 
@@ -130,13 +132,14 @@ class ImagesReport:
     ends: dict = field(default_factory=dict)            # (native's end reason, prologue?) -> count
     signatures: dict = field(default_factory=dict)      # divergence signature -> count
     first: dict = field(default_factory=dict)           # signature -> image number
+    declined: dict = field(default_factory=dict)        # the monitor's `unsupported` reason -> count
     located: list = field(default_factory=list)         # (k, Divergence) of the first of each kind, located
     seconds: float = 0.0
 
     def merge(self, other: ImagesReport) -> None:
         self.examples += other.examples
         for mine, theirs in ((self.outcomes, other.outcomes), (self.ends, other.ends),
-                             (self.signatures, other.signatures)):
+                             (self.signatures, other.signatures), (self.declined, other.declined)):
             for key, n in theirs.items():
                 mine[key] = mine.get(key, 0) + n
         for sig, k in other.first.items():
@@ -156,6 +159,8 @@ class ImagesReport:
         lines.append("  how the native runs ended (bare / behind the prologue):")
         for reason in sorted({r for r, _ in self.ends}):
             lines.append(f"    {reason:<22}{self.ends.get((reason, False), 0):8,}{self.ends.get((reason, True), 0):8,}")
+        for why, n in sorted(self.declined.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {n:8,}  not modelled: {why}")
         if self.signatures:
             lines.append("  divergences by differing fields:")
             for sig, n in sorted(self.signatures.items(), key=lambda kv: -kv[1]):
@@ -168,11 +173,13 @@ class ImagesReport:
 
 EQUAL, AT_BUDGET, DIVERGENT, NONDETERMINISTIC = ("equal", "equal up to the budget", "divergent",
                                                  "native nondeterministic")
-OUTCOMES = (EQUAL, AT_BUDGET, DIVERGENT, NONDETERMINISTIC)
+NOT_MODELLED = "not modelled by the monitor"
+OUTCOMES = (EQUAL, AT_BUDGET, DIVERGENT, NOT_MODELLED, NONDETERMINISTIC)
 
 
 def _share(monitor: str, seed: int, numbers: range | list, budget: int, options: dict) -> ImagesReport:
     from popek.experiments.differential import Divergence, differences, run
+    from popek.machine.result import UNSUPPORTED
 
     report = ImagesReport(monitor, seed, budget, dict(options))
     prologue = _prologue()
@@ -186,6 +193,9 @@ def _share(monitor: str, seed: int, numbers: range | list, budget: int, options:
         report.ends[end] = report.ends.get(end, 0) + 1
         if diffs and differences(native, run(g, "native", budget)):
             outcome = NONDETERMINISTIC
+        elif other.exit.reason == UNSUPPORTED:        # the monitor stopped, saying what it does not model
+            outcome = NOT_MODELLED
+            report.declined[other.exit.why] = report.declined.get(other.exit.why, 0) + 1
         elif diffs:
             outcome = DIVERGENT
             sig = Divergence(g.name, "native", monitor, diffs, native, other).signature

@@ -15,16 +15,18 @@ import json
 import sys
 
 from popek import arguments
-from popek.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_UNDECIDED
+from popek.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_UNDECIDED, EXIT_UNSUPPORTED
 from popek.errors import UsageError
 from popek.machine.memory import MIB, RAM_DEFAULT, RAM_MAX
-from popek.machine.result import BUDGET, CRASH, EXIT_PORT, HLT, INTERRUPTED, MACH_EXIT, SHUTDOWN, TRIPLE_FAULT
+from popek.machine.result import BUDGET, CRASH, EXIT_PORT, HLT, INTERRUPTED, MACH_EXIT, SHUTDOWN, TRIPLE_FAULT, \
+    UNSUPPORTED
 from popek.monitors import MONITORS, get_monitor
 from popek.monitors.base import DEFAULT_BUDGET
 from popek.monitors.hvm import command as hvm_command
 
 EXIT_STATUS = {EXIT_PORT: EXIT_OK, HLT: EXIT_OK, SHUTDOWN: EXIT_OK, MACH_EXIT: EXIT_OK, TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
-               CRASH: EXIT_TRIPLE_FAULT, BUDGET: EXIT_UNDECIDED, INTERRUPTED: EXIT_INTERRUPTED}
+               CRASH: EXIT_TRIPLE_FAULT, BUDGET: EXIT_UNDECIDED, INTERRUPTED: EXIT_INTERRUPTED,
+               UNSUPPORTED: EXIT_UNSUPPORTED}
 
 
 def add_run_options(parser: argparse.ArgumentParser, trace_exits: bool = True) -> None:

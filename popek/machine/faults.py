@@ -49,6 +49,12 @@ class GuestFault(Exception):
                          eip=insn, insn=insn, why=self.why, address=self.address if self.vector == PF else None)
 
 
+class NotModelled(Exception):
+    """The guest did something the monitor does not model (iret to virtual-8086 mode, ...). The run ends
+    there with reason ``unsupported`` rather than go on unlike the hardware: a fault the CPU would not
+    raise would be a silent divergence."""
+
+
 # Where an event comes from; the SDM treats them differently (gate DPL check, EXT bit, pushed EIP).
 EXCEPTION, SOFTWARE, EXTERNAL = "exception", "software", "external"
 

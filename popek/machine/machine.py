@@ -34,12 +34,12 @@ from popek.machine import interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
-from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS, UD, GuestFault, \
+from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS, UD, GuestFault, NotModelled, \
     Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
 from popek.machine.selfmod import SelfModifyingStores
-from popek.machine.result import EXIT_PORT, INTERRUPTED, TRIPLE_FAULT, Events, Exit
+from popek.machine.result import EXIT_PORT, INTERRUPTED, TRIPLE_FAULT, UNSUPPORTED, Events, Exit
 
 BOOT_ESP = 0x00090000
 BOOT_EFLAGS = 0x2
@@ -318,6 +318,8 @@ class Machine:
             self.uc.emu_start(self.reg("eip"), 0, count=count)
         except unicorn.UcError as exc:
             error = exc
+        except NotModelled as exc:                  # from a monitor's hook
+            self.finish(UNSUPPORTED, None, f"{self.ops.name if self.ops else 'machine'}: {exc} is not modelled")
         finally:
             self._running = False
         counted = self.engine.counter()

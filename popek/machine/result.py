@@ -25,13 +25,14 @@ SCHEMA = 2
 # ``shutdown`` and ``crash`` end a paravirtual domain (pv: sched_op shutdown with its reason as the code; the
 # hypervisor crashing the domain, e.g. an exception with no trap-table entry). ``mach-exit`` ends a sun4v
 # domain that called the hypervisor's mach_exit (its code is %o0 & 0xFF).
+# ``unsupported`` ends a run where the monitor met what it does not model (machine.faults.NotModelled).
 EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED = "exit-port", "hlt", "triple-fault", "budget", "interrupted"
-SHUTDOWN, CRASH, MACH_EXIT = "shutdown", "crash", "mach-exit"
-REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED, SHUTDOWN, CRASH, MACH_EXIT)
+SHUTDOWN, CRASH, MACH_EXIT, UNSUPPORTED = "shutdown", "crash", "mach-exit", "unsupported"
+REASONS = (EXIT_PORT, HLT, TRIPLE_FAULT, BUDGET, INTERRUPTED, SHUTDOWN, CRASH, MACH_EXIT, UNSUPPORTED)
 # How a ported build ends where the native build writes the exit port (compare judges them as one end).
 PORTED_EXITS = {MACH_EXIT: EXIT_PORT}
 # Reasons after which the run could have gone on: the guest did not end it, so nothing about its end is known.
-UNFINISHED = frozenset({BUDGET, INTERRUPTED})
+UNFINISHED = frozenset({BUDGET, INTERRUPTED, UNSUPPORTED})
 
 PAGE_SIZE = 0x1000
 
@@ -151,7 +152,8 @@ class RunResult(Tabular):
 
     @property
     def finished(self) -> bool:
-        """The guest ended the run itself (exit port, hlt or a triple fault), not the budget or Ctrl-C."""
+        """The guest ended the run itself (exit port, hlt or a triple fault), not the budget, Ctrl-C or a
+        monitor that does not model what the guest did."""
         return self.exit.reason not in UNFINISHED
 
     def to_dict(self) -> dict:

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import time
 
-from popek.machine.faults import EXTERNAL, Interrupt
+from popek.machine.faults import EXTERNAL, Interrupt, NotModelled
 from popek.machine.interruptible import interruptible
 from popek.machine.machine import END, Machine
-from popek.machine.result import BUDGET, HLT as HLT_END, INTERRUPTED, RunResult
+from popek.machine.result import BUDGET, HLT as HLT_END, INTERRUPTED, UNSUPPORTED, RunResult
 
 # When the CPU looks at its interrupt line. Unicorn cannot tell us when IF changes (sti, popf, iret), so the
 # loop samples: when the line changes (a PIT edge, a write to the PIC or PIT), at hlt, and, while a request
@@ -144,7 +144,10 @@ class Run:
         started = time.perf_counter()
         stop_at = None if limit is None else m.instructions + limit
         with interruptible(m):              # SIGINT ends the run with reason `interrupted`
-            self._loop(stop_at)
+            try:
+                self._loop(stop_at)
+            except NotModelled as exc:      # raised between chunks (in a monitor's intercept)
+                m.finish(UNSUPPORTED, None, f"{ops.name}: {exc} is not modelled")
         self.wall += time.perf_counter() - started
         if m.end is not None and not self._detached:
             self._detached = True

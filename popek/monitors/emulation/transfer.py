@@ -7,7 +7,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from popek.machine.descriptors import Descriptor
-from popek.machine.faults import BP, GP, NP, OF, SOFTWARE, SS, TS, GuestFault, Interrupt
+from popek.machine.faults import BP, GP, NP, OF, SOFTWARE, SS, TS, GuestFault, Interrupt, NotModelled
 from popek.machine.memory import AddressSpace
 from popek.monitors.emulation.access import address, peek, push
 from popek.monitors.emulation.recipe import IMM, Recipe
@@ -227,7 +227,7 @@ def iret(m: Machine, v: VCpu, r: Recipe) -> int:
     eip, cs, flags = peek(m, v, space, 3, width)
     cs &= 0xFFFF
     if width == 4 and flags & VM and v.cpl == 0:
-        raise GuestFault(GP, 0, "iret to virtual-8086 mode is not modelled")
+        raise NotModelled("iret to virtual-8086 mode")
     _return_target(space, cs, v.cpl)
     rpl = cs & 3
     changeable = _IRET_ALWAYS | (IF if v.cpl <= v.iopl else 0) | (IOPL | VIF | VIP if v.cpl == 0 else 0)

@@ -107,6 +107,7 @@ class Machine:
         self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
         self._probes: dict[int, int] = {}    # guard -> code hook on the byte before it (a hlt there?)
         self._probed: int | None = None      # the probed address that began an instruction in this chunk
+        self._fixup = None                   # (error) -> None: corrects the one-instruction chunk just run
         self.stop_requested = False          # Ctrl-C: end the run with reason `interrupted` (request_stop)
         self._boot()
         self._install_hooks()
@@ -325,6 +326,9 @@ class Machine:
         counted = self.engine.counter()
         if error is None:
             self.selfmod.end(counted)
+        if self._fixup is not None:             # before any event is delivered: its frame must see the fix
+            fixup, self._fixup = self._fixup, None
+            fixup(error)
         count += self.selfmod.extended
         # (a count limit lowered by request_stop stops Unicorn at limit + 1 counted, before that instruction)
         executed = self._stop_at if self._stop_at is not None else min(counted, count, self.engine.count_limit())
@@ -390,20 +394,29 @@ class Machine:
         exits = sorted(self.guards)
         self.uc.ctl_set_exits([a for a in exits if a != eip])
         self.uc.ctl_remove_cache(eip, eip + 1)
-        before, raised = self.instructions, self.raised
-        try:
-            outcome = self.execute(1)
-        finally:
-            self.uc.ctl_set_exits(exits)
-            self.uc.ctl_remove_cache(eip, eip + 1)
-        if self.instructions == before + 1 and self.raised == raised and self.end is None:
+
+        def zero_extend(error: unicorn.UcError | None) -> None:
+            # The return completed unless it faulted itself (a stack read, or an event from Unicorn such as
+            # retf's #GP); a fault fetching at the target comes after it, and its frame must hold the
+            # corrected ESP.
+            if self._pending is not None or self.end is not None or self.engine.counter() < 1:
+                return
+            if error is not None and _MEMORY_ERRORS.get(error.errno) != "fetch":
+                return
             try:
                 stack_32 = self.descriptor(self.reg("ss")).big
             except GuestFault:
                 stack_32 = True                     # a loaded SS is always readable; flat if not
             if stack_32:
                 self.set_reg("esp", (self.reg("esp") + 0x10000) & 0xFFFFFFFF)
-        return outcome
+
+        self._fixup = zero_extend
+        try:
+            return self.execute(1)
+        finally:
+            self._fixup = None
+            self.uc.ctl_set_exits(exits)
+            self.uc.ctl_remove_cache(eip, eip + 1)
 
     def _byte_before(self, eip: int) -> int | None:
         try:

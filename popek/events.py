@@ -170,7 +170,17 @@ KINDS: dict[str, Kind] = _kinds(
           "vex": Name("a VEX prefix the CPUID does not report (no AVX): #UD"),
           "register-only-memory-form": Name("the memory form of a register-only instruction: #UD"),
           "ret-imm16-zero-extended": Name("ret/retf imm16 >= 0x8000: the immediate zero-extended"),
-          "int6-software-interrupt": Name("int 6 taken as the software interrupt it is, not #UD")}),
+          "int6-software-interrupt": Name("int 6 taken as the software interrupt it is, not #UD"),
+          "smc-rerun": Name("a store into the running block that Unicorn ran again: counted once "
+                            "(popek.machine.selfmod)"),
+          "smc-rerun-unseen": Name("a byte-wise store Unicorn restarted whose rerun was not seen (the count may "
+                                   "be one high)")}),
+    Kind("machine-error", "where the bare machine knowingly computes something else than the hardware (a "
+         "Unicorn bug it cannot correct; docs/machine.md): the run's result is the machine's, not the CPU's",
+         ("machine",), INFO,
+         {"smc-rerun-stored-another-value": Name("a store into the running block whose rerun stored another "
+                                                 "value: the first attempt had changed state the rerun read "
+                                                 "(rcl/rcr's carry)")}),
     Kind("umip", "bookkeeping of the CR4.UMIP model (popek run --umip)", ("machine",), INFO,
          {"blocks-rescanned": Name("translated blocks scanned again for the five UMIP instructions")}),
     Kind("hvm", "bookkeeping of hvm's search for exiting instructions (popek.machine.watch): not an exit",

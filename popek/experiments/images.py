@@ -21,6 +21,8 @@ the visible state, guest RAM and the instruction count. Every outcome is one of
 - ``divergent``: something differs (and a second native run agrees with the first);
 - ``not modelled by the monitor``: the monitor ended its run ``unsupported``, naming what it does not model
   (virtual-8086 mode, ...): a known limit, said, not a silent divergence;
+- ``native wrong (machine bug)``: they differ and the native run reported a ``machine-error`` event, where
+  the machine knows its result is Unicorn's and not the CPU's (docs/machine.md);
 - ``native nondeterministic``: two native runs differ (rdtsc follows the host's clock, a machine bug the
   regression rdtsc-follows-host-clock.s records): nothing can be concluded, counted apart.
 
@@ -160,7 +162,7 @@ class ImagesReport:
         for reason in sorted({r for r, _ in self.ends}):
             lines.append(f"    {reason:<22}{self.ends.get((reason, False), 0):8,}{self.ends.get((reason, True), 0):8,}")
         for why, n in sorted(self.declined.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {n:8,}  not modelled: {why}")
+            lines.append(f"  {n:8,}  {why if why.startswith('machine: ') else 'not modelled: ' + why}")
         if self.signatures:
             lines.append("  divergences by differing fields:")
             for sig, n in sorted(self.signatures.items(), key=lambda kv: -kv[1]):
@@ -173,8 +175,8 @@ class ImagesReport:
 
 EQUAL, AT_BUDGET, DIVERGENT, NONDETERMINISTIC = ("equal", "equal up to the budget", "divergent",
                                                  "native nondeterministic")
-NOT_MODELLED = "not modelled by the monitor"
-OUTCOMES = (EQUAL, AT_BUDGET, DIVERGENT, NOT_MODELLED, NONDETERMINISTIC)
+NOT_MODELLED, MACHINE_ERROR = "not modelled by the monitor", "native wrong (machine bug)"
+OUTCOMES = (EQUAL, AT_BUDGET, DIVERGENT, MACHINE_ERROR, NOT_MODELLED, NONDETERMINISTIC)
 
 
 def _share(monitor: str, seed: int, numbers: range | list, budget: int, options: dict) -> ImagesReport:
@@ -196,6 +198,10 @@ def _share(monitor: str, seed: int, numbers: range | list, budget: int, options:
         elif other.exit.reason == UNSUPPORTED:        # the monitor stopped, saying what it does not model
             outcome = NOT_MODELLED
             report.declined[other.exit.why] = report.declined.get(other.exit.why, 0) + 1
+        elif diffs and native.events.get("machine-error"):    # the machine said its result is not the CPU's
+            outcome = MACHINE_ERROR
+            for name, n in native.events["machine-error"].items():
+                report.declined[f"machine: {name}"] = report.declined.get(f"machine: {name}", 0) + n
         elif diffs:
             outcome = DIVERGENT
             sig = Divergence(g.name, "native", monitor, diffs, native, other).signature

@@ -104,7 +104,11 @@ class SelfModifyingStores:
         counter = engine.counter()
         store = (engine.read(X.UC_X86_REG_EIP), address, size, value)
         last = self._store
-        if last is not None and last[:4] == store and last[4] + 1 == counter:
+        # (only a rerun stores again at the same place from the same instruction, one count later: a
+        # rep string instruction moves on, an instruction that jumps to itself pushes lower)
+        if last is not None and last[:3] == store[:3] and last[4] + 1 == counter:
+            if last[3] != value:            # the first attempt changed state before its store (rcl's CF)
+                self.m.events.count("machine-error", "smc-rerun-stored-another-value")
             self._take_off()
             if not self._alone:
                 engine.extend_limit()

@@ -559,3 +559,13 @@ def test_iret_to_virtual_8086_mode_ends_the_run_unsupported(tmp_path, capsys):
     assert result.exit.reason == "unsupported" and "virtual-8086" in result.exit.why and not result.finished
     assert main(["run", str(path), "--monitor", "bt"]) == 5
     assert "unsupported (bt: iret to virtual-8086 mode is not modelled)" in capsys.readouterr().out
+
+
+def test_a_guest_that_sets_tf_ends_the_run_unsupported(tmp_path):
+    # With TF in the real flags Unicorn would single-step the cache's glue, not the guest (bench images,
+    # image 379: #DB one instruction early); bt says it does not model single-stepping instead.
+    path = tmp_path / "tf.s"
+    path.write_text("_start:\n pushfd\n or dword ptr [esp], 0x100\n popfd\n nop\n out 0xf4, al\n")
+    native, result = run_guest(str(path), "native"), run_guest(str(path), "bt")
+    assert native.exit.reason == "triple-fault" and native.guest_instructions == 4   # #DB after the nop
+    assert result.exit.reason == "unsupported" and "single-stepping" in result.exit.why

@@ -500,6 +500,8 @@ class Machine:
     def _on_intr(self, uc, vector: int, _) -> None:
         # Clears old_exception too: Unicorn never does, which is the repeated-#GP bug.
         software, error_code = self.engine.take_exception()
+        if self.end is not None:                # the run ended in this chunk (a monitor's finish): no more
+            return
         eip = self.reg("eip")
         if software:
             # Unicorn reports int n/int3/into with EIP after the instruction; a fault in delivering it

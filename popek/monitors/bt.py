@@ -86,6 +86,7 @@ from unicorn import x86_const as X
 
 from popek.machine.faults import BP, EXCEPTION, GP, PF, SOFTWARE, GuestFault, Interrupt
 from popek.machine.memory import CR0_PG, PAGE
+from popek.machine.result import UNSUPPORTED
 from popek.monitors import bt_emit as emit
 from popek.monitors.deprivilege import TABLE_CHANGES, Deprivileged
 from popek.monitors.bt_cache import CodeCache
@@ -104,6 +105,10 @@ DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
 # Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
 TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
+# Routines that can set EFLAGS.TF. bt does not model single-stepping: with TF set in the real flags, Unicorn
+# would trap after the first instruction of the cache's glue, not after the guest's next instruction.
+SETS_TF = frozenset({"popf", "iret"})
+TF = 1 << 8
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
 PAGING_CHANGES = frozenset({"cr0", "cr3", "cr4", "tlb"})
 
@@ -363,6 +368,8 @@ class BinaryTranslation(Deprivileged):
                 return
             if name in DATA_LOADS:
                 self._accessed((recipe.operands[0].reg,))
+            elif name in SETS_TF:
+                self._refuse_single_step()
             if last or self._flush_wanted is not None or eip != (site.next - site.owner.key[1]) & 0xFFFFFFFF:
                 self._goto(eip, callout=True)
             return
@@ -374,9 +381,16 @@ class BinaryTranslation(Deprivileged):
             return
         if v.entry is not entry:                # delivered through the IDT (int n, int3, into with OF)
             self._accessed(("cs", "ss") if v.cpl != cpl else ("cs",))
+        elif name in SETS_TF:
+            self._refuse_single_step()
         # Always through the monitor: the new EIP may even be the next instruction's (an interrupt handler
         # right after its int n), but at another CPL or in another code segment, so in another translation.
         self._goto(eip, callout=True)
+
+    def _refuse_single_step(self) -> None:
+        # (finish, not NotModelled: the trap the real TF raises after the callout must find the run ended)
+        if self.m.reg("eflags") & TF:
+            self.m.finish(UNSUPPORTED, None, "bt: single-stepping (EFLAGS.TF set by popf or iret) is not modelled")
 
     def _fault_at(self, site, fault: GuestFault) -> None:
         self._deliver(fault.event((site.guest - self._key()[1]) & 0xFFFFFFFF), True)

@@ -21,7 +21,8 @@ Where the blocks end is QEMU's business, so a monitor cannot imitate it; the mac
 
 Not seen: a store through another linear mapping of a code page that no block ran through yet (its frame is
 not watched until a block begins in it). A store of the value the bytes already hold, cut off by the limit,
-cannot be told from one that was made: the count is then one high, as before.
+by an instruction that can stay at its own address (a rep string instruction, a call or int n onto
+itself) cannot be told from one that was made: the count is then one high, as before.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
+from popek.decode import decode_at
 from popek.machine.faults import GuestFault
 from popek.machine.memory import CR0_PG
 from popek.machine.rangehooks import BLOCK, WRITE, RangeHooks, merge
@@ -41,6 +43,7 @@ TOP = 1 << 32
 MAX_WRITE_HOOKS = 4      # each write hook costs every store a range check: code frames share a few
 WATCH_GAP = 4 * PAGE     # code frames closer than this share a write hook
 _CONTROL = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4)
+STAYS = frozenset({"call", "lcall", "int", "int1", "int3", "into"})    # may store and land on themselves
 
 
 class SelfModifyingStores:
@@ -134,6 +137,14 @@ class SelfModifyingStores:
         self._unaligned = None
         self._rerun.clear()
 
+    def _may_stay(self, eip: int) -> bool:
+        """Whether the instruction at ``eip`` can leave EIP at itself after a store it made."""
+        try:
+            insn = decode_at(self.m.read_linear(eip, 15), 0, eip, 32)
+        except GuestFault:
+            return True
+        return insn is None or insn.mnemonic.startswith("rep") or insn.mnemonic.split()[0] in STAYS
+
     def _take_off(self) -> None:
         self.m.uncount()
         self.corrected += 1
@@ -177,7 +188,11 @@ class SelfModifyingStores:
             made = False
         else:
             engine.clear_store_recursion()
-            made = int.from_bytes(self.m.memory.read(address, size), "little") == value & ((1 << 8 * size) - 1)
+            # EIP still at the instruction: it did not complete, unless it stays there when it does (the
+            # next iteration of a rep string instruction, a call or int n that lands on itself); those made
+            # their store, which the bytes show.
+            made = self._may_stay(eip) and \
+                int.from_bytes(self.m.memory.read(address, size), "little") == value & ((1 << 8 * size) - 1)
         if not made:
             self._take_off()
             self._cut = (eip, address, size)

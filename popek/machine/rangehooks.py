@@ -3,8 +3,9 @@
 A hook is made once and its range rewritten in place in Unicorn's hook record (the offset is calibrated by
 ``popek.machine.engine``), never deleted: a deleted hook stays in Unicorn's list, and is checked on every
 access, until the ``emu_start`` it was deleted in returns (measured: 171 rebuilds made every store 10x
-slower). Unicorn checks a memory hook's range on every access and a block or code hook's range both when
-it translates a block and when the block runs, so a rewritten range takes effect at once.
+slower). Unicorn checks a memory hook's range on every access, so a rewritten range takes effect at once;
+a block or code hook's range only when it translates a block (a block translated inside the old range keeps
+calling the hook: drop it from Unicorn's cache).
 """
 from __future__ import annotations
 

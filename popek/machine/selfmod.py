@@ -64,10 +64,25 @@ class SelfModifyingStores:
         self._alone = False                             # this chunk retries a cut store alone
         self._unaligned: tuple | None = None            # (eip, address, bytes before) of the last one
 
+    def disable(self) -> None:
+        """For a monitor that never runs guest code where it lies (bt runs it from its cache, whose blocks no
+        guest store can reach): no hooks, nothing corrected."""
+        for hooks in (self._blocks, self._writes, self._rerun):
+            hooks.clear()
+
     # --- code pages ---------------------------------------------------------------------------------------
     def _on_block(self, uc, address: int, size: int, _) -> None:
         first, last = address & ~(PAGE - 1), (address + max(size, 1) - 1) & ~(PAGE - 1)
         self._add_code(first, last + PAGE)
+        self._retranslate(address, size)
+
+    def _retranslate(self, address: int, size: int) -> None:
+        """Unicorn decides at translation whether a block calls the block hooks, and then calls them on every
+        run of it whatever their ranges say (measured: a loop in the first block of a page called back on
+        every iteration). Drop the block and end the chunk before it runs (a dropped block that ran on would
+        miss a store into itself), so that it is translated again without the call."""
+        self.m.uc.ctl_remove_cache(address, address + max(size, 1))
+        self.m.stop_chunk()
 
     def _add_code(self, start: int, end: int) -> None:
         spans = self.code + [(start, min(end, TOP))]
@@ -128,7 +143,9 @@ class SelfModifyingStores:
         restart (write hooks off), this is its rerun: put back the bytes its first attempt made (the rerun
         of an xchg or add would read them), and turn the write hooks on again, which sees the rerun."""
         if self.m.engine.store_recursion() and self._unaligned is not None and self._unaligned[0] == address:
-            self._undo_partial()
+            self._undo_partial()            # (the rerun runs on: a block of one instruction, made for it)
+        else:
+            self._retranslate(address, size)
 
     def _undo_partial(self) -> None:
         _, address, before = self._unaligned

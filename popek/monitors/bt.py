@@ -137,6 +137,7 @@ class BinaryTranslation(Deprivileged):
     def attach(self, machine: Machine) -> None:
         super().attach(machine)
         m = self.m
+        m.selfmod.disable()     # the guest runs from the cache: no guest store lands in the block running
         # glue: about as much as code, less the guard page below the cache (CodeCache), so that the default
         # still fits the monitor's 4 MiB
         self.cache = CodeCache(m, self.cache_size, max(self.cache_size - 0x1000, 0x1000))

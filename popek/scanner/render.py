@@ -83,7 +83,7 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, det
     console.print()
     if doc.skipped:
         console.print(f"skipped {len(doc.skipped)} file(s) that are not ELF or PE binaries: "
-                      + ", ".join(doc.skipped))
+                      + ", ".join(doc.skipped), soft_wrap=True)
     failed = sum(1 for f in doc.files if f.error is not None)
     if failed:
         console.print(f"{failed} file(s) could not be scanned (see ERROR above)")
@@ -121,7 +121,8 @@ def _summary_table(doc: ScanDocument) -> Table:
 
 
 def _file_text(console: Console, report: FileReport, cap: int | None) -> None:
-    console.print(f"== {report.path}")
+    # A file name is never wrapped or folded: it must stay whole for `grep` and for copying.
+    console.print(f"== {report.path}", soft_wrap=True)
     if report.error is not None:
         console.print(f"ERROR: {report.error}")
         return

@@ -26,7 +26,7 @@ itself) cannot be told from one that was made: the count is then one high, as be
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import x86_const as X
 
@@ -63,6 +63,9 @@ class SelfModifyingStores:
         self._cut: tuple | None = None                  # (eip, address, size): a rerun the limit cut off
         self._alone = False                             # this chunk retries a cut store alone
         self._unaligned: tuple | None = None            # (eip, address, bytes before) of the last one
+        # Told the EIP of each attempt taken off: a monitor whose own hook counts every instruction it sees
+        # (emulate) saw that attempt too.
+        self.on_take_off: list[Callable[[int], None]] = []
 
     def disable(self) -> None:
         """For a monitor that never runs guest code where it lies (bt runs it from its cache, whose blocks no
@@ -127,7 +130,7 @@ class SelfModifyingStores:
         if last is not None and last[:3] == store[:3] and last[4] + 1 == counter:
             if last[3] != value:            # the first attempt changed state before its store (rcl's CF)
                 self.m.events.count("machine-error", "smc-rerun-stored-another-value")
-            self._take_off()
+            self._take_off(store[0])
             if not self._alone:
                 engine.extend_limit()
                 self.extended += 1
@@ -162,8 +165,10 @@ class SelfModifyingStores:
             return True
         return insn is None or insn.mnemonic.startswith("rep") or insn.mnemonic.split()[0] in STAYS
 
-    def _take_off(self) -> None:
+    def _take_off(self, eip: int) -> None:
         self.m.uncount()
+        for listener in self.on_take_off:
+            listener(eip)
         self.corrected += 1
         self.m.events.count("corrected", "smc-rerun")
 
@@ -211,5 +216,5 @@ class SelfModifyingStores:
             made = self._may_stay(eip) and \
                 int.from_bytes(self.m.memory.read(address, size), "little") == value & ((1 << 8 * size) - 1)
         if not made:
-            self._take_off()
+            self._take_off(eip)
             self._cut = (eip, address, size)

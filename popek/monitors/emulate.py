@@ -68,6 +68,15 @@ class Emulate(MonitorOps):
                     return
             sensitive[name] += 1
 
+        def on_take_off(eip: int) -> None:
+            # Unicorn ran a store into the running block twice and the machine took one attempt off its
+            # count; the interpreter dispatches once per instruction the CPU runs, so it takes it off too.
+            self.interpreted -= 1
+            name = names.get(eip)
+            if isinstance(name, str):
+                sensitive[name] -= 1
+
+        machine.selfmod.on_take_off.append(on_take_off)
         machine.uc.hook_add(unicorn.UC_HOOK_BLOCK, on_block, None, *ALL)
         machine.uc.hook_add(unicorn.UC_HOOK_CODE, on_insn, None, *ALL)
 
@@ -78,4 +87,5 @@ class Emulate(MonitorOps):
         if decoder.code_changed:
             events.count("interpret", "code-changed", decoder.code_changed)
         for name, n in self.sensitive.items():
-            events.count("sensitive", name, n)
+            if n:
+                events.count("sensitive", name, n)

@@ -32,6 +32,19 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    reads the range when it translates a block: narrow it before the code outside is first run. The hook's
    ``begin``/``end`` offsets and ``count_hook``'s place in ``uc_struct`` are found by calibration too.
 
+6. **The flags after a restore to the start of an instruction.** QEMU keeps the arithmetic flags lazily
+   (``cc_op`` names the last flag-setting operation, ``cc_src``/``cc_dst`` its operands) and records
+   ``cc_op`` at the start of every instruction, to put back when the state is restored there: at a fault
+   inside the instruction, and at the restart of a store into the running block (the rerun of
+   ``popek.machine.selfmod``). Unicorn, under a code hook (the count hook is one, on every guest
+   instruction), computes the flags into ``cc_src`` in EFLAGS form right after the hook, and the
+   instruction's record still names the operation before: the restored state is an operation over computed
+   flags, and EFLAGS reads wrong (0x57 for 0x46 after an ``add``: upstream translate.c, ``disas_insn``,
+   "Previous hook might change eflags"); a rerun computes from it again, and an ``adc`` or ``rcl`` even
+   stores another value. ``settle_flags`` puts ``cc_op`` back to CC_OP_EFLAGS, which is what the state
+   holds there; a fault before an instruction began (a fetch) or a trap after it completed (single-step)
+   has consistent state and must not be touched.
+
 None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
 guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
 arrive as #GP after the patch, and a patched CPL must let the API load a ring-0 SS. A Unicorn build where
@@ -74,6 +87,7 @@ class Layout:
     count_hook: int | None = None    # offset in uc_struct of uc->count_hook (a struct hook *); None: not found
     hook_range: int = 0              # offset of uint64 begin (end follows) in struct hook
     store_recursion: int | None = None   # offset in uc_struct of int uc->size_recur_mem; None: not found
+    lazy_flags: tuple[int, int] | None = None   # context offsets of env->cc_src and env->cc_op; None: not found
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -171,7 +185,7 @@ def layout() -> Layout:
     return Layout(counter=counter, error_code=found["error_code"], is_int=found["is_int"],
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
                   env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range,
-                  store_recursion=_find_store_recursion())
+                  store_recursion=_find_store_recursion(), lazy_flags=_find_lazy_flags())
 
 
 # An unaligned store into a page holding translated code is made a byte at a time, with Unicorn's write hooks
@@ -198,6 +212,43 @@ def _find_store_recursion() -> int | None:
         hits = {4 * i for i in range(2048) if b[i] == 0 and a[i] == size}
         found = hits if found is None else found & hits
     return found.pop() if found and len(found) == 1 else None
+
+
+# QEMU keeps the arithmetic flags lazily: cc_op names the last flag-setting operation and cc_dst/cc_src (and
+# cc_src2) its operands; CC_OP_EFLAGS means cc_src holds them computed, in EFLAGS form (engine notes 6).
+CC_OP_EFLAGS = 1
+ARITHMETIC_FLAGS = 0x8D5            # OF SF ZF AF PF CF: all cc_src holds under CC_OP_EFLAGS
+# add al, bl ; sub al, bl ; hlt, at 0x2000: each run to the next instruction leaves its op committed.
+_LAZY_CODE = bytes.fromhex("00d828d8f4")
+
+
+def _find_lazy_flags() -> tuple[int, int] | None:
+    """(cc_src, cc_op) offsets in a saved context, found from what an add, a sub and an EFLAGS write leave
+    there; None if they cannot be told apart."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x2000, _LAZY_CODE)
+
+    def blob(start: int | None = None, flags: int | None = None) -> bytes:
+        if start is not None:
+            uc.reg_write(X.UC_X86_REG_EAX, 1)
+            uc.reg_write(X.UC_X86_REG_EBX, 2)
+            uc.emu_start(start, start + 2)
+        if flags is not None:
+            uc.reg_write(X.UC_X86_REG_EFLAGS, flags)
+        ctx = uc.context_save()
+        return ctypes.string_at(_context_address(ctx), ctx.size)
+
+    added, written, subtracted = blob(start=0x2000), blob(flags=0x8D7), blob(start=0x2002)
+    q = lambda data, at: struct.unpack_from("<Q", data, at)[0]           # noqa: E731
+    i = lambda data, at: struct.unpack_from("<i", data, at)[0]           # noqa: E731
+    # after add 1 + 2: cc_dst 3, cc_src 2; after the write: cc_src 0x8D5 (the flags), cc_op EFLAGS
+    src = [at for at in range(8, len(added) - 8, 8)
+           if q(added, at) == 2 and q(added, at - 8) == 3 and q(written, at) == ARITHMETIC_FLAGS]
+    op = [at for at in range(0, len(added) - 4, 4)
+          if i(written, at) == CC_OP_EFLAGS and 1 < i(added, at) < 64 and 1 < i(subtracted, at) < 64
+          and i(added, at) != i(subtracted, at)]
+    return (src[0], op[0]) if len(src) == 1 and len(op) == 1 else None
 
 
 _RANGE_MARKS = (0x13579BDF, 0x2468ACE0)
@@ -311,6 +362,8 @@ class Engine:
         self._mmr = UcRegMMR()
         self._gprs: dict[int, ctypes.c_uint64] = {}
         self._live = self._live_fields()
+        self._counted = (0, 0xFFFFFFFF)            # count_only's range
+        self._lazy = self._lazy_fields()
 
     def _live_fields(self) -> tuple | None:
         """(is_int, error_code, old_exception) as ctypes views of the live env, or None (context path)."""
@@ -327,6 +380,35 @@ class Engine:
         at = env - lay.header
         return (ctypes.c_int32.from_address(at + lay.is_int), ctypes.c_int32.from_address(at + lay.error_code),
                 ctypes.c_int32.from_address(at + lay.old_exception))
+
+    def _lazy_fields(self) -> tuple | None:
+        """(cc_src, cc_op) as views of the live env, checked by an EFLAGS write through the API (which sets
+        cc_src to the flags and cc_op to CC_OP_EFLAGS); None where the offsets or the live env are unknown."""
+        lay = self.layout
+        if lay.lazy_flags is None or lay.env_pointer is None or self._live is None:
+            return None
+        at = ctypes.c_uint64.from_address(self._uch.value + lay.env_pointer).value + lay.env_delta - lay.header
+        src, op = (ctypes.c_uint64.from_address(at + lay.lazy_flags[0]),
+                   ctypes.c_int32.from_address(at + lay.lazy_flags[1]))
+        saved = self.read(X.UC_X86_REG_EFLAGS)
+        self.write(X.UC_X86_REG_EFLAGS, saved | ARITHMETIC_FLAGS)
+        ok = src.value == ARITHMETIC_FLAGS and op.value == CC_OP_EFLAGS
+        self.write(X.UC_X86_REG_EFLAGS, saved)
+        return (src, op) if ok else None
+
+    def settle_flags(self, address: int) -> bool:
+        """The state was restored to the start of the instruction at ``address`` (a fault inside it, or the
+        restart of a store into its block: engine notes 6): make EFLAGS read the flags computed there. Only
+        for an instruction translated under the count hook, and only when ``cc_src`` can be flags at all.
+        True when it changed the state."""
+        lazy = self._lazy
+        if lazy is None or not self._counted[0] <= address <= self._counted[1]:
+            return False
+        src, op = lazy
+        if op.value == CC_OP_EFLAGS or src.value & ~ARITHMETIC_FLAGS:
+            return False
+        op.value = CC_OP_EFLAGS
+        return True
 
     def _live_gprs(self, env: int) -> dict[int, ctypes.c_uint64]:
         """The eight general registers as views of the live env (``regs[]``, in encoding order, 64-bit
@@ -426,6 +508,7 @@ class Engine:
             return False
         ctypes.c_uint64.from_address(hook + lay.hook_range).value = begin
         ctypes.c_uint64.from_address(hook + lay.hook_range + 8).value = end
+        self._counted = (begin, end)
         return True
 
     def take_exception(self) -> tuple[bool, int]:

@@ -34,8 +34,8 @@ from popek.machine import interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
-from popek.machine.faults import BP, ERROR_CODE, EXCEPTION, GP, OF, SOFTWARE, TS, UD, GuestFault, NotModelled, \
-    Interrupt
+from popek.machine.faults import BP, DB, ERROR_CODE, EXCEPTION, GP, OF, PF, SOFTWARE, TS, UD, GuestFault, \
+    NotModelled, Interrupt
 from popek.machine.guest import Guest
 from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
 from popek.machine.selfmod import SelfModifyingStores
@@ -66,6 +66,9 @@ _MEMORY_ERRORS = {
     unicorn.UC_ERR_FETCH_UNMAPPED: "fetch", unicorn.UC_ERR_READ_PROT: "read",
     unicorn.UC_ERR_WRITE_PROT: "write", unicorn.UC_ERR_FETCH_PROT: "fetch",
 }
+
+PF_WRITE, PF_FETCH = 0x2, 0x10         # #PF error code: a write; an instruction fetch (with NX or SMEP)
+MAX_INSTRUCTION = 15                    # bytes
 
 # Why a chunk ended (Machine.execute).
 COUNT, HLT, STOPPED, END = "count", "hlt", "stopped", "end"
@@ -437,6 +440,8 @@ class Machine:
             return Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why="invalid opcode")
         if error.errno in _MEMORY_ERRORS:
             kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
+            if kind != "fetch":                     # (a fetch fails before the instruction began)
+                self.settle_flags(eip, "fault")
             where = "monitor memory" if self.memory.readable(address, 1) else "outside memory"
             return Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"{kind} at {address:#x} ({where})")
         raise error                                    # anything else is not the guest's doing
@@ -509,8 +514,29 @@ class Machine:
             one_byte = vector in (BP, OF) and self._byte_before(eip) in (0xCC, 0xCE)
             event = Interrupt(vector, SOFTWARE, None, eip=eip, insn=eip - (1 if one_byte else 2))
         else:
+            # (#DB is single-step's trap after the instruction completed, with its flags committed)
+            if vector != DB and not (vector == PF and self._fetch_fault(eip, error_code)):
+                self.settle_flags(eip, "fault")
             event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip)
         self.raise_interrupt(event)
+
+    def settle_flags(self, eip: int, cause: str) -> None:
+        """Unicorn's flags after a restore to the start of the instruction at ``eip`` (``cause``: a fault
+        inside it, or an smc-rerun) name the operation before it over flags already computed (engine notes
+        6): make them read as the CPU has them."""
+        if self.engine.settle_flags(eip):
+            self.events.count("corrected", f"flags-at-{cause}")
+
+    def _fetch_fault(self, eip: int, error_code: int) -> bool:
+        """Whether a #PF is the fetch of the instruction at ``eip`` (raised when Unicorn translated it,
+        before it began) rather than one of its data accesses."""
+        if error_code & (PF_WRITE | PF_FETCH):
+            return not error_code & PF_WRITE
+        try:
+            start = self.descriptor(self.reg("cs")).base + eip
+        except GuestFault:
+            start = eip
+        return 0 <= (self.reg("cr2") - start) & 0xFFFFFFFF < MAX_INSTRUCTION
 
     def _on_bad_access(self, uc, access: int, address: int, size: int, value: int, _) -> bool:
         kind = {unicorn.UC_MEM_FETCH_UNMAPPED: "fetch", unicorn.UC_MEM_FETCH_PROT: "fetch",

@@ -135,20 +135,27 @@ class SelfModifyingStores:
                 engine.extend_limit()
                 self.extended += 1
             self._store = None
+            self._rerun.clear()
         else:
             self._store = store + (counter,)
+            # (a block that begins here before this instruction is counted again is its rerun)
+            self._rerun.cover([(store[0], store[0] + 1)])
             if address & (size - 1):
                 self._unaligned = (store[0], address, self.m.memory.read(address, size))
-                self._rerun.cover([(store[0], store[0] + 1)])
 
     def _on_rerun(self, uc, address: int, size: int, _) -> None:
-        """A block begins at the instruction of the last unaligned store. If that store left through the
-        restart (write hooks off), this is its rerun: put back the bytes its first attempt made (the rerun
-        of an xchg or add would read them), and turn the write hooks on again, which sees the rerun."""
-        if self.m.engine.store_recursion() and self._unaligned is not None and self._unaligned[0] == address:
-            self._undo_partial()            # (the rerun runs on: a block of one instruction, made for it)
-        else:
+        """A block begins at the instruction of the last store into a code page. If it was not counted
+        again since, this is its rerun (a block of one instruction, made for it, that runs on): the restart
+        left the flags stale (engine notes 6), so settle them. An unaligned store that left through the
+        restart (write hooks off) also made part of its bytes: put them back (the rerun of an xchg or add
+        would read them), and turn the write hooks on again, which sees the rerun."""
+        store, engine = self._store, self.m.engine
+        if store is None or store[0] != address or store[4] != engine.counter():
             self._retranslate(address, size)
+            return
+        self.m.settle_flags(address, "smc-rerun")
+        if engine.store_recursion() and self._unaligned is not None and self._unaligned[0] == address:
+            self._undo_partial()
 
     def _undo_partial(self) -> None:
         _, address, before = self._unaligned
@@ -217,4 +224,5 @@ class SelfModifyingStores:
                 int.from_bytes(self.m.memory.read(address, size), "little") == value & ((1 << 8 * size) - 1)
         if not made:
             self._take_off(eip)
+            self.m.settle_flags(eip, "smc-rerun")
             self._cut = (eip, address, size)

@@ -1,14 +1,12 @@
 ; why: machine bug, found by popek bench images (image 2 of seed 0: native EFLAGS 0x57, bt 0x46 after a
 ;      triple fault). An access outside guest RAM faults (#GP(0)) and a fault changes no flag, so the
 ;      EFLAGS image of the #GP frame must be the flags of the add before it (0 + 0: ZF and PF, 0x46).
-;      Unicorn 2.1.4 reports stale lazy flags (0x57, CF and AF set as well) after an invalid memory access
-;      whenever a code hook runs on the instruction, and emu_start's instruction count (which the machine
-;      uses for its budget and clock) is such a hook; without it Unicorn reports 0x46. Every monitor runs
-;      on the same engine, so they agree with native on the wrong value; bt, whose blocks differ, sometimes
-;      gets the right one, and then it "diverges".
+;      Unicorn 2.1.4 computes the flags into EFLAGS form after every code hook (the machine's count hook
+;      is one) while the instruction's restore record keeps the operation before, so a fault inside the
+;      instruction left "add" over computed flags and EFLAGS read 0x57 (CF and AF as well). The machine
+;      now puts the record right at such a fault (corrected: flags-at-fault).
 ; expect: exit exit-port 70
 ; expect: guest_instructions 15
-; xfail: Unicorn's lazy flags after a faulting access under a code hook (native pushes EFLAGS 0x57, not 0x46)
         .equ IDT, 0x90000
 _start:
         mov eax, gp_handler

@@ -209,6 +209,18 @@ def test_every_verified_table_row_is_checked_against_gnu_as():
     assert not missing, f"table rows without a GNU as check in SYSTEM: {missing}"
 
 
+# The 1 of a shift or rotate by one is implied by the opcode (d0/d1): Capstone reports it as an immediate
+# of size 0 on a memory operand, which the immediate check read as a field of -8 bits (a traceback).
+SHIFT_BY_ONE = ["rcl byte ptr [0x1000], 1", "shl dword ptr [eax], 1", "sar word ptr [ebx + 4], 1",
+                "ror eax, 1", "rcr bl, 1"]
+
+
+@needs_binutils
+@pytest.mark.parametrize("text", SHIFT_BY_ONE)
+def test_shift_by_one_matches_gnu_as(text, tmp_path):
+    assert popek_bytes(text).hex(" ") == gnu_as(text, tmp_path).hex(" ")
+
+
 def test_int_3_keeps_the_form_that_was_written():
     # GNU as turns `int 3` into int3 (cc); the two differ under virtualization (V86 IOPL check, and
     # the scanner names them differently), so popek keeps CD 03.

@@ -67,9 +67,12 @@ def _prefixes(code: bytes) -> list[int]:
     return out
 
 
-def _fits(value: int, size: int) -> bool:
+def _survives(value: int, got: int, size: int) -> bool:
+    """Whether the immediate ``value`` reads back as ``got`` from a field of ``size`` bytes."""
+    if size == 0:               # implied by the opcode (the 1 of d0/d1 on memory: Capstone gives no size)
+        return value == got
     bits = 8 * size
-    return -(1 << (bits - 1)) <= value < (1 << bits)
+    return -(1 << (bits - 1)) <= value < (1 << bits) and (value - got) % (1 << bits) == 0
 
 
 def verify(code: bytes, address: int, expect: Expect) -> None:
@@ -103,7 +106,7 @@ def verify(code: bytes, address: int, expect: Expect) -> None:
         if not imms or imms[-1][0] & mask != expect.target & mask:
             raise VerifyError(f"branch goes to {insn.op_str}, not {expect.target:#x}")
     for value in expect.imms:
-        if not any(_fits(value, size) and (value - got) % (1 << 8 * size) == 0 for got, size in imms):
+        if not any(_survives(value, got, size) for got, size in imms):
             raise VerifyError(f"immediate {value:#x} does not survive encoding ('{insn.text}')")
     if expect.mem is not None:
         mems = [op for op in detail.operands if op.type == x86.X86_OP_MEM]

@@ -69,6 +69,7 @@ _MEMORY_ERRORS = {
 
 PF_WRITE, PF_FETCH = 0x2, 0x10         # #PF error code: a write; an instruction fetch (with NX or SMEP)
 MAX_INSTRUCTION = 15                    # bytes
+HLT_OPCODE = 0xF4
 
 # Why a chunk ended (Machine.execute).
 COUNT, HLT, STOPPED, END = "count", "hlt", "stopped", "end"
@@ -163,7 +164,9 @@ class Machine:
         self.guards.update(found)
         self.uc.ctl_set_exits(sorted(self.guards))
         for address in found:                   # a block translated before cannot know the new exit
-            if address not in self._probes and address > 0:
+            # (a probe is a Python call on every run of the instruction at the byte before: most guards are
+            # bytes inside other instructions, often in a hot loop, so only where a hlt can begin there)
+            if address not in self._probes and address > 0 and self._byte_before(address) == HLT_OPCODE:
                 self._probes[address] = self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_probe, None,
                                                          address - 1, address - 1)
             self.uc.ctl_remove_cache(address - 1 if address else 0, address + 1)
@@ -360,7 +363,7 @@ class Machine:
             return COUNT
         # emu_start returned by itself before the count ran out: at a guard (an exit), or hlt.
         eip = self.reg("eip")
-        hlt = self._byte_before(eip) == 0xF4
+        hlt = self._byte_before(eip) == HLT_OPCODE
         if eip in self.guards and not (hlt and self._probed == eip - 1):
             return self._guarded(eip) if counted < count else COUNT
         if hlt:

@@ -100,6 +100,7 @@ if TYPE_CHECKING:
     from popek.machine.machine import Machine
 
 EIP = X.UC_X86_REG_EIP
+FIP = X.UC_X86_REG_FIP
 # Loads after which the guest's descriptor gets its accessed bit (below): what native runs write.
 DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
@@ -339,6 +340,8 @@ class BinaryTranslation(Deprivileged):
             self._exit(site)
         elif kind == "lookup":
             self._lookup(site)
+        elif kind == "fip":
+            self._guest_fip()
         elif kind == "near-branch":
             self.callouts["near-branch"] += 1
             try:
@@ -347,6 +350,16 @@ class BinaryTranslation(Deprivileged):
                 self._fault_at(site, fault)
                 return
             self._goto(eip, callout=True)
+
+    def _guest_fip(self) -> None:
+        """Before a store of the x87 state (bt_translate.FIP_STORES): FIP, the EIP of the last x87
+        instruction, is where it ran in the cache; make it the guest's. (A FIP the guest loaded itself, with
+        fldenv or frstor, is not in the cache and stays.)"""
+        self.callouts["fip"] += 1
+        engine = self.m.engine
+        guest = self.cache.guest_address((engine.read(FIP) + self._base) & 0xFFFFFFFF)
+        if guest is not None:
+            engine.write(FIP, (guest - self._key()[1]) & 0xFFFFFFFF)
 
     def _uncount(self) -> None:
         """The callout just counted is not a guest instruction (``continue``, ``poison``)."""

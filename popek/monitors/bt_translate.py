@@ -37,6 +37,8 @@ emulation routines use):
 | loop, loope, loopne, jecxz           | jmp -> glue        | lea ecx,[ecx-1]; jecxz; jcc/jmp -> two exits      |
 | near branch with a 16-bit operand or | ``syscall``        | (the same)                                        |
 | address size (66; 67 on loop/jecxz)  |                    |                                                   |
+| a store of FIP (FIP_STORES: fnstenv, | jmp -> glue        | ``syscall`` (the monitor puts the guest's EIP in  |
+| fnsave, fxsave, xsave...)            |                    | FIP); the instruction; jmp back (or an exit)      |
 
 Control transfers are recognised by opcode (popek.decode.near_transfer), never by the printed mnemonic,
 which carries prefix words (``bnd ret``, ``notrack jmp eax``): a prefixed branch is translated as the
@@ -49,7 +51,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from popek.decode import COUNTER_KINDS, LEGACY_PREFIXES, NearTransfer, decode_at, near_transfer
+from popek.decode import COUNTER_KINDS, LEGACY_PREFIXES, NearTransfer, decode_at, near_transfer, \
+    opcode_and_modrm
 from popek.machine import quirks
 from popek.machine.faults import GP, PF, GuestFault
 from popek.machine.memory import CR0_PG
@@ -62,6 +65,17 @@ ENDS_RUN = frozenset({"iret", "ret_far", "jmp_far"})    # callouts that never co
 STRING_IO = frozenset({"ins", "outs"})
 STRING_OPS = frozenset(b"\xa4\xa5\xa6\xa7\xaa\xab\xac\xad\xae\xaf\x6c\x6d\x6e\x6f")
 UD2 = b"\x0f\x0b"
+# Stores of the x87 state that write FIP, the EIP of the last x87 instruction (fnstenv, fnsave, fxsave,
+# xsave, xsaveopt, xsavec, xsaves: opcode after prefixes, ModRM reg, memory forms only): in the cache that
+# instruction ran at a cache address, which the store would hand the guest (the fnstenv GetPC of encoded
+# shellcode read it as its own EIP). SDM Vol. 1, 8.1.8 (x87 FPU instruction and data pointers).
+FIP_STORES = frozenset({(b"\xd9", 6), (b"\xdd", 6), (b"\x0f\xae", 0), (b"\x0f\xae", 4), (b"\x0f\xae", 6),
+                        (b"\x0f\xc7", 4), (b"\x0f\xc7", 5)})
+
+
+def stores_fip(raw: bytes) -> bool:
+    op, modrm = opcode_and_modrm(raw, 0, 32)
+    return modrm is not None and modrm >> 6 != 3 and (op, (modrm >> 3) & 7) in FIP_STORES
 
 
 class CacheFull(Exception):
@@ -99,6 +113,7 @@ class Pending:
     name: str | None                         # canonical name, if the ISA description lists it
     prefixes: int                            # number of legacy prefix bytes
     flow: NearTransfer | None                # a near jmp/call/jcc/ret/loop, by its opcode (decode.near_transfer)
+    fip: bool = False                        # stores FIP (FIP_STORES)
 
     @property
     def jcc(self) -> bool:
@@ -286,7 +301,8 @@ class Translator:
             prefixes += 1
         entry = self.classifier.lookup(raw, 0, 32, insn.mnemonic, insn.op_str)
         name = entry.name if entry is not None else None
-        return Pending(insn, unit, name, prefixes, near_transfer(raw) if name not in TABLE else None)
+        return Pending(insn, unit, name, prefixes, near_transfer(raw) if name not in TABLE else None,
+                       name is None and stores_fip(raw))
 
     def _callout(self, p: Pending, key: tuple) -> bool:
         return p.name is not None and p.name in TABLE and p.name not in STRING_IO
@@ -339,6 +355,8 @@ class Translator:
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if self._callout(p, key):
             self._callout_glue(run, p, key, back=True)
+        elif p.fip:
+            self._fip_glue(run, p, None)
         elif p.jcc:
             at = self._emit(run, unit, insn.address, bytes(6), next_ip)
             stub = self._exit(run, unit, insn.address, p.flow.target(next_ip), at + 2)
@@ -352,6 +370,9 @@ class Translator:
         next_ip = (insn.address + insn.size) & 0xFFFFFFFF
         if self._callout(p, key):                       # the monitor continues it at ``pos``
             self._callout_glue(run, p, key, back=False)
+            return
+        if p.fip:
+            self._fip_glue(run, p, pos)
             return
         if p.jcc:                                       # jcc taken / not taken: two exits, in glue
             glue = self._reserve(11)
@@ -391,6 +412,22 @@ class Translator:
         self._site(run, glue, p, key, kind)
         if not back and kind == "emulate":
             run.sites[glue].kind = "emulate-last"
+
+    def _fip_glue(self, run: Run, p: Pending, pos: int | None) -> None:
+        """A store of FIP (FIP_STORES): a counted ``jmp`` in the unit stands for it; in glue a callout first
+        puts back the guest EIP of the last x87 instruction, then the instruction runs as itself, and a
+        jump goes back to the unit or, at the end of the run (``pos``), to an exit."""
+        insn, unit = p.insn, p.unit
+        next_ip = (insn.address + insn.size) & 0xFFFFFFFF
+        at = self._emit(run, unit, insn.address, bytes(5), next_ip)
+        glue = self._reserve(len(emit.SYSCALL) + insn.size + 5)
+        copy = glue + len(emit.SYSCALL)
+        after = copy + insn.size
+        back = at + 5 if pos is None else self._exit(run, unit, insn.address, pos, after + 1)
+        self._glue_at(run, glue, emit.SYSCALL + insn.raw, insn.address)
+        self._glue_at(run, after, emit.jmp(after, back), next_ip)
+        run.code[at - run.start:at - run.start + 5] = emit.jmp(at, glue)
+        run.sites[glue] = Site("fip", insn.address, next_ip, unit)
 
     def _reserve(self, size: int) -> int:
         at = self._glue_next

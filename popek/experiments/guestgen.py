@@ -1232,6 +1232,19 @@ def r_store_next(g, value):
     _raw(g, bytes([value]))                         # ... whose imm8 the store just wrote
 
 
+X87_LOADS = ("fld1", "fldz", "fldpi", "fldl2e")
+X87_STORES = {"fnstenv": 28, "fnstenv16": 14, "fnsave": 108}     # bytes each writes
+
+
+def r_x87_state(g, load, store, offset):
+    """An x87 instruction, then a store of the x87 state into scratch: the store holds FIP, that
+    instruction's EIP (which a translator that ran it elsewhere must not show)."""
+    g.i(load)
+    if store == "fnstenv16":
+        _raw(g, b"\x66")                            # 16-bit operand size: the 14-byte environment
+    g.i(f"{store.removesuffix('16')} [{{}}]", _mem(offset, X87_STORES[store]))
+
+
 # --- strategies ---------------------------------------------------------------------------------------------
 INTERESTING = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
                0xFFFFFFFE, 0xFFFFFF80, 0x12345678)
@@ -1314,12 +1327,14 @@ LEAVES = {
                                         st.integers(0, 0xFFFF))),
     # faults the handlers skip
     "fault": (r_fault, lambda: (st.sampled_from(FAULTS), st.integers(0, 63))),
-    # adversarial: prefixed and 16-bit branches, reads at the edges, stores into the next instruction
+    # adversarial: prefixed and 16-bit branches, reads at the edges, stores into the next instruction, the x87
+    # state (its FIP)
     "prefixed_branch": (r_prefixed_branch, lambda: (st.sampled_from(BRANCH_PREFIXES), st.sampled_from(PREFIXED_FORMS),
                                                     st.sampled_from(CC))),
     "branch16": (r_branch16, lambda: (st.sampled_from(BRANCH16_FORMS), st.sampled_from(CC))),
     "edge_read": (r_edge_read, lambda: (st.integers(0, len(EDGE_READS) - 1), st.sampled_from((1, 2, 4)))),
     "store_next": (r_store_next, lambda: (st.integers(0, 0xFF),)),
+    "x87_state": (r_x87_state, lambda: (st.sampled_from(X87_LOADS), st.sampled_from(tuple(X87_STORES)), _off())),
 }
 CONTROL = {"if": r_if, "loop": r_loop, "call": r_call}
 ITEMS = {**{k: v for k, v in LEAVES.items()}, **{k: (v, None) for k, v in CONTROL.items()}}

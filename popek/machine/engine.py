@@ -284,6 +284,7 @@ _GPRS = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
 _MARKS = (0x9E3779B1, 0x7F4A7C15, 0x85EBCA77, 0xC2B2AE3D)     # EAX ECX EDX EBX: unlikely anywhere else
 _MARK_REGS = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX)
 _SCAN = 0x10000                                               # bytes read after each candidate pointer
+PAGE_BYTES = 0x1000
 
 
 def _pread(address: int, size: int) -> bytes | None:
@@ -301,35 +302,71 @@ def _pread(address: int, size: int) -> bytes | None:
 
 
 def _live_state_at(uc, address: int) -> bool:
-    """True when ``address`` holds the live env: it follows a register written through the API."""
-    for value in (0x0BADF00D, 0x5EED1E55):
-        uc.reg_write(X.UC_X86_REG_EAX, value)
-        if _pread(address, 8) != struct.pack("<Q", value):
-            return False
-    return True
+    """True when ``address`` holds the live env: it follows a register written through the API. EAX is
+    put back (a scan for the marks in the live env must still find them after a copy was tried)."""
+    saved = uc.reg_read(X.UC_X86_REG_EAX)
+    try:
+        for value in (0x0BADF00D, 0x5EED1E55):
+            uc.reg_write(X.UC_X86_REG_EAX, value)
+            if _pread(address, 8) != struct.pack("<Q", value):
+                return False
+        return True
+    finally:
+        uc.reg_write(X.UC_X86_REG_EAX, saved)
 
 
-def _find_live_state(uc) -> tuple[int, int | None, int]:
-    """(context header size, offset in uc_struct of a pointer near the live env, env - that pointer)."""
+def _pread_mapped(address: int, size: int) -> bytes:
+    """Up to ``size`` bytes of our own memory from ``address``, as far as it is mapped (a read across the
+    end of a mapping fails whole, and where the heap ends moves from run to run)."""
+    out = b""
+    while len(out) < size:
+        at = address + len(out)
+        page = _pread(at, min(PAGE_BYTES - at % PAGE_BYTES, size - len(out)))    # (never across a page)
+        if not page:
+            break
+        out += page
+    return out
+
+
+def _live_candidates(uc) -> list[tuple[int, int]]:
+    """(offset in uc_struct of a pointer, env - that pointer) for every pointer near the live env of ``uc``."""
     for reg, value in zip(_MARK_REGS, _MARKS):
         uc.reg_write(reg, value)
     needle = struct.pack("<4Q", *_MARKS)        # env starts with regs[], 64-bit slots, in this order
-    ctx = uc.context_save()
-    header = ctypes.string_at(_context_address(ctx), ctx.size).find(needle)
     words = _pread(uc._uch.value, 4096)
-    if header < 0 or words is None:
-        return max(header, 0), None, 0
-    pointers = struct.unpack("<512Q", words)
-    for offset, pointer in enumerate(pointers):
+    if words is None:
+        return []
+    found = []
+    for offset, pointer in enumerate(struct.unpack("<512Q", words)):
         if pointer & 7 or pointer < 0x10000:
             continue
-        data = _pread(pointer, _SCAN) or b""
+        data = _pread_mapped(pointer, _SCAN)
         at = data.find(needle)
         while at >= 0:                          # several copies (saved contexts): keep the live one
             if _live_state_at(uc, pointer + at):
-                return header, offset * 8, at
+                found.append((offset * 8, at))
             at = data.find(needle, at + 8)
-    return header, None, 0
+    return found
+
+
+def _find_live_state(uc) -> tuple[int, int | None, int]:
+    """(context header size, offset in uc_struct of a pointer near the live env, env - that pointer).
+
+    Only a pointer whose distance to the env is a property of the build will do (uc->cpu: the env is a
+    member of the CPU object); a heap pointer that happens to lie below the env in one instance does not
+    in the next, so a candidate must hold in a second, fresh instance too."""
+    for reg, value in zip(_MARK_REGS, _MARKS):
+        uc.reg_write(reg, value)
+    ctx = uc.context_save()
+    header = ctypes.string_at(_context_address(ctx), ctx.size).find(struct.pack("<4Q", *_MARKS))
+    if header < 0:
+        return 0, None, 0
+    other = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    again = set(_live_candidates(other))
+    stable = [found for found in _live_candidates(uc) if found in again]
+    if not stable:
+        return header, None, 0
+    return header, *stable[0]
 
 
 def _find_counter(uc, executed: int, count: int) -> int:

@@ -313,8 +313,12 @@ class Report(Tabular):
     def render_text(self) -> str:
         lines = [f"popek diff {self.guest}: native vs {self.monitor}"]
         if self.equivalent:
+            counts = self.native['guest_instructions'], self.other['guest_instructions']
             lines.append(f"EQUIVALENT: same console output, exit, visible state and guest RAM "
-                         f"({self.native['guest_instructions']} vs {self.other['guest_instructions']} guest instructions)")
+                         f"({counts[0]} vs {counts[1]} guest instructions)")
+            if counts[0] != counts[1]:          # (equivalence allows timing; the machine's clock is the count)
+                lines.append("  the instruction counts differ: the same result at another time (a timer "
+                             "interrupt would have landed elsewhere)")
         elif self.status == UNDECIDED:
             lines.append(f"UNDECIDED: {self.verdict.reason}; a run that did not end proves nothing")
             lines += [f"  - already differs: {d}" for d in self.differences]

@@ -67,6 +67,8 @@ _MEMORY_ERRORS = {
     unicorn.UC_ERR_WRITE_PROT: "write", unicorn.UC_ERR_FETCH_PROT: "fetch",
 }
 
+_BAD_ACCESS_ERRORS = {"read": unicorn.UC_ERR_READ_UNMAPPED, "write": unicorn.UC_ERR_WRITE_UNMAPPED,
+                      "fetch": unicorn.UC_ERR_FETCH_UNMAPPED}
 PF_WRITE, PF_FETCH = 0x2, 0x10         # #PF error code: a write; an instruction fetch (with NX or SMEP)
 MAX_INSTRUCTION = 15                    # bytes
 HLT_OPCODE = 0xF4
@@ -105,6 +107,9 @@ class Machine:
         self._pending: Interrupt | None = None
         self._saved: dict[str, int] = {}     # registers to put back before raising _pending
         self._last_access: tuple[str, int] | None = None
+        # (EIP, counter) at the first bad access of a chunk, and the CPU state then (_on_bad_access)
+        self._bad_access_at: tuple[int, int] | None = None
+        self._bad_access_state = None
         self.cpu = interrupts.RealCpu()      # what the guest's IDT delivers to when no monitor takes an event
         self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
         self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
@@ -317,6 +322,7 @@ class Machine:
         or END (the run is over)."""
         assert count >= 1 and self.end is None
         self._stop_at, self._pending, self._saved, self._last_access = None, None, {}, None
+        self._bad_access_at = None
         self._probed = None
         error = None
         count = self.selfmod.begin(count)
@@ -329,6 +335,10 @@ class Machine:
             self.finish(UNSUPPORTED, None, f"{self.ops.name if self.ops else 'machine'}: {exc} is not modelled")
         finally:
             self._running = False
+        if error is None and self._bad_access_at is not None:
+            # (a helper's store ran on past a bad access and a stop from a hook then ended emu_start
+            # without its error: hvm's block rescans did, and the store outside RAM went unnoticed)
+            error = unicorn.UcError(_BAD_ACCESS_ERRORS[self._last_access[0]])
         counted = self.engine.counter()
         if error is None:
             self.selfmod.end(counted)
@@ -444,6 +454,7 @@ class Machine:
         if error.errno in _MEMORY_ERRORS:
             kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
             if kind != "fetch":                     # (a fetch fails before the instruction began)
+                eip = self._rewind_to_bad_access(eip)
                 self.settle_flags(eip, "fault")
             where = "monitor memory" if self.memory.readable(address, 1) else "outside memory"
             return Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip, why=f"{kind} at {address:#x} ({where})")
@@ -544,8 +555,31 @@ class Machine:
     def _on_bad_access(self, uc, access: int, address: int, size: int, value: int, _) -> bool:
         kind = {unicorn.UC_MEM_FETCH_UNMAPPED: "fetch", unicorn.UC_MEM_FETCH_PROT: "fetch",
                 unicorn.UC_MEM_WRITE_UNMAPPED: "write", unicorn.UC_MEM_WRITE_PROT: "write"}.get(access, "read")
-        self._last_access = (kind, address)
+        if self._bad_access_at is None:         # the first: the fault (a helper may make more, below)
+            self._last_access = (kind, address)
+            self._bad_access_at = (self.engine.read(X.UC_X86_REG_EIP), self.engine.counter())
+            if self._bad_access_state is None:
+                self._bad_access_state = uc.context_save()
+            else:
+                uc.context_update(self._bad_access_state)
+            uc.emu_stop()                       # (no hook of the next instruction runs if a helper runs on)
         return False                            # emu_start fails; execute() turns it into #GP(0)
+
+    def _rewind_to_bad_access(self, eip: int) -> int:
+        """Unicorn stops at the first bad access of an inline load or store; a store made by a helper
+        (fnstenv, fnsave, fxsave, xsave, fstp m80, fbstp, cmpxchg8b) goes on with its other stores, the
+        instruction completes (fnsave reinitialises the FPU) and the stop comes after it, where the next
+        instruction may already be counted. Put the CPU back as it was at the fault. Returns the EIP of
+        the faulting instruction."""
+        if self._bad_access_at is None or self._bad_access_at[0] == eip:
+            return eip
+        at, counted = self._bad_access_at
+        self.uc.context_restore(self._bad_access_state)
+        extra = self.engine.counter() - counted     # (the context holds no counter)
+        self.instructions -= extra
+        self.time -= extra
+        self.events.count("corrected", "store-fault-ran-on")
+        return at
 
     # --- port I/O ---------------------------------------------------------------------------------------
     def _io_allowed(self, port: int, size: int) -> str | None:

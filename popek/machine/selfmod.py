@@ -11,7 +11,8 @@ Where the blocks end is QEMU's business, so a monitor cannot imitate it; the mac
   physical frame joins the write hooks' ranges. Stores to other pages cost nothing (measured).
 - **The second attempt.** A store into a code page is seen by a write hook before it is made; the rerun
   shows as a second store by the same instruction of the same value at the same place, with Unicorn's
-  counter one higher. That attempt is taken off the count and the chunk's limit raised by one, so the
+  counter one higher. An instruction with several stores (a helper's: fnstenv makes 7, fnsave 27) is
+  told by the first store of each attempt, which the rerun makes again first. That attempt is taken off the count and the chunk's limit raised by one, so the
   chunk still runs as many instructions as it was given.
 - **A rerun cut off.** When the first attempt was the last one the limit allowed, Unicorn stops before
   the rerun: EIP is still at the instruction, its store not made, and the count one too high; it is taken
@@ -59,7 +60,8 @@ class SelfModifyingStores:
         self._blocks.cover([(0, TOP)])
         self.corrected = 0                              # attempts taken off the count
         self.extended = 0                               # limit raised in this chunk
-        self._store: tuple | None = None                # (eip, address, size, value, counter), last store
+        self._store: tuple | None = None                # (eip, address, size, value, counter): the first
+                                                        # store of the last attempt
         self._cut: tuple | None = None                  # (eip, address, size): a rerun the limit cut off
         self._alone = False                             # this chunk retries a cut store alone
         self._unaligned: tuple | None = None            # (eip, address, bytes before) of the last one
@@ -124,7 +126,13 @@ class SelfModifyingStores:
         engine = self.m.engine
         counter = engine.counter()
         store = (engine.read(X.UC_X86_REG_EIP), address, size, value)
-        last = self._store
+        last = self._store                  # the first store of the last attempt
+        if last is not None and last[0] == store[0] and last[4] == counter:
+            # another store of the same attempt (a push pair, or a helper's: fnsave makes 27): the attempt
+            # is told by its first store, which its rerun makes again first
+            if address & (size - 1):
+                self._unaligned = (store[0], address, self.m.memory.read(address, size))
+            return
         # (only a rerun stores again at the same place from the same instruction, one count later: a
         # rep string instruction moves on, an instruction that jumps to itself pushes lower)
         if last is not None and last[:3] == store[:3] and last[4] + 1 == counter:

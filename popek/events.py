@@ -231,6 +231,7 @@ KINDS: dict[str, Kind] = _kinds(
              "continue": Name("a run ended at its length cap: continue in the next translation"),
              "poison": Name("an instruction start of an invalidated unit was entered"),
              "near-branch": Name("a jmp through r/m, or a near branch with a 16-bit operand or address size, carried out by the monitor"),
+             "fip": Name("before a store of the x87 state (fnstenv, fnsave, fxsave, xsave): the guest's EIP of the last x87 instruction put into FIP"),
          }, INSTRUCTION, includes="emulate"),
     Kind("chain", "translator bookkeeping on a branch", ("bt",), MONITOR, {
         "patched": Name("a direct branch linked to its target's translation (later runs of it are chained: a "

@@ -1238,7 +1238,13 @@ X87_STORES = {"fnstenv": 28, "fnstenv16": 14, "fnsave": 108}     # bytes each wr
 
 def r_x87_state(g, load, store, offset):
     """An x87 instruction, then a store of the x87 state into scratch: the store holds FIP, that
-    instruction's EIP (which a translator that ran it elsewhere must not show)."""
+    instruction's EIP (which a translator that ran it elsewhere must not show). CR0.EM and CR0.TS are
+    cleared first (a mov_cr item may have set them: x87 instructions would raise #UD or #NM)."""
+    g.i("push eax")
+    g.i("mov eax, cr0")
+    g.i("and eax, 0xfffffff3")
+    g.i("mov cr0, eax")
+    g.i("pop eax")
     g.i(load)
     if store == "fnstenv16":
         _raw(g, b"\x66")                            # 16-bit operand size: the 14-byte environment

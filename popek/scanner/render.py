@@ -74,7 +74,10 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, det
                   f"{', extended' if doc.extended else ''}, {len(doc.files)} file(s)")
     if len(doc.files) > 1:
         console.print()
-        console.print(_summary_table(doc))
+        for text in _summary_lines(doc):
+            console.print(text, soft_wrap=True)
+        console.print()
+        console.print(SUMMARY_LEGEND)
         if not details:
             console.print("(per-file findings: --details)")
     for report in doc.files if details else ():
@@ -86,7 +89,9 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, det
                       + ", ".join(doc.skipped), soft_wrap=True)
     failed = sum(1 for f in doc.files if f.error is not None)
     if failed:
-        console.print(f"{failed} file(s) could not be scanned (see ERROR above)")
+        console.print(f"{failed} file(s) could not be scanned" + (" (see ERROR above)" if details else ":"))
+        for report in () if details else (f for f in doc.files if f.error is not None):
+            console.print(f"  {report.path}: {report.error}", soft_wrap=True)
     # soft_wrap: a verdict stays on one line, so `grep VERDICT` and the tests see it whole.
     console.print(doc.verdict, soft_wrap=True)
     # rich pads every line to the console width; trailing blanks only make diffs noisy.
@@ -95,29 +100,35 @@ def render_text(doc: ScanDocument, *, max_rows_per_class: int | None = None, det
 
 def _short_verdict(report: FileReport, model: str) -> str:
     if report.error is not None:
-        return "error: " + report.error
+        return "error"                      # (why: listed under the table, a line per file)
     if report.user_mode:
         return "user mode: Theorem 3 " + ("holds" if not report.user_sensitive_unprivileged else "fails")
     return "Theorem 1 " + ("holds" if not report.sensitive_unprivileged else "fails")
 
 
-def _summary_table(doc: ScanDocument) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, caption=Text("sens.: sensitive-unprivileged, priv.: privileged, io: I/O "
-                                                    "instructions; idioms: VM-detection idioms recognised"),
-                  caption_justify="left")
-    table.add_column("file", overflow="fold", min_width=12)
-    table.add_column("format", no_wrap=True)
-    for heading in ("sens.", "priv.", "io", "idioms"):
-        table.add_column(heading, justify="right", no_wrap=True)
-    table.add_column("verdict", overflow="fold", min_width=15)
+SUMMARY_LEGEND = ("sens.: sensitive-unprivileged, priv.: privileged, io: I/O instructions; idioms: VM-detection "
+                  "idioms recognised")
+
+
+def _summary_lines(doc: ScanDocument) -> list[str]:
+    """One line per file, its name last and whole (as ``wc`` and ``ls -l`` put it): a folded name cannot be
+    found with ``grep`` or copied, and a long one only runs past the terminal's edge."""
+    header = ("format", "sens.", "priv.", "io", "idioms", "verdict", "file")
+    rows = []
     for report in doc.files:
         by = {cls: sum(1 for f in report.findings if f.cls == cls) for cls in CLASSES}
-        cells = [report.path, report.format or "-", by["sensitive-unprivileged"], by["privileged"], by["io"],
-                 sum(1 for f in report.findings if f.idiom is not None)]
+        counts = [by["sensitive-unprivileged"], by["privileged"], by["io"],
+                  sum(1 for f in report.findings if f.idiom is not None)]
         if report.error is not None:
-            cells[2:6] = ["-"] * 4
-        table.add_row(*(Text(str(c)) for c in cells), Text(_short_verdict(report, doc.model)))
-    return table
+            counts = ["-"] * 4
+        rows.append((report.format or "-", *map(str, counts), _short_verdict(report, doc.model), report.path))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    right = {1, 2, 3, 4}                              # the counts
+
+    def line(cells) -> str:
+        fields = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  " + "   ".join(fields) + "   " + cells[-1]
+    return [line(header), "  " + "-" * (sum(widths) + 3 * len(widths) + len("file")), *map(line, rows)]
 
 
 def _file_text(console: Console, report: FileReport, cap: int | None) -> None:

@@ -75,9 +75,69 @@ wrong:
 def test_every_quirk_row_is_found_by_match_and_scan():
     samples = {"lock-not-lockable": b"\xf0\x90\x90", "pop-8f-reg": b"\x8f\xc8", "c6-c7-reg": b"\xc7\xf8\0\0\0\0",
                "vex": b"\xc5\xf8\x77", "register-only-memory-form": b"\x0f\x50\x00",
-               "ret-imm16-zero-extended": b"\xc2\x00\x80"}
+               "ret-imm16-zero-extended": b"\xc2\x00\x80", "tsc-from-host-clock": b"\x0f\x31"}
     assert set(samples) == set(QUIRKS)
     for name, code in samples.items():
         assert match(code, 0).name == name
         assert scan(b"\x90" + code, 0x1000)[0x1001].name == name
     assert match(b"\xc2\x00\x10", 0) is None and match(b"\xf0\x01\x00", 0) is None   # ret 0x1000, lock add
+    assert match(b"\x0f\x01\xf9", 0).name == "tsc-from-host-clock"                    # rdtscp
+    assert match(b"\x0f\x01\xf8", 0) is None                                          # swapgs
+
+
+MONITORS = ("native", "trap", "bt", "emulate", "hvm")
+TSC_READS = """
+        mov ecx, 5
+again:  dec ecx
+        jnz again
+        rdtsc                           ; instruction 12: the clock counts it
+        mov ebx, eax
+        mov esi, edx
+        mov ecx, 0xc0000103             ; IA32_TSC_AUX, for rdtscp's ECX
+        mov eax, 0x42
+        xor edx, edx
+        wrmsr
+        rdtscp                          ; instruction 19
+        mov edi, eax
+        exit 0
+"""
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_the_tsc_is_the_machine_clock_under_every_monitor(monitor):
+    # Unicorn's TSC follows the host's clock: two runs read different values (rdtsc-follows-host-clock.s)
+    result = run_guest(build(TSC_READS), monitor)
+    assert result.exit.code == 0
+    assert (result.state["ebx"], result.state["esi"], result.state["edi"]) == (12, 0, 19)
+    if monitor != "trap":               # TSC_AUX is kept virtual, and trap's rdtscp reads the real one
+        assert result.state["ecx"] == 0x42
+    if monitor != "bt":                 # bt's callouts run the rdtsc routine: nothing of Unicorn's to correct
+        assert result.events["corrected"] == {"tsc-from-host-clock": 2}
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_rdtsc_under_cr4_tsd_at_ring_3_is_gp(monitor):
+    result = run_guest(build("""
+        pm_setup
+        set_gate 13, on_gp, INTGATE
+        mov eax, cr4
+        or eax, 4                       ; CR4.TSD
+        mov cr4, eax
+        mov eax, 0x1234
+        enter_ring3 user
+user:
+        rdtsc
+        exit 1                          ; (a ring-3 out faults too, at another EIP: exit 2)
+on_gp:
+        cmp dword ptr [esp + 4], offset user    ; the frame names the rdtsc, error code 0
+        jne wrong
+        cmp dword ptr [esp], 0
+        jne wrong
+        cmp eax, 0x1234                 ; and it changed nothing
+        jne wrong
+        exit 13
+wrong:
+        exit 2
+        pm_data
+"""), monitor)
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 13)

@@ -24,7 +24,7 @@ Unicorn's state stays consistent. ``iret`` back to the outer ring is Unicorn's o
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import unicorn
 from unicorn import x86_const as X
@@ -396,37 +396,58 @@ class Machine:
             self.uc.ctl_set_exits(sorted(self.guards))
             self.uc.ctl_remove_cache(eip, eip + 1)
             return STOPPED
-        self.events.count("corrected", quirk.name)
         if quirk.action == quirks.UD:
+            self.events.count("corrected", quirk.name)
             self.instructions += 1                  # counted once, like any instruction that faults
             self.time += 1
             self.raise_interrupt(Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why=quirk.hardware))
             return END if self.end is not None else STOPPED
-        return self._step_zero_extended(eip)
+        if quirk.action == quirks.MACHINE_TSC:
+            # (the clock as the instruction sees it, itself counted: as a PIT read by `in` sees it, and as
+            # the rdtsc routine of bt and hvm's exit sees it)
+            return self._step_alone(eip, self._tsc_fixup(self.now() + 1, self.raised))
+        return self._step_alone(eip, self._zero_extend_fixup)
 
-    def _step_zero_extended(self, eip: int) -> str:
-        """Let Unicorn execute the ``ret imm16``/``retf imm16`` at ``eip`` alone, then correct ESP by the
-        0x10000 its sign-extended immediate took off (quirks: ret-imm16-zero-extended)."""
+    def _zero_extend_fixup(self, error: unicorn.UcError | None) -> None:
+        """After a ``ret imm16``/``retf imm16`` alone: put back the 0x10000 its sign-extended immediate took
+        off ESP (quirks: ret-imm16-zero-extended). The return completed unless it faulted itself (a stack
+        read, or an event from Unicorn such as retf's #GP); a fault fetching at the target comes after it,
+        and its frame must hold the corrected ESP."""
+        if not self._stepped(error):
+            return
+        try:
+            stack_32 = self.descriptor(self.reg("ss")).big
+        except GuestFault:
+            stack_32 = True                         # a loaded SS is always readable; flat if not
+        if stack_32:
+            self.set_reg("esp", (self.reg("esp") + 0x10000) & 0xFFFFFFFF)
+        self.events.count("corrected", quirks.QUIRKS["ret-imm16-zero-extended"].name)
+
+    def _tsc_fixup(self, clock: int, raised: int) -> Callable[[unicorn.UcError | None], None]:
+        """After an ``rdtsc``/``rdtscp`` alone: EDX:EAX is the machine's clock at the instruction, not
+        Unicorn's host-driven TSC (quirks: tsc-from-host-clock); its #GP under CR4.TSD is Unicorn's, and
+        delivered from the hook (``raised`` then moved on): the handler's EAX is not touched."""
+        def put_clock(error: unicorn.UcError | None) -> None:
+            if self._stepped(error) and self.raised == raised:
+                self.set_reg("eax", clock & 0xFFFFFFFF)
+                self.set_reg("edx", (clock >> 32) & 0xFFFFFFFF)
+                self.events.count("corrected", quirks.QUIRKS["tsc-from-host-clock"].name)
+        return put_clock
+
+    def _stepped(self, error: unicorn.UcError | None) -> bool:
+        """Whether the one instruction a fixup corrects completed (a fault fetching the next one aside); a
+        monitor's hook may stop the chunk before it ran (hvm's exits), and it is then guarded again."""
+        if self._pending is not None or self.end is not None or self.engine.counter() < 1:
+            return False
+        return error is None or _MEMORY_ERRORS.get(error.errno) == "fetch"
+
+    def _step_alone(self, eip: int, fixup: Callable[[unicorn.UcError | None], None]) -> str:
+        """Let Unicorn execute the guarded instruction at ``eip`` alone, then correct what it did
+        (``fixup``, called before any event is delivered)."""
         exits = sorted(self.guards)
         self.uc.ctl_set_exits([a for a in exits if a != eip])
         self.uc.ctl_remove_cache(eip, eip + 1)
-
-        def zero_extend(error: unicorn.UcError | None) -> None:
-            # The return completed unless it faulted itself (a stack read, or an event from Unicorn such as
-            # retf's #GP); a fault fetching at the target comes after it, and its frame must hold the
-            # corrected ESP.
-            if self._pending is not None or self.end is not None or self.engine.counter() < 1:
-                return
-            if error is not None and _MEMORY_ERRORS.get(error.errno) != "fetch":
-                return
-            try:
-                stack_32 = self.descriptor(self.reg("ss")).big
-            except GuestFault:
-                stack_32 = True                     # a loaded SS is always readable; flat if not
-            if stack_32:
-                self.set_reg("esp", (self.reg("esp") + 0x10000) & 0xFFFFFFFF)
-
-        self._fixup = zero_extend
+        self._fixup = fixup
         try:
             return self.execute(1)
         finally:

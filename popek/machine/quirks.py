@@ -17,7 +17,10 @@ does what the hardware does (``Machine._guarded``):
 - ``ud``: raise #UD at the instruction, counted once like any faulting instruction;
 - ``zero-extend``: ``ret imm16`` / ``retf imm16`` with imm16 >= 0x8000 — Unicorn sign-extends the
   immediate, the SDM zero-extends it; the machine lets Unicorn execute the one instruction and then adds
-  0x10000 to ESP (on a 32-bit stack; a 16-bit SP wraps the same either way).
+  0x10000 to ESP (on a 32-bit stack; a 16-bit SP wraps the same either way);
+- ``machine-tsc``: ``rdtsc`` / ``rdtscp`` — Unicorn's TSC follows the host's clock (and Unicorn 2.1.4 has
+  no RDTSC instruction hook); the machine lets Unicorn execute the one instruction (its CR4.TSD check, and
+  rdtscp's ECX) and then puts the machine's clock at the instruction into EDX:EAX.
 
 One difference is corrected where Unicorn reports it instead: ``int 6`` arrives as an invalid opcode and
 becomes the software interrupt it is (``software_int6``).
@@ -34,13 +37,13 @@ from dataclasses import dataclass
 from popek.decode import LEGACY_PREFIXES
 
 LOCK = 0xF0
-UD, ZERO_EXTEND = "ud", "zero-extend"
+UD, ZERO_EXTEND, MACHINE_TSC = "ud", "zero-extend", "machine-tsc"
 
 
 @dataclass(frozen=True)
 class Quirk:
     name: str            # for events (``corrected``) and messages
-    action: str          # UD or ZERO_EXTEND
+    action: str          # UD, ZERO_EXTEND or MACHINE_TSC
     hardware: str        # what the CPU does, with the SDM's reason
     unicorn: str         # what Unicorn 2.1.4 does instead (measured)
 
@@ -70,6 +73,11 @@ QUIRKS = {q.name: q for q in (
           "RET imm16 / RETF imm16 add the immediate zero-extended to ESP (SDM Vol. 2B, RET: "
           "ESP <- ESP + SRC with SRC an unsigned 16-bit count)",
           "sign-extends the immediate: with imm16 >= 0x8000 ESP ends 0x10000 lower"),
+    Quirk("tsc-from-host-clock", MACHINE_TSC,
+          "RDTSC / RDTSCP load the time-stamp counter into EDX:EAX (#GP(0) at CPL > 0 when CR4.TSD = 1; SDM "
+          "Vol. 2B, RDTSC). The bare machine's clock is its instruction count (the PIT ticks on it), so its "
+          "TSC is that clock at the instruction: a run repeats",
+          "returns a value derived from the host's clock: two runs of the same guest read different values"),
 )}
 
 # Lockable instructions (SDM Vol. 2A, LOCK): opcode -> ModRM.reg values allowed (None: any).
@@ -85,7 +93,7 @@ _BMI = {2: frozenset({0xF2, 0xF3, 0xF5, 0xF6, 0xF7}), 3: frozenset({0xF0})}
 _REGISTER_ONLY_0F = frozenset({0x50, 0x71, 0x72, 0x73})
 
 # Bytes that can be the opcode (or the 0F xx pair) of a row above; instruction starts are found from them.
-_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73]")
+_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31]|\x0f\x01\xf9")
 MAX_PREFIXES = 14            # an instruction is at most 15 bytes
 
 
@@ -122,6 +130,8 @@ def match(code: bytes, offset: int) -> Quirk | None:
     if two_byte:
         if op in _REGISTER_ONLY_0F and modrm is not None and modrm >> 6 != 3:
             return QUIRKS["register-only-memory-form"]
+        if op == 0x31 or (op == 0x01 and modrm == 0xF9):           # rdtsc, rdtscp
+            return QUIRKS["tsc-from-host-clock"]
         return None
     if op in (0xC2, 0xCA):
         if i + 2 < len(code) and code[i + 2] & 0x80:

@@ -1,12 +1,12 @@
-; why: machine bug. rdtsc returns Unicorn's TSC, which follows the host's clock (measured on unicorn 2.1.4:
-;      three runs of this guest gave three different EDX:EAX), so a guest that reads the TSC is not
-;      deterministic natively, although the machine's time is otherwise instruction counts (DESIGN §3.3:
-;      runs are deterministic; the PIT ticks on guest instructions). The generator leaves rdtsc out.
-;      A fix would make RDTSC return the machine's instruction-based time.
+; why: machine bug, corrected. rdtsc returned Unicorn's TSC, which follows the host's clock (measured on
+;      unicorn 2.1.4: three runs of this guest gave three different EDX:EAX), so a guest that read the TSC
+;      was not deterministic natively, although the machine's time is otherwise instruction counts (the
+;      PIT ticks on guest instructions). The machine now puts its clock into EDX:EAX (quirks:
+;      tsc-from-host-clock): the rdtsc is instruction 1 and sees itself counted, as an `in` from the PIT does.
 ; expect: deterministic
 ; expect: exit exit-port 0
-; xfail: machine: rdtsc reads the host-driven TSC, so two native runs differ
-; nondeterministic: rdtsc follows the host clock
+; expect: state.ebx 0x1
+; expect: state.ecx 0x0
 _start:
         rdtsc
         mov ebx, eax

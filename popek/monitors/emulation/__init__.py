@@ -15,7 +15,7 @@ operands, the stack, privilege checks), then the routines: ``system`` (privilege
 jmp/call/ret, int n, iret).
 
 Two groups, two users:
-- privileged and I/O (``lgdt`` ... ``invd``, ``rdtsc``): they fault at the deprivileged ring, so ``trap``
+- privileged and I/O (``lgdt`` ... ``invd``, ``rdtsc``, ``rdtscp``): they fault at the deprivileged ring, so ``trap``
   runs them here when their #GP arrives;
 - sensitive-unprivileged (``sgdt`` ... ``iret``): they do not fault, so ``trap`` never calls them (the
   guest sees the real machine: the divergence ``trap`` exists to show) except when one does fault at the
@@ -26,7 +26,8 @@ Two groups, two users:
 Not modelled (the routine raises a fault that says so): task switches (far jumps, calls and ``iret`` with
 NT into a TSS or task gate), virtual-8086 mode, 16-bit stack segments, segment limits (Unicorn does not
 check them either). ``rdpmc`` and ``cpuid`` never trap on this machine (Unicorn: ``rdpmc`` is #UD at every
-CPL; no CPUID faulting), so they have no routine; ``rdtsc`` has one for guests that set CR4.TSD.
+CPL; no CPUID faulting), so they have no routine; ``rdtsc`` and ``rdtscp`` have one for guests that set CR4.TSD (and for ``bt``,
+which calls it for every one: the machine's TSC is its clock).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from popek.monitors.emulation.sensitive import (check_segment, lar, load_segment
                                                 pop_seg, popf, push_seg, pushf, sgdt, sidt, sldt, smsw, str_, verr,
                                                 verw)
 from popek.monitors.emulation.system import (cache, cli, clts, hlt, in_, ins, invlpg, lgdt, lidt, lldt, lmsw, ltr,
-                                             mov_cr, mov_dr, out, outs, rdmsr, rdtsc, sti, wrmsr)
+                                             mov_cr, mov_dr, out, outs, rdmsr, rdtsc, rdtscp, sti,
+                                             wrmsr)
 from popek.monitors.emulation.transfer import call_far, int_, iret, jmp_far, ret_far
 from popek.monitors.vcpu import VCpu
 
@@ -54,14 +56,15 @@ TABLE: dict[str, Routine] = {
     "lgdt": lgdt, "lidt": lidt, "lldt": lldt, "ltr": ltr, "lmsw": lmsw, "clts": clts, "mov_cr": mov_cr,
     "mov_dr": mov_dr, "invlpg": invlpg, "hlt": hlt, "cli": cli, "sti": sti, "in": in_, "out": out,
     "ins": ins, "outs": outs, "rdmsr": rdmsr, "wrmsr": wrmsr, "wbinvd": cache, "invd": cache,
-    "rdtsc": rdtsc,
+    "rdtsc": rdtsc, "rdtscp": rdtscp,
     "sgdt": sgdt, "sidt": sidt, "sldt": sldt, "smsw": smsw, "str": str_, "pushf": pushf, "popf": popf,
     "push_seg": push_seg, "pop_seg": pop_seg, "mov_from_seg": mov_from_seg, "mov_to_seg": mov_to_seg,
     "lar": lar, "lsl": lsl, "verr": verr, "verw": verw, "call_far": call_far, "jmp_far": jmp_far,
     "ret_far": ret_far, "int": int_, "int3": int_, "into": int_, "iret": iret,
 }
 PRIVILEGED = frozenset({"lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "mov_cr", "mov_dr", "invlpg", "hlt",
-                        "cli", "sti", "in", "out", "ins", "outs", "rdmsr", "wrmsr", "wbinvd", "invd", "rdtsc"})
+                        "cli", "sti", "in", "out", "ins", "outs", "rdmsr", "wrmsr", "wbinvd", "invd", "rdtsc",
+                        "rdtscp"})
 SENSITIVE = frozenset(TABLE) - PRIVILEGED
 
 

@@ -190,15 +190,27 @@ def wrmsr(m: Machine, v: VCpu, r: Recipe) -> int:
     return r.next
 
 
+TSC_AUX = 0xC0000103        # IA32_TSC_AUX: what rdtscp loads into ECX
+
+
 def rdtsc(m: Machine, v: VCpu, r: Recipe) -> int:
-    """Traps only when the guest sets CR4.TSD. The count is the machine's time (one tick per guest
-    instruction, as the PIT counts), deterministic where Unicorn's own TSC follows the host clock."""
+    """Traps only when the guest sets CR4.TSD; ``bt`` calls it for every rdtsc. The count is the machine's
+    time as the instruction sees it (one tick per guest instruction, itself included, as the PIT counts),
+    the value the bare machine gives where Unicorn's own TSC follows the host clock (quirks:
+    tsc-from-host-clock)."""
     if v.cr4 & CR4_TSD:
         cpl0(v, r)
     value = m.now() & 0xFFFFFFFFFFFFFFFF
     m.set_reg("eax", value & 0xFFFFFFFF)
     m.set_reg("edx", (value >> 32) & 0xFFFFFFFF)
     return r.next
+
+
+def rdtscp(m: Machine, v: VCpu, r: Recipe) -> int:
+    """rdtsc, and IA32_TSC_AUX in ECX (SDM Vol. 2B, RDTSCP)."""
+    next_ip = rdtsc(m, v, r)
+    m.set_reg("ecx", _msr_value(m, v, TSC_AUX) & 0xFFFFFFFF)
+    return next_ip
 
 
 def hlt(m: Machine, v: VCpu, r: Recipe) -> int:

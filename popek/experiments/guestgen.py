@@ -53,7 +53,7 @@ strategies) and ``FAULTS``; ``shrink(spec, still_fails)`` and ``simplifications(
 outside Hypothesis; ``BUDGET``, ``EXIT_OK``, ``UNEXPECTED_EXIT``.
 
 Limits: the body runs at CPL 0 only (a ring-3 body would mostly exercise the #GP path); no paging, no
-LDT, no task switches, no rdtsc (Unicorn's TSC follows the host clock, so runs would not repeat).
+LDT, no task switches.
 """
 from __future__ import annotations
 
@@ -1084,6 +1084,15 @@ def r_misc_priv(g, op, offset, value):
         g.i(op)
 
 
+def r_tsc(g, op):
+    """The time-stamp counter: the machine's clock, so every monitor must count the instructions before it
+    exactly to read what native reads."""
+    if op == "rdtscp":
+        _raw(g, b"\x0f\x01\xf9")           # (not in popek asm's table)
+    else:
+        g.i(op)
+
+
 # faults -----------------------------------------------------------------------------------------------------
 FAULTS = ("div0", "idiv0", "ud2", "bad_ds", "bad_ss", "bad_far", "rpl_far", "monitor_write")
 
@@ -1331,6 +1340,7 @@ LEAVES = {
     "hlt": (r_hlt, lambda: ()),
     "misc_priv": (r_misc_priv, lambda: (st.sampled_from(("invlpg", "lmsw", "clts", "cpuid")), _off(),
                                         st.integers(0, 0xFFFF))),
+    "tsc": (r_tsc, lambda: (st.sampled_from(("rdtsc", "rdtscp")),)),
     # faults the handlers skip
     "fault": (r_fault, lambda: (st.sampled_from(FAULTS), st.integers(0, 63))),
     # adversarial: prefixed and 16-bit branches, reads at the edges, stores into the next instruction, the x87

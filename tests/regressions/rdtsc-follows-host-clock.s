@@ -7,6 +7,7 @@
 ; expect: exit exit-port 0
 ; expect: state.ebx 0x1
 ; expect: state.ecx 0x0
+; same-under: trap
 _start:
         rdtsc
         mov ebx, eax

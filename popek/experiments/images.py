@@ -23,8 +23,9 @@ the visible state, guest RAM and the instruction count. Every outcome is one of
   (virtual-8086 mode, ...): a known limit, said, not a silent divergence;
 - ``native wrong (machine bug)``: they differ and the native run reported a ``machine-error`` event, where
   the machine knows its result is Unicorn's and not the CPU's (docs/machine.md);
-- ``native nondeterministic``: two native runs differ (rdtsc follows the host's clock, a machine bug the
-  regression rdtsc-follows-host-clock.s records): nothing can be concluded, counted apart.
+- ``native nondeterministic``: two native runs differ (an rdtsc the guest wrote at run time reads Unicorn's
+  host-driven TSC: the machine corrects only those it finds at load, docs/machine.md): nothing can be
+  concluded, counted apart.
 
 The first image of each kind of divergence is located (the first instruction after which the runs differ)
 and can be saved with ``--save DIR`` as a flat image that ``popek run``/``popek diff`` take as it is.

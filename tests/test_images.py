@@ -49,3 +49,24 @@ def test_a_monitor_that_changes_only_ram_diverges_and_its_first_image_is_saved(m
     assert k == 0 and "0x0007f321" in d.report()
     saved = tmp_path / "out" / images.guest(0, 0).name
     assert saved.read_bytes() == images.image(0, 0)
+
+
+class DeclinesEverything(Emulate):
+    """A monitor that ends every run `unsupported` at once, naming what it does not model."""
+
+    name = "declines"
+
+    def attach(self, machine):
+        super().attach(machine)
+        from popek.machine.result import UNSUPPORTED
+        machine.finish(UNSUPPORTED, None, "declines: everything is not modelled")
+
+
+def test_the_first_image_a_monitor_declines_is_named_and_saved(monkeypatch, tmp_path):
+    monkeypatch.setitem(popek.monitors.MONITORS, "declines", (__name__, "DeclinesEverything"))
+    report = images.bench("declines", 3, jobs=1, budget=2000, save=str(tmp_path / "out"))
+    assert report.outcomes == {images.NOT_MODELLED: 3}
+    why = "declines: everything is not modelled"
+    assert report.first_declined == {why: 0}
+    assert f"3  not modelled: {why}  (first: image 0)" in report.render()
+    assert (tmp_path / "out" / images.guest(0, 0).name).read_bytes() == images.image(0, 0)

@@ -136,6 +136,7 @@ class ImagesReport:
     signatures: dict = field(default_factory=dict)      # divergence signature -> count
     first: dict = field(default_factory=dict)           # signature -> image number
     declined: dict = field(default_factory=dict)        # the monitor's `unsupported` reason -> count
+    first_declined: dict = field(default_factory=dict)  # such a reason, or NONDETERMINISTIC -> image number
     located: list = field(default_factory=list)         # (k, Divergence) of the first of each kind, located
     seconds: float = 0.0
 
@@ -145,8 +146,9 @@ class ImagesReport:
                              (self.signatures, other.signatures), (self.declined, other.declined)):
             for key, n in theirs.items():
                 mine[key] = mine.get(key, 0) + n
-        for sig, k in other.first.items():
-            self.first[sig] = min(k, self.first.get(sig, k))
+        for mine, theirs in ((self.first, other.first), (self.first_declined, other.first_declined)):
+            for key, k in theirs.items():
+                mine[key] = min(k, mine.get(key, k))
 
     def render(self) -> str:
         given = "".join(f" --{k} {v}" for k, vs in sorted(self.options.items())
@@ -163,7 +165,11 @@ class ImagesReport:
         for reason in sorted({r for r, _ in self.ends}):
             lines.append(f"    {reason:<22}{self.ends.get((reason, False), 0):8,}{self.ends.get((reason, True), 0):8,}")
         for why, n in sorted(self.declined.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {n:8,}  {why if why.startswith('machine: ') else 'not modelled: ' + why}")
+            lines.append(f"  {n:8,}  {why if why.startswith('machine: ') else 'not modelled: ' + why}"
+                         f"  (first: image {self.first_declined[why]})")
+        if NONDETERMINISTIC in self.first_declined:
+            lines.append(f"  {self.outcomes[NONDETERMINISTIC]:8,}  native nondeterministic"
+                         f"  (first: image {self.first_declined[NONDETERMINISTIC]})")
         if self.signatures:
             lines.append("  divergences by differing fields:")
             for sig, n in sorted(self.signatures.items(), key=lambda kv: -kv[1]):
@@ -196,13 +202,16 @@ def _share(monitor: str, seed: int, numbers: range | list, budget: int, options:
         report.ends[end] = report.ends.get(end, 0) + 1
         if diffs and differences(native, run(g, "native", budget)):
             outcome = NONDETERMINISTIC
+            report.first_declined.setdefault(NONDETERMINISTIC, k)
         elif other.exit.reason == UNSUPPORTED:        # the monitor stopped, saying what it does not model
             outcome = NOT_MODELLED
             report.declined[other.exit.why] = report.declined.get(other.exit.why, 0) + 1
+            report.first_declined.setdefault(other.exit.why, k)
         elif diffs and native.events.get("machine-error"):    # the machine said its result is not the CPU's
             outcome = MACHINE_ERROR
             for name, n in native.events["machine-error"].items():
                 report.declined[f"machine: {name}"] = report.declined.get(f"machine: {name}", 0) + n
+                report.first_declined.setdefault(f"machine: {name}", k)
         elif diffs:
             outcome = DIVERGENT
             sig = Divergence(g.name, "native", monitor, diffs, native, other).signature
@@ -217,7 +226,8 @@ def _share(monitor: str, seed: int, numbers: range | list, budget: int, options:
 def bench(monitor: str = "bt", examples: int = 2400, *, seed: int = 0, jobs: int = 1, budget: int = BUDGET,
           locate_first: int = 3, options: dict | None = None, save: str | None = None) -> ImagesReport:
     """Run ``examples`` random images under native and ``monitor``; locate the first image of the first
-    ``locate_first`` kinds of divergence; with ``save``, write every kind's first image into that folder."""
+    ``locate_first`` kinds of divergence; with ``save``, write every kind's first image into that folder (of
+    divergence, machine bug, not modelled, nondeterministic)."""
     from popek.experiments.differential import compare
     from popek.monitors import get_monitor
 
@@ -247,7 +257,7 @@ def bench(monitor: str = "bt", examples: int = 2400, *, seed: int = 0, jobs: int
             report.located.append((k, d))
     if save:
         os.makedirs(save, exist_ok=True)
-        for _, k in firsts:
+        for k in sorted({k for _, k in firsts} | set(report.first_declined.values())):
             with open(os.path.join(save, guest(seed, k, prologue).name), "wb") as f:
                 f.write(image(seed, k, prologue))
     return report

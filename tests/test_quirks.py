@@ -35,6 +35,7 @@ on_ud:
     ("pop-8f-reg", ".byte 0x8f, 0xc8"),                       # 8f /1: XOP space
     ("lock-not-lockable", ".byte 0xf0, 0x90"),               # lock nop
     ("register-only-memory-form", ".byte 0x0f, 0x50, 0x00"),  # movmskps eax, [eax]
+    ("rdseed-not-in-cpuid", ".byte 0x0f, 0xc7, 0xfe"),        # rdseed esi: not in CPUID
 ])
 def test_an_encoding_the_hardware_rejects_is_ud(name, code):
     result = run_guest(build(UD_HANDLER.format(code=code)))
@@ -75,7 +76,8 @@ wrong:
 def test_every_quirk_row_is_found_by_match_and_scan():
     samples = {"lock-not-lockable": b"\xf0\x90\x90", "pop-8f-reg": b"\x8f\xc8", "c6-c7-reg": b"\xc7\xf8\0\0\0\0",
                "vex": b"\xc5\xf8\x77", "register-only-memory-form": b"\x0f\x50\x00",
-               "ret-imm16-zero-extended": b"\xc2\x00\x80", "tsc-from-host-clock": b"\x0f\x31"}
+               "ret-imm16-zero-extended": b"\xc2\x00\x80", "tsc-from-host-clock": b"\x0f\x31",
+               "rdseed-not-in-cpuid": b"\x66\x0f\xc7\xf8"}
     assert set(samples) == set(QUIRKS)
     for name, code in samples.items():
         assert match(code, 0).name == name
@@ -83,6 +85,7 @@ def test_every_quirk_row_is_found_by_match_and_scan():
     assert match(b"\xc2\x00\x10", 0) is None and match(b"\xf0\x01\x00", 0) is None   # ret 0x1000, lock add
     assert match(b"\x0f\x01\xf9", 0).name == "tsc-from-host-clock"                    # rdtscp
     assert match(b"\x0f\x01\xf8", 0) is None                                          # swapgs
+    assert match(b"\x0f\xc7\xf0", 0) is None and match(b"\x0f\xc7\x08", 0) is None     # rdrand, cmpxchg8b
 
 
 MONITORS = ("native", "trap", "bt", "emulate", "hvm")

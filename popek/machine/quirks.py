@@ -61,6 +61,10 @@ QUIRKS = {q.name: q for q in (
           "#UD: C6/C7 are MOV r/m, imm only with ModRM.reg = 0; C6 F8/C7 F8 are XABORT/XBEGIN, and CPUID "
           "reports no RTM",
           "executes XBEGIN/XABORT and the other register forms of /7"),
+    Quirk("rdseed-not-in-cpuid", UD,
+          "#UD: 0F C7 /7 with a register operand is RDSEED, and CPUID.07H:EBX.RDSEED[bit 18] is 0 on this CPU "
+          "(SDM Vol. 2B, RDSEED: #UD if the feature flag is 0)",
+          "executes it: a random value in the register, CF = 1"),
     Quirk("vex", UD,
           "#UD: C4/C5 with ModRM.mod = 3 are VEX prefixes, and CPUID reports no AVX (only the BMI1/BMI2 "
           "rows of VEX map 0F38/0F3A exist); VEX after a 66/F2/F3/LOCK prefix is #UD as well",
@@ -93,7 +97,7 @@ _BMI = {2: frozenset({0xF2, 0xF3, 0xF5, 0xF6, 0xF7}), 3: frozenset({0xF0})}
 _REGISTER_ONLY_0F = frozenset({0x50, 0x71, 0x72, 0x73})
 
 # Bytes that can be the opcode (or the 0F xx pair) of a row above; instruction starts are found from them.
-_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31]|\x0f\x01\xf9")
+_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31\xc7]|\x0f\x01\xf9")
 MAX_PREFIXES = 14            # an instruction is at most 15 bytes
 
 
@@ -132,6 +136,8 @@ def match(code: bytes, offset: int) -> Quirk | None:
             return QUIRKS["register-only-memory-form"]
         if op == 0x31 or (op == 0x01 and modrm == 0xF9):           # rdtsc, rdtscp
             return QUIRKS["tsc-from-host-clock"]
+        if op == 0xC7 and modrm is not None and modrm >> 3 == 0x1F and not prefixes & {0xF2, 0xF3}:
+            return QUIRKS["rdseed-not-in-cpuid"]                    # (F3: RDPID, which Unicorn rejects)
         return None
     if op in (0xC2, 0xCA):
         if i + 2 < len(code) and code[i + 2] & 0x80:

@@ -12,8 +12,10 @@ Where the blocks end is QEMU's business, so a monitor cannot imitate it; the mac
 - **The second attempt.** A store into a code page is seen by a write hook before it is made; the rerun
   shows as a second store by the same instruction of the same value at the same place, with Unicorn's
   counter one higher. An instruction with several stores (a helper's: fnstenv makes 7, fnsave 27) is
-  told by the first store of each attempt, which the rerun makes again first. That attempt is taken off the count and the chunk's limit raised by one, so the
-  chunk still runs as many instructions as it was given.
+  told by the first store of each attempt, which the rerun makes again first. That attempt is taken off
+  the count and the chunk's limit raised by one, so the chunk still runs as many instructions as it was
+  given. Before the rerun runs, its flags are settled, and an ``rcl``/``rcr`` gets back the carry its first
+  attempt read (``_put_back_carry``).
 - **A rerun cut off.** When the first attempt was the last one the limit allowed, Unicorn stops before
   the rerun: EIP is still at the instruction, its store not made, and the count one too high; it is taken
   off. The next chunk starts at that instruction; with a limit of 1 its rerun would be cut off again, for
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import x86_const as X
 
-from popek.decode import decode_at
+from popek.decode import LEGACY_PREFIXES, decode_at
 from popek.machine.faults import GuestFault
 from popek.machine.memory import CR0_PG
 from popek.machine.rangehooks import BLOCK, WRITE, RangeHooks, merge
@@ -45,6 +47,8 @@ MAX_WRITE_HOOKS = 4      # each write hook costs every store a range check: code
 WATCH_GAP = 4 * PAGE     # code frames closer than this share a write hook
 _CONTROL = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4)
 STAYS = frozenset({"call", "lcall", "int", "int1", "int3", "into"})    # may store and land on themselves
+IMM8 = "imm8"
+_ROTATE_COUNT = {0xD0: 1, 0xD1: 1, 0xD2: None, 0xD3: None, 0xC0: IMM8, 0xC1: IMM8}   # group 2: count (None: CL)
 
 
 class SelfModifyingStores:
@@ -162,8 +166,41 @@ class SelfModifyingStores:
             self._retranslate(address, size)
             return
         self.m.settle_flags(address, "smc-rerun")
+        self._put_back_carry(address, store[3], store[2])
         if engine.store_recursion() and self._unaligned is not None and self._unaligned[0] == address:
             self._undo_partial()
+
+    def _put_back_carry(self, eip: int, first_value: int, size: int) -> None:
+        """An ``rcl``/``rcr`` into its own block wrote its new CF before its store was restarted, and its
+        rerun rotates that CF in: another value (bench images 843). The carry it read is a bit of what its
+        first attempt stored, at a place its count gives; put it back in CF for the rerun."""
+        try:
+            code = self.m.read_linear(eip, 15)
+        except GuestFault:
+            return
+        i = 0
+        while i < len(code) - 1 and code[i] in LEGACY_PREFIXES:
+            i += 1
+        op, reg = code[i], (code[i + 1] >> 3) & 7
+        if op not in _ROTATE_COUNT or reg not in (2, 3) or code[i + 1] >> 6 == 3:
+            return
+        count = _ROTATE_COUNT[op]
+        if count is None:
+            count = self.m.engine.read(X.UC_X86_REG_ECX) & 0xFF
+        elif count == IMM8:
+            insn = decode_at(code, 0, eip, 32)
+            if insn is None:
+                return
+            count = code[insn.size - 1]
+        bits = 8 * size
+        n = (count & 0x1F) % (bits + 1)
+        if n == 0:
+            return                              # nothing rotated: no flag written, no other value
+        carry = first_value >> (n - 1 if reg == 2 else bits - n) & 1
+        eflags = self.m.engine.read(X.UC_X86_REG_EFLAGS)
+        if eflags & 1 != carry:
+            self.m.engine.write(X.UC_X86_REG_EFLAGS, eflags & ~1 | carry)
+            self.m.events.count("corrected", "carry-at-smc-rerun")
 
     def _undo_partial(self) -> None:
         _, address, before = self._unaligned

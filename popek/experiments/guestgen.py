@@ -1231,11 +1231,17 @@ def r_edge_read(g, where, width):
     g.label(after)
 
 
-def r_store_next(g, value):
+STORE_NEXT = {"mov": "mov byte ptr [{}], bl", "adc": "adc byte ptr [{}], bl", "sbb": "sbb byte ptr [{}], bl",
+              "rcl": "rcl byte ptr [{}], 1", "rcr": "rcr byte ptr [{}], 1", "rcl_cl": "rcl byte ptr [{}], cl",
+              "rcr_cl": "rcr byte ptr [{}], cl"}
+
+
+def r_store_next(g, value, op="mov"):
     """A store into the immediate of the next instruction (``mov ah, imm8``): in a loop, code that changes
-    every iteration."""
+    every iteration. The store may read the carry too (adc, sbb, rcl, rcr): Unicorn restarts a store into
+    the running block, and a rerun that reads flags its first attempt wrote stores another value."""
     patch = g.new("patch")
-    g.i("mov byte ptr [{}], bl", lab(patch))
+    g.i(STORE_NEXT[op], lab(patch))
     _raw(g, b"\xb4")                                # mov ah, imm8 ...
     g.label(patch)
     _raw(g, bytes([value]))                         # ... whose imm8 the store just wrote
@@ -1349,7 +1355,7 @@ LEAVES = {
                                                     st.sampled_from(CC))),
     "branch16": (r_branch16, lambda: (st.sampled_from(BRANCH16_FORMS), st.sampled_from(CC))),
     "edge_read": (r_edge_read, lambda: (st.integers(0, len(EDGE_READS) - 1), st.sampled_from((1, 2, 4)))),
-    "store_next": (r_store_next, lambda: (st.integers(0, 0xFF),)),
+    "store_next": (r_store_next, lambda: (st.integers(0, 0xFF), st.sampled_from(tuple(STORE_NEXT)))),
     "x87_state": (r_x87_state, lambda: (st.sampled_from(X87_LOADS), st.sampled_from(tuple(X87_STORES)), _off())),
 }
 CONTROL = {"if": r_if, "loop": r_loop, "call": r_call}

@@ -273,6 +273,8 @@ CASES = [
      "rdmsr"),
     ("rdmsr-ring3", RING3 + "        mov ecx, 0x174", "rdmsr"),
     ("rdtsc-tsd-ring3", "        mov eax, 4\n        mov cr4, eax\n" + RING3, "rdtsc"),
+    # (the values rdtsc/rdtscp read, the machine's clock, are checked under every monitor in test_quirks)
+    ("rdtscp-tsd-ring3", "        mov eax, 4\n        mov cr4, eax\n" + RING3, ".byte 0x0f, 0x01, 0xf9"),
     # sensitive registers
     ("sgdt", "", "sgdt [scratch]"),
     ("sidt", "", "sidt [scratch + 1]"),

@@ -10,7 +10,7 @@ import pytest
 from popek.cli import main
 from popek.experiments.differential import fuzz
 from popek.experiments.divergence import diff
-from popek.monitors.hvm.cpuid import bare
+from popek.machine.cpuid import bare, unicorn_cpuid
 
 # The exit contract (docs/machine.md): a byte written to port 0xF4 ends the run with that exit code.
 CPUID_GUEST = """        .org 0x00100000
@@ -65,15 +65,19 @@ def test_the_json_document_carries_the_named_cpuid(tmp_path, capsys):
     assert b["fields"]["ebx"] == {"native": "0x00000000", "monitored": "0x4b4d564b"}
 
 
-def test_leaf_1_hypervisor_bit_reads_as_natively(tmp_path):
-    """The reviewer's guest (mov eax,1; cpuid; ecx >> 31 as the exit code): Unicorn's CPU model already reports
-    CPUID.1:ECX[31] = 1 on the bare machine, so hvm (which sets it) answers leaf 1 exactly as natively and
-    nothing is named; with cpuid-hypervisor-bit=off it is still the bare machine's answer."""
-    assert bare(1, 0)[2] >> 31 == 1
+def test_leaf_1_hypervisor_bit_is_the_difference_hvm_makes_on_purpose(tmp_path):
+    """The reviewer's guest (mov eax,1; cpuid; ecx >> 31 as the exit code): the bare machine reads 0 there, as
+    the hardware (Unicorn's model says 1, the machine clears it); hvm sets it and diff names that cpuid; with
+    cpuid-hypervisor-bit=off hvm answers as the bare machine."""
+    assert bare(1, 0)[2] >> 31 == 0 and unicorn_cpuid(1, 0)[2] >> 31 == 1
     path = _guest(tmp_path, 1, "mov eax, ecx\n        shr eax, 31")
-    for options in ({}, {"control": ("cpuid-hypervisor-bit=off",)}, {"vendor": "svm"}):
+    for options in ({}, {"vendor": "svm"}):
         report = diff(path, "hvm", options=options)
-        assert report.equivalent and report.blamed == [] and report.other["exit"]["code"] == 1
+        assert not report.equivalent and report.other["exit"]["code"] == 1 and report.native["exit"]["code"] == 0
+        (b,) = report.blamed
+        assert b["name"] == "cpuid" and "ecx" in b["fields"]
+    report = diff(path, "hvm", options={"control": ("cpuid-hypervisor-bit=off",)})
+    assert report.equivalent and report.blamed == [] and report.other["exit"]["code"] == 0
 
 
 def test_cpuid_is_not_named_under_a_monitor_that_lets_it_run(tmp_path):

@@ -1080,7 +1080,12 @@ def r_misc_priv(g, op, offset, value):
     elif op == "lmsw":
         g.i("mov ax, {}", imm(value | 1, 16))
         g.i("lmsw ax")
-    else:                                 # clts, cpuid
+    elif op == "cpuid":
+        # (not leaf 1, nor the hypervisor leaves 0x40000000+, which value cannot reach: hvm answers them
+        # differently on purpose, CPUID.1:ECX[31] and the vendor leaf)
+        g.i("mov eax, {}", imm(value if value != 1 else 0))
+        g.i("cpuid")
+    else:                                 # clts
         g.i(op)
 
 

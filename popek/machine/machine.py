@@ -30,7 +30,7 @@ import unicorn
 from unicorn import x86_const as X
 
 from popek.events import IO, VIRTUAL_IO
-from popek.machine import interrupts, ioperm, quirks
+from popek.machine import cpuid, interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
@@ -145,6 +145,7 @@ class Machine:
         uc.hook_add(unicorn.UC_HOOK_INTR, self._on_intr)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, self._on_bad_access, None, 0, 0xFFFFFFFF)
         self.selfmod = SelfModifyingStores(self)        # exact counts for stores into running code
         if self.umip:
@@ -536,6 +537,9 @@ class Machine:
         """Deliver through the guest's real IDT without asking the monitor (for a monitor reflecting an event
         to a guest that owns its IDT)."""
         interrupts.deliver(self, self.cpu, event)
+
+    def _on_cpuid(self, uc, _) -> int:
+        return cpuid.on_cpuid(self, uc, _)      # the bare machine's answer (popek.machine.cpuid)
 
     def _on_intr(self, uc, vector: int, _) -> None:
         # Clears old_exception too: Unicorn never does, which is the repeated-#GP bug.

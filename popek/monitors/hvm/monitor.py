@@ -38,8 +38,8 @@ at the INTERRUPT_WINDOW exit. The run loop samples the interrupt line at the sam
 natively, so the guest takes its interrupts where it would natively. A triple fault is a TRIPLE_FAULT exit.
 
 Equivalence: the same as native for every guest, except what the controls change on purpose: CPUID.1:ECX[31]
-and the leaves 0x40000000+ with ``cpuid-hypervisor-bit`` (on Unicorn the bare machine already sets the bit,
-so the leaf 0x40000000 signature is what differs; ``popek.monitors.hvm.cpuid``). VMX and SVM instructions and vmcall/vmmcall exit
+and the leaves 0x40000000+ with ``cpuid-hypervisor-bit`` (the bare machine reads 0 there and zeros, as the
+hardware; ``popek.monitors.hvm.cpuid``). VMX and SVM instructions and vmcall/vmmcall exit
 and then raise #UD in the guest, as KVM does for a guest without nested virtualization: popek's hvm offers
 no hypercalls. rdpmc exits and raises #UD (the machine has no performance counters: natively it is #UD).
 

@@ -281,5 +281,6 @@ def arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--locate", type=types.in_range(0), default=3,
                    help="kinds of divergence whose first image is located and printed (default 3)")
     b.add_argument("--save", type=types.output_directory, metavar="DIR",
-                   help="write the first image of each kind of divergence into DIR")
+                   help="write the first image of each kind of divergence, machine bug, declined run and "
+                        "nondeterministic run into DIR")
     hvm_command.configure(b, trace=False)

@@ -8,7 +8,10 @@ sets it on purpose (popek.monitors.hvm.cpuid). Leaves 0x40000000 and above retur
 zeros.
 
 ``bare`` runs one ``cpuid`` on a scratch Unicorn CPU per (leaf, subleaf, CR4), cached; the machine's CPUID
-hook answers every guest ``cpuid`` from it, under every monitor that lets the instruction run.
+hook answers every guest ``cpuid`` of leaf 1 from it, under every monitor that lets the instruction run,
+and lets Unicorn answer the others. Limit: the scratch CPU has the guest's CR4 but not its XCR0 (Unicorn
+has no API for it), so ``bare`` of leaf 0xD (and 0xE-0x1F, which repeat it on this model) after an
+``xsetbv`` is not what the guest's CPU says; hvm, which answers every leaf from ``bare``, shows that.
 """
 from __future__ import annotations
 
@@ -44,11 +47,13 @@ def bare(leaf: int, subleaf: int, cr4: int = 0) -> tuple[int, int, int, int]:
 
 
 def on_cpuid(machine, uc, _) -> int:
-    """Unicorn's CPUID instruction hook: answer as the bare machine, and skip Unicorn's own answer."""
+    """Unicorn's CPUID instruction hook. Leaf 1: answer as the bare machine and skip Unicorn's own answer
+    (1). Every other leaf: let Unicorn answer (0), which also follows state the scratch CPU cannot see, such
+    as XCR0 in leaf 0xD."""
     engine = machine.engine
-    leaf, subleaf, cr4 = engine.read(X.UC_X86_REG_EAX), engine.read(X.UC_X86_REG_ECX), engine.read(X.UC_X86_REG_CR4)
-    for reg, value in zip(_OUT, bare(leaf, subleaf, cr4)):
+    if engine.read(X.UC_X86_REG_EAX) != 1:
+        return 0
+    for reg, value in zip(_OUT, bare(1, engine.read(X.UC_X86_REG_ECX), engine.read(X.UC_X86_REG_CR4))):
         engine.write(reg, value)
-    if leaf == 1:
-        machine.events.count("corrected", "cpuid-hypervisor-bit")
+    machine.events.count("corrected", "cpuid-hypervisor-bit")
     return 1

@@ -37,7 +37,7 @@ from popek.machine.engine import Engine, EngineError
 from popek.machine.faults import BP, DB, ERROR_CODE, EXCEPTION, GP, OF, PF, SOFTWARE, TS, UD, GuestFault, \
     NotModelled, Interrupt
 from popek.machine.guest import Guest
-from popek.machine.memory import RAM_DEFAULT, AddressSpace, Memory
+from popek.machine.memory import PAGE, RAM_DEFAULT, AddressSpace, Memory
 from popek.machine.selfmod import SelfModifyingStores
 from popek.machine.result import EXIT_PORT, INTERRUPTED, TRIPLE_FAULT, UNSUPPORTED, Events, Exit
 
@@ -384,11 +384,7 @@ class Machine:
 
     def _guarded(self, eip: int) -> str:
         """Unicorn stopped before a guarded address (``guard``): do what the hardware does there."""
-        try:
-            code = self.read_linear(eip, 15)
-        except GuestFault:
-            code = b""                              # the fetch faults: let Unicorn raise it
-        quirk = quirks.match(code, 0)
+        quirk = quirks.match(self._code_at(eip), 0)   # (b"" where the fetch faults: let Unicorn raise it)
         if quirk is None:                           # the guest rewrote it, or runs it through another mapping
             del self.guards[eip]
             probe = self._probes.pop(eip, None)
@@ -456,6 +452,16 @@ class Machine:
             self.uc.ctl_set_exits(exits)
             self.uc.ctl_remove_cache(eip, eip + 1)
 
+    def _code_at(self, eip: int) -> bytes:
+        """Up to 15 bytes of code at ``eip``: fewer where the page after is not mapped (an instruction near
+        the end of a page need not reach into the next), none where ``eip`` itself is not."""
+        for length in (15, PAGE - eip % PAGE):
+            try:
+                return self.read_linear(eip, min(length, 15))
+            except GuestFault:
+                continue
+        return b""
+
     def _byte_before(self, eip: int) -> int | None:
         try:
             return self.read_linear(eip - 1, 1)[0]
@@ -465,10 +471,7 @@ class Machine:
     def _event_for(self, error: unicorn.UcError) -> Interrupt:
         eip = self.reg("eip")
         if error.errno == unicorn.UC_ERR_INSN_INVALID:
-            try:
-                length = quirks.software_int6(self.read_linear(eip, 15))
-            except GuestFault:
-                length = None
+            length = quirks.software_int6(self._code_at(eip))
             if length is not None:                  # Unicorn reports `int 6` as #UD (quirks.software_int6)
                 self.events.count("corrected", "int6-software-interrupt")
                 return Interrupt(6, SOFTWARE, None, eip=(eip + length) & 0xFFFFFFFF, insn=eip, why="int 6")
@@ -546,6 +549,11 @@ class Machine:
         software, error_code = self.engine.take_exception()
         if self.end is not None:                # the run ended in this chunk (a monitor's finish): no more
             return
+        if vector == DB and self._fixup is not None:
+            # (the single-step trap after an instruction the machine corrects: the correction comes first,
+            # so that the frame and the handler see it)
+            fixup, self._fixup = self._fixup, None
+            fixup(None)
         eip = self.reg("eip")
         if software:
             # Unicorn reports int n/int3/into with EIP after the instruction; a fault in delivering it

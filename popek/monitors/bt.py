@@ -93,6 +93,8 @@ from popek.monitors.bt_cache import CodeCache
 from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
 from popek.monitors.bt_guard import RESYNC, Guard
 from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
+from popek.decode import decode_at
+from popek.monitors.emulation import TABLE as ROUTINES
 from popek.monitors.emulation import near
 from popek.monitors.bt_routines import peek, push
 
@@ -501,12 +503,36 @@ class BinaryTranslation(Deprivileged):
             event.eip = event.insn = guest
             if event.source == SOFTWARE:        # int3 copied unchanged: the frame holds the next instruction
                 event.eip = guest + 1
+            if event.source == EXCEPTION and event.vector == GP and self.vcpu.cpl == 0:
+                name = self._unemulated_privileged(guest)
+                if name is not None:            # the #GP is the deprivileging's (the real ring), not the
+                    # guest's: say so rather than deliver what the guest would not get
+                    machine.finish(UNSUPPORTED, None, f"bt: {name} at the guest's ring 0 is not modelled "
+                                                      "(a privileged instruction with no emulation routine)")
+                    return True
         if event.vector == PF and event.source == EXCEPTION:
             if self.hidden_page_fault(machine, event):
                 return True
             event.address = machine.reg("cr2")
         self._deliver(event, callout=False)
         return True
+
+    def _unemulated_privileged(self, guest: int) -> str | None:
+        """The name of the instruction at ``guest`` if the ISA says it is privileged and no routine emulates
+        it (sysexit, ...): copied into the cache, it faults at the deprivileged ring where the guest's ring 0
+        would run it."""
+        base = self._key()[1]
+        try:
+            code = self.vcpu.space(self.m, mark=False).read((guest + base) & 0xFFFFFFFF, 15)
+        except GuestFault:
+            return None
+        insn = decode_at(code, 0, guest, 32)
+        if insn is None:
+            return None
+        entry = self.translator.classifier.lookup(code, 0, 32, insn.mnemonic, insn.op_str)
+        if entry is None or entry.privileged != "yes" or entry.name in ROUTINES:
+            return None
+        return entry.name
 
     # --- tests: what the monitor writes where the guest can see it holds no cache address ------------------
     def _check_invisible(self) -> None:

@@ -39,7 +39,7 @@ CR0_PASS = CR0_PG | CR0_WP | 0x8 | 0x4 | 0x2
 CR0_MONITOR = 0x11
 # Real CR4: the guest's paging and feature bits that mean the same at any ring; not VME/PVI (no
 # virtual-8086 mode here) or PAE (the shadow page directory is 32-bit paging only).
-CR4_PASS = 0x4 | 0x8 | CR4_PSE | 0x80 | 0x100 | 0x200 | 0x400 | 0x800
+CR4_PASS = 0x4 | 0x8 | CR4_PSE | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x40000     # (0x40000: OSXSAVE)
 PDE_PRESENT, PDE_WRITE, PDE_USER, PDE_ACCESSED, PDE_DIRTY, PDE_LARGE = 1, 2, 4, 0x20, 0x40, 0x80
 POOL_TABLES = 96            # shadow page tables under ring 3: 384 KiB of monitor memory, 384 MiB mapped
 

@@ -8,6 +8,7 @@ import pytest
 
 from popek.asm import assemble_text
 from popek.machine.guest import Guest
+from popek.machine.memory import RAM_DEFAULT
 from popek.machine.quirks import QUIRKS, match, scan
 from popek.monitors import run_guest
 
@@ -264,3 +265,82 @@ def test_cpuid_leaf_0xd_follows_xcr0(monitor):
         pm_data
 """), monitor)
     assert result.exit.code == 0 and result.state["ebx"] == 0x340
+
+
+# --- a fetch fault later in a translated block (found by a review) -------------------------------------------
+FALL_INTO_A_PAGE_NOT_PRESENT = """
+        .equ PD, 0x180000
+        .equ PT, 0x181000
+        pm_setup
+        set_gate 14, on_pf, INTGATE
+        mov edi, PT
+        mov eax, 3
+        mov ecx, 1024
+fill:   mov dword ptr [edi], eax
+        add eax, 0x1000
+        add edi, 4
+        dec ecx
+        jnz fill
+        mov eax, offset after
+        shr eax, 12
+        mov dword ptr [PT + eax * 4], 0         ; the page after the code below: not present
+        mov edi, PD
+        xor eax, eax
+        mov ecx, 1024
+        rep stosd
+        mov dword ptr [PD], PT + 3
+        mov eax, PD
+        mov cr3, eax
+        mov eax, cr0
+        or eax, 0x80000000
+        mov cr0, eax
+        xor eax, eax
+        xor esi, esi
+        jmp code
+on_pf:
+        mov esi, [esp + 4]                      ; the frame's EIP
+        mov edi, cr2
+        mov ebp, eax                            ; what had run
+        mov edx, offset after
+        mov ebx, offset after
+        mov ecx, ebx
+        shr ecx, 12
+        or ebx, 3
+        mov dword ptr [PT + ecx * 4], ebx
+        invlpg [after]
+        add esp, 4
+        iretd
+        pm_data
+        .align 4096
+        .space 4096 - (after - code)
+code:   {code}
+after:  {tail}
+        exit 0
+"""
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+@pytest.mark.parametrize("code, tail, frame, cr2, ran", [
+    ("nop", "", 0, 0, 0),                                # falls through from the last byte of the page
+    ("inc eax\n inc eax\n inc eax", "", 0, 0, 3),       # three instructions of the block ran first
+    ("inc eax\n .byte 0xb9, 1, 2", ".byte 3, 4", -3, 0, 1),   # mov ecx, imm32 crosses into the page
+    ("mov eax, [after + 4]", "", -5, 4, 0),             # a data fault near the code is not a later fetch
+])
+def test_a_fetch_fault_names_the_instruction_that_reaches_the_page(monitor, code, tail, frame, cr2, ran):
+    # Unicorn raised it at the first instruction of the translated block: the frame named the instruction
+    # before the page (0x101fff for 0x102000) and the handler saw the block's work undone
+    result = run_guest(build(FALL_INTO_A_PAGE_NOT_PRESENT.replace("{code}", code).replace("{tail}", tail)), monitor)
+    state, after = result.state, result.state["edx"]
+    assert result.exit.code == 0 and after % 4096 == 0
+    assert (state["esi"] - after, state["edi"] - after, state["ebp"]) == (frame, cr2, ran)
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_code_that_runs_off_the_top_of_ram_runs_to_its_end(monitor):
+    # the same at the end of RAM: the #GP named the first of three incs, and none had run (2 instructions)
+    top = RAM_DEFAULT
+    start = bytes.fromhex("b8 00 00 00 00 e9") + (top - 3 - 0x10000A).to_bytes(4, "little")   # mov eax, 0; jmp
+    guest = Guest("off-the-top", ((0x100000, start), (top - 3, bytes.fromhex("40 40 40"))), 0x100000, "raw")
+    result = run_guest(guest, monitor)
+    assert result.exit.reason == "triple-fault"
+    assert (result.state["eax"], result.state["eip"], result.guest_instructions) == (3, top, 5)

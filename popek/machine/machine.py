@@ -29,6 +29,7 @@ from typing import Any, Callable
 import unicorn
 from unicorn import x86_const as X
 
+from popek.decode import decode_at
 from popek.events import IO, VIRTUAL_IO
 from popek.machine import cpuid, interrupts, ioperm, quirks
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
@@ -114,6 +115,7 @@ class Machine:
         self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
         self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
         self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
+        self._alone_at: int | None = None          # an instruction run alone before a later fetch fault
         self._probes: dict[int, int] = {}    # guard -> code hook on the byte before it (a hlt there?)
         self._probed: int | None = None      # the probed address that began an instruction in this chunk
         self._fixup = None                   # (error) -> None: corrects the one-instruction chunk just run
@@ -366,7 +368,9 @@ class Machine:
             self.raise_interrupt(self._pending)
             return END if self.end is not None else STOPPED
         if error is not None:
-            self.raise_interrupt(self._event_for(error))
+            event = self._event_for(error)
+            if event is not None:                   # (None: an instruction runs alone first)
+                self.raise_interrupt(event)
             return END if self.end is not None else STOPPED
         if self._stop_at is not None:
             return STOPPED
@@ -392,6 +396,11 @@ class Machine:
                 self.uc.hook_del(probe)
             self.uc.ctl_set_exits(sorted(self.guards))
             self.uc.ctl_remove_cache(eip, eip + 1)
+            # (which walks the guest's page tables: where the page is not present it raises a #PF that is
+            # never delivered, but leaves old_exception set, and the #PF the guest then takes there arrived
+            # as #DF. Measured.)
+            self.engine.settle()
+            self._alone_at = None
             return STOPPED
         if quirk.action == quirks.UD:
             self.events.count("corrected", quirk.name)
@@ -468,7 +477,7 @@ class Machine:
         except GuestFault:
             return None
 
-    def _event_for(self, error: unicorn.UcError) -> Interrupt:
+    def _event_for(self, error: unicorn.UcError) -> Interrupt | None:
         eip = self.reg("eip")
         if error.errno == unicorn.UC_ERR_INSN_INVALID:
             length = quirks.software_int6(self._code_at(eip))
@@ -478,6 +487,8 @@ class Machine:
             return Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why="invalid opcode")
         if error.errno in _MEMORY_ERRORS:
             kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
+            if kind == "fetch" and self._fetch_is_later(eip, address):
+                return None
             if kind != "fetch":                     # (a fetch fails before the instruction began)
                 eip = self._rewind_to_bad_access(eip)
                 self.settle_flags(eip, "fault")
@@ -562,7 +573,10 @@ class Machine:
             event = Interrupt(vector, SOFTWARE, None, eip=eip, insn=eip - (1 if one_byte else 2))
         else:
             # (#DB is single-step's trap after the instruction completed, with its flags committed)
-            if vector != DB and not (vector == PF and self._fetch_fault(eip, error_code)):
+            fetch = vector == PF and self._fetch_fault(eip, error_code)
+            if fetch and self._fetch_is_later(eip, self.reg("cr2")):
+                return                              # (Unicorn goes on from eip and stops at the guard)
+            if vector != DB and not fetch:
                 self.settle_flags(eip, "fault")
             event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip)
         self.raise_interrupt(event)
@@ -573,6 +587,29 @@ class Machine:
         6): make them read as the CPU has them."""
         if self.engine.settle_flags(eip):
             self.events.count("corrected", f"flags-at-{cause}")
+
+    def _fetch_is_later(self, eip: int, address: int) -> bool:
+        """Unicorn translates a block before running it, and a fetch that fails for a later instruction of
+        the block (at linear ``address``) is reported at the block's first (QEMU 5's translator): falling
+        through into a page not present or out of RAM, the frame named an instruction before and the
+        handler saw the block's work undone. When the instruction at ``eip`` lies whole before ``address``,
+        make an exit after it (``_guarded`` drops it there) so that it runs alone and the fetch fails again
+        at the next instruction: the hardware's frame and state. Returns whether it did."""
+        try:
+            cs = self.descriptor(self.reg("cs"))
+            base, mode = cs.base, 32 if cs.big else 16
+        except GuestFault:
+            base, mode = 0, 32
+        if self._alone_at == eip:                   # it ran alone and faulted again: its own fault (a data
+            self._alone_at = None                   # access near the code, not told from a fetch without NX)
+            return False
+        insn = decode_at(self._code_at(eip), 0, eip, mode)
+        if insn is None or (address - (base + eip)) & 0xFFFFFFFF < insn.size:
+            return False                            # (the fault is this instruction's own fetch)
+        self.events.count("corrected", "fetch-fault-at-block-start")
+        self._alone_at = eip
+        self.guard({(eip + insn.size) & 0xFFFFFFFF: None})
+        return True
 
     def _fetch_fault(self, eip: int, error_code: int) -> bool:
         """Whether a #PF is the fetch of the instruction at ``eip`` (raised when Unicorn translated it,

@@ -188,6 +188,7 @@ class Translator:
         while True:
             insn = self._decode(pos)
             if pending is None and insn is None:    # the first instruction: #UD here, as natively
+                self._fetch_rest(pos)
                 unit = self._unit(run, key, pos)
                 self._emit(run, unit, pos, UD2, pos + 1)
                 break
@@ -236,6 +237,20 @@ class Translator:
             return self.v.space(self.m, mark=False).physical(linear_page * PAGE, 1) // PAGE
         except GuestFault:
             return linear_page              # not mapped: nothing can write it through this address either
+
+    def _fetch_rest(self, pos: int) -> None:
+        """An instruction that reaches past the bytes that could be fetched (into a page not present, or
+        outside RAM) faults on that fetch before any decoding fault (SDM vol. 3 6.9, the priority of a code
+        page fault over #UD): raise it. Zeros stand in for the missing bytes to find its length."""
+        have = self._window[pos - self._window_at:] if pos >= self._window_at else b""
+        if len(have) >= 15:
+            return
+        insn = decode_at(have + bytes(15 - len(have)), 0, pos, 32)
+        if insn is None or insn.size <= len(have):
+            return
+        missing = (pos + len(have)) & 0xFFFFFFFF
+        self._fetched(missing)
+        raise GuestFault(GP, 0, f"fetch at {missing:#x} outside guest RAM")
 
     def _decode(self, pos: int):
         """The instruction at linear ``pos``, or None where it cannot be fetched whole or decoded."""

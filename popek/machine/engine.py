@@ -45,6 +45,13 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    holds there; a fault before an instruction began (a fetch) or a trap after it completed (single-step)
    has consistent state and must not be touched.
 
+7. **Whether a page fault came from fetching code.** Unicorn translates a whole block before running it,
+   and a fetch that fails for any instruction of the block is raised at the block's first instruction,
+   none of it run; a data access faults at its own instruction. Without NX the error code is the same
+   for both. QEMU's TLB fill records ``env->retaddr``: the host address of the translated code that made
+   the access, and 0 for every fetch of guest code. ``fault_fetching_code`` reads it (the machine then
+   finds the instruction that reached the page: ``Machine._fetch_is_later``).
+
 None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
 guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
 arrive as #GP after the patch, and a patched CPL must let the API load a ring-0 SS. A Unicorn build where
@@ -88,6 +95,7 @@ class Layout:
     hook_range: int = 0              # offset of uint64 begin (end follows) in struct hook
     store_recursion: int | None = None   # offset in uc_struct of int uc->size_recur_mem; None: not found
     lazy_flags: tuple[int, int] | None = None   # context offsets of env->cc_src and env->cc_op; None: not found
+    retaddr: int = 0                 # context offset of uintptr env->retaddr (0 after a fault fetching code)
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -185,7 +193,57 @@ def layout() -> Layout:
     return Layout(counter=counter, error_code=found["error_code"], is_int=found["is_int"],
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
                   env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range,
-                  store_recursion=_find_store_recursion(), lazy_flags=_find_lazy_flags())
+                  store_recursion=_find_store_recursion(), lazy_flags=_find_lazy_flags(),
+                  retaddr=_find_retaddr())
+
+
+# Every TLB fill records in env->retaddr the host address of the translated code that needs it, and 0 for a
+# fetch of guest code (the translator's loads and its page lookups pass 0; every data access from translated
+# code or from a helper run by a guest instruction passes its return address). So at a #PF it says whether
+# the fault came from translating a block, before any instruction of the block ran, or from an instruction
+# running (engine notes 7). Found with paging on, page 3 not present: two data faults from different
+# instructions (different host addresses), then code that falls into the page and code that jumps to it.
+# Code at 0x1000: mov eax, [0x3000]; mov ebx, [0x3004]; and nop nop at 0x2ffe.
+_RETADDR_CODE = ((0x1000, bytes.fromhex("a1003000008b1d04300000")), (0x2FFE, bytes.fromhex("9090")))
+_RETADDR_STARTS = ((0x1000, True), (0x1005, True), (0x2FFE, False), (0x3000, False))  # (EIP, data fault)
+
+
+def _find_retaddr() -> int:
+    blobs = [_retaddr_blob(start) for start, _ in _RETADDR_STARTS]     # (one Unicorn each: no #DF between)
+    if not all(blobs):
+        raise EngineError("calibration: the page faults for env->retaddr did not arrive as #PF")
+    q = lambda blob, at: struct.unpack_from("<Q", blob, at)[0]           # noqa: E731
+    data = [blob for blob, (_, is_data) in zip(blobs, _RETADDR_STARTS) if is_data]
+    fetch = [blob for blob, (_, is_data) in zip(blobs, _RETADDR_STARTS) if not is_data]
+    found = [at for at in range(0, len(blobs[0]) - 7, 8)
+             if all(q(b, at) == 0 for b in fetch) and all(q(b, at) > 0x10000 for b in data)
+             and len({q(b, at) for b in data}) == len(data)]
+    if len(found) != 1:
+        raise EngineError(f"calibration: env->retaddr not found ({found})")
+    return found[0]
+
+
+def _retaddr_blob(start: int) -> bytes | None:
+    """The saved context at the #PF of the calibration code run from ``start`` (None: no #PF)."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    for address, code in _RETADDR_CODE:
+        uc.mem_write(address, code)
+    uc.mem_write(0x8000, struct.pack("<I", 0x9003))                          # page directory -> table
+    uc.mem_write(0x9000, b"".join(struct.pack("<I", 0 if page == 3 else page << 12 | 3) for page in range(16)))
+    uc.reg_write(X.UC_X86_REG_CR3, 0x8000)
+    uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | 0x80000001)
+    seen: list[bytes] = []
+
+    def on_intr(uc, vector, _):
+        ctx = uc.context_save()
+        if vector == 14:
+            seen.append(ctypes.string_at(_context_address(ctx), ctx.size))
+        uc.emu_stop()
+
+    uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
+    uc.emu_start(start, NEVER, count=10)
+    return seen[0] if seen else None
 
 
 # An unaligned store into a page holding translated code is made a byte at a time, with Unicorn's write hooks
@@ -401,6 +459,9 @@ class Engine:
         self._live = self._live_fields()
         self._counted = (0, 0xFFFFFFFF)            # count_only's range
         self._lazy = self._lazy_fields()
+        self._retaddr = None if self._live is None else ctypes.c_uint64.from_address(
+            ctypes.c_uint64.from_address(self._uch.value + self.layout.env_pointer).value
+            + self.layout.env_delta - self.layout.header + self.layout.retaddr)
 
     def _live_fields(self) -> tuple | None:
         """(is_int, error_code, old_exception) as ctypes views of the live env, or None (context path)."""
@@ -563,6 +624,16 @@ class Engine:
         ctypes.c_int32.from_address(a + lay.old_exception).value = -1
         self.uc.context_restore(self._ctx)
         return software, error_code
+
+    def fault_fetching_code(self) -> bool:
+        """From ``UC_HOOK_INTR`` at a #PF: whether it came from fetching guest code as Unicorn translated a
+        block (none of the block ran; EIP is the block's first instruction), not from a data access of the
+        instruction at EIP (engine notes 7)."""
+        live = self._retaddr
+        if live is not None:
+            return live.value == 0
+        self.uc.context_update(self._ctx)
+        return ctypes.c_uint64.from_address(self._ctx_address + self.layout.retaddr).value == 0
 
     def settle(self, cpl: int | None = None) -> None:
         """Finish an event as the CPU does: clear ``old_exception`` and, if given, set the CPL.

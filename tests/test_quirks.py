@@ -2,6 +2,7 @@
 each guest below ends differently on raw Unicorn; the machine must give the hardware's answer."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -319,20 +320,87 @@ after:  {tail}
 """
 
 
+# Through a code segment based at 0x1000 instead (EIP = linear - 0x1000): Unicorn's exits are linear.
+BASED_CS = """        mov dword ptr [pm_gdt + 0x30], 0x1000FFFF
+        mov dword ptr [pm_gdt + 0x34], 0x00CF9A00
+        push 0x30
+        push offset code - 0x1000
+        retf
+"""
+
+
+def fall_into_a_page_not_present(code: str, tail: str = "", based: bool = False) -> Guest:
+    source = FALL_INTO_A_PAGE_NOT_PRESENT.replace("{code}", code).replace("{tail}", tail)
+    return build(source.replace("        jmp code\n", BASED_CS) if based else source)
+
+
+@lru_cache(maxsize=None)
+def natively(code: str, tail: str = "", based: bool = False):
+    return run_guest(fall_into_a_page_not_present(code, tail, based), "native")
+
+
 @pytest.mark.parametrize("monitor", MONITORS)
+@pytest.mark.parametrize("based", [False, True], ids=["flat", "based-cs"])
 @pytest.mark.parametrize("code, tail, frame, cr2, ran", [
     ("nop", "", 0, 0, 0),                                # falls through from the last byte of the page
     ("inc eax\n inc eax\n inc eax", "", 0, 0, 3),       # three instructions of the block ran first
+    ("inc eax\n" * 20, "", 0, 0, 20),                    # a block longer than an instruction can be
     ("inc eax\n .byte 0xb9, 1, 2", ".byte 3, 4", -3, 0, 1),   # mov ecx, imm32 crosses into the page
     ("mov eax, [after + 4]", "", -5, 4, 0),             # a data fault near the code is not a later fetch
-])
-def test_a_fetch_fault_names_the_instruction_that_reaches_the_page(monitor, code, tail, frame, cr2, ran):
+    ("inc eax\n mov eax, [after]", "", -5, 0, 1),       # nor one at the start of the page after
+], ids=["nop", "3-inc", "20-inc", "crossing", "data", "data-at-page"])
+def test_a_fetch_fault_names_the_instruction_that_reaches_the_page(monitor, based, code, tail, frame, cr2, ran):
     # Unicorn raised it at the first instruction of the translated block: the frame named the instruction
     # before the page (0x101fff for 0x102000) and the handler saw the block's work undone
-    result = run_guest(build(FALL_INTO_A_PAGE_NOT_PRESENT.replace("{code}", code).replace("{tail}", tail)), monitor)
+    guest = fall_into_a_page_not_present(code, tail, based)
+    result = run_guest(guest, monitor)
     state, after = result.state, result.state["edx"]
     assert result.exit.code == 0 and after % 4096 == 0
-    assert (state["esi"] - after, state["edi"] - after, state["ebp"]) == (frame, cr2, ran)
+    linear = state["esi"] + (0x1000 if based else 0)
+    assert (linear - after, state["edi"] - after, state["ebp"]) == (frame, cr2, ran)
+    # every instruction counted once, as the hardware counts them (a data fault was counted twice)
+    assert result.guest_instructions == natively(code, tail, based).guest_instructions
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+@pytest.mark.parametrize("based", [False, True], ids=["flat", "based-cs"])
+def test_an_rdtsc_in_a_page_not_present_reads_the_machine_clock_once_mapped(monitor, based):
+    # the machine corrects rdtsc at a stop before it; with its page not present the stop was dropped, and
+    # once the handler mapped the page rdtsc read the host's TSC (and through a based CS the stop was never
+    # where Unicorn looked: the run ended in an EngineError)
+    code, tail = "inc eax", "rdtsc\n mov ebx, eax\n mov ecx, edx"
+    result = run_guest(fall_into_a_page_not_present(code, tail, based), monitor)
+    state = result.state
+    assert (result.exit.code, state["esi"] + (0x1000 if based else 0) - state["edi"]) == (0, 0)
+    clock = natively(code, tail, based).state["ebx"]
+    assert (state["ebx"], state["ecx"]) == (clock, 0) and clock < result.guest_instructions
+
+
+# The page after the code is made not present again four more times, and the code run again from its start:
+# the stop the machine put before the instruction that reaches the page must not stay in the block.
+FALL_AGAIN = FALL_INTO_A_PAGE_NOT_PRESENT.replace("""        jmp code
+on_pf:""", """        .equ LEFT, 0x170000                     ; the handler uses every register but ebp
+        mov dword ptr [LEFT], 5
+        xor ebp, ebp
+again:  mov ecx, offset after
+        shr ecx, 12
+        mov dword ptr [PT + ecx * 4], 0
+        invlpg [after]
+        jmp code
+back:   dec dword ptr [LEFT]
+        jnz again
+        exit 0
+on_pf:""").replace("        mov ebp, eax                            ; what had run\n",
+                   "        inc ebp                                 ; faults taken\n")
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_a_fetch_fault_after_a_block_is_taken_each_time_the_block_runs(monitor):
+    result = run_guest(build(FALL_AGAIN.replace("{code}", "inc eax\n" * 5).replace("{tail}", "jmp back")),
+                       monitor)
+    state = result.state
+    assert result.exit.code == 0
+    assert (state["esi"] - state["edx"], state["edi"] - state["edx"], state["ebp"]) == (0, 0, 5)
 
 
 @pytest.mark.parametrize("monitor", MONITORS)

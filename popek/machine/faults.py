@@ -67,7 +67,8 @@ class Interrupt:
     ``int n`` and for an external interrupt. ``insn`` is the address of the instruction that caused it,
     which is where a fault raised while delivering it points. ``address``: for a page fault found by
     machine or monitor code (not by Unicorn, which sets the real CR2 itself), the linear address that
-    delivery writes into the CR2 the guest sees.
+    delivery writes into the CR2 the guest sees. ``fetch``: a #PF Unicorn raised fetching the instruction's
+    own bytes (which it does not count as run, unlike a faulting data access).
     """
 
     vector: int
@@ -77,6 +78,7 @@ class Interrupt:
     insn: int = 0
     why: str = ""
     address: int | None = None
+    fetch: bool = False
 
     @property
     def name(self) -> str:

@@ -70,8 +70,6 @@ _MEMORY_ERRORS = {
 
 _BAD_ACCESS_ERRORS = {"read": unicorn.UC_ERR_READ_UNMAPPED, "write": unicorn.UC_ERR_WRITE_UNMAPPED,
                       "fetch": unicorn.UC_ERR_FETCH_UNMAPPED}
-PF_WRITE, PF_FETCH = 0x2, 0x10         # #PF error code: a write; an instruction fetch (with NX or SMEP)
-MAX_INSTRUCTION = 15                    # bytes
 HLT_OPCODE = 0xF4
 
 # Why a chunk ended (Machine.execute).
@@ -115,7 +113,6 @@ class Machine:
         self.raised = 0                      # events raised so far (to tell whether an instruction faulted)
         self._uncounted = 0                  # attempts counted in this chunk that were the monitor's (uncount)
         self.guards: dict[int, quirks.Quirk] = {}    # Unicorn exits where the machine corrects Unicorn
-        self._alone_at: int | None = None          # an instruction run alone before a later fetch fault
         self._probes: dict[int, int] = {}    # guard -> code hook on the byte before it (a hlt there?)
         self._probed: int | None = None      # the probed address that began an instruction in this chunk
         self._fixup = None                   # (error) -> None: corrects the one-instruction chunk just run
@@ -177,7 +174,27 @@ class Machine:
             if address not in self._probes and address > 0 and self._byte_before(address) == HLT_OPCODE:
                 self._probes[address] = self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_probe, None,
                                                          address - 1, address - 1)
-            self.uc.ctl_remove_cache(address - 1 if address else 0, address + 1)
+            self._retranslate(address)
+
+    def _drop_guard(self, address: int) -> None:
+        del self.guards[address]
+        probe = self._probes.pop(address, None)
+        if probe is not None:
+            self.uc.hook_del(probe)
+        self.uc.ctl_set_exits(sorted(self.guards))
+        self._retranslate(address)
+
+    def _retranslate(self, linear: int) -> None:
+        """Drop Unicorn's translations of the block that ends at ``linear`` and of one that begins there, so
+        that an exit added or removed there takes effect (Unicorn checks exits as it translates: a block
+        keeps the stop it was made with). Unicorn finds the code through the guest's page tables from the
+        first byte; where that walk fails, the #PF is never delivered but leaves CR2 and old_exception set,
+        and the guest's next #PF then arrived as #DF (measured): both are put back."""
+        cr2 = self.reg("cr2")
+        self.uc.ctl_remove_cache(linear - 1 if linear else 0, linear + 1)
+        if self.reg("cr2") != cr2:
+            self.set_reg("cr2", cr2)
+            self.engine.settle()
 
     def _on_probe(self, uc, address: int, size: int, _) -> None:
         # Unicorn stops on hlt and before an exit alike (it implements exits as an imitated hlt), so a stop
@@ -378,30 +395,43 @@ class Machine:
             return COUNT
         # emu_start returned by itself before the count ran out: at a guard (an exit), or hlt.
         eip = self.reg("eip")
-        hlt = self._byte_before(eip) == HLT_OPCODE
-        if eip in self.guards and not (hlt and self._probed == eip - 1):
-            return self._guarded(eip) if counted < count else COUNT
+        linear = self.linear_pc(eip)
+        hlt = self._byte_before(linear) == HLT_OPCODE
+        if linear in self.guards and not (hlt and self._probed == linear - 1):
+            return self._guarded(eip, linear) if counted < count else COUNT
         if hlt:
             self.halted = True
             return HLT
         raise EngineError(f"emulation stopped without a reason at {eip:#x}")
 
-    def _guarded(self, eip: int) -> str:
-        """Unicorn stopped before a guarded address (``guard``): do what the hardware does there."""
-        quirk = quirks.match(self._code_at(eip), 0)   # (b"" where the fetch faults: let Unicorn raise it)
-        if quirk is None:                           # the guest rewrote it, or runs it through another mapping
-            del self.guards[eip]
-            probe = self._probes.pop(eip, None)
-            if probe is not None:
-                self.uc.hook_del(probe)
-            self.uc.ctl_set_exits(sorted(self.guards))
-            self.uc.ctl_remove_cache(eip, eip + 1)
-            # (which walks the guest's page tables: where the page is not present it raises a #PF that is
-            # never delivered, but leaves old_exception set, and the #PF the guest then takes there arrived
-            # as #DF. Measured.)
-            self.engine.settle()
-            self._alone_at = None
-            return STOPPED
+    def linear_pc(self, eip: int) -> int:
+        """The linear address of CS:``eip``: Unicorn's exits and code hooks compare linear addresses. (The
+        base is the descriptor's in the GDT or LDT, or the selector times 16 in real and virtual-8086 mode.)"""
+        return (self._code_segment()[0] + eip) & 0xFFFFFFFF
+
+    def _code_segment(self) -> tuple[int, int]:
+        """(base, 32 or 16) of CS; flat 32-bit where its descriptor cannot be read."""
+        cs = self.reg("cs")
+        if not self.reg("cr0") & 1 or self.reg("eflags") & interrupts.VM:
+            return cs << 4, 16
+        try:
+            descriptor = self.descriptor(cs)
+        except GuestFault:
+            return 0, 32
+        return descriptor.base, 32 if descriptor.big else 16
+
+    def _guarded(self, eip: int, linear: int) -> str:
+        """Unicorn stopped before a guarded address (``guard``; CS:``eip``, ``linear``): do what the hardware
+        does there."""
+        code = self._code_at(linear)
+        quirk = quirks.match(code, 0)
+        if quirk is None:
+            if not code and self.guards[linear] is not None:
+                # (the page of a corrected instruction is not present: Unicorn raises that fetch's fault,
+                # and the guard stays for when the guest maps the page and returns there)
+                return self._step_alone(linear, lambda error: None)
+            self._drop_guard(linear)            # the guest rewrote it, runs it through another mapping, or
+            return STOPPED                      # it was a stop of _fetch_is_later's
         if quirk.action == quirks.UD:
             self.events.count("corrected", quirk.name)
             self.instructions += 1                  # counted once, like any instruction that faults
@@ -411,8 +441,8 @@ class Machine:
         if quirk.action == quirks.MACHINE_TSC:
             # (the clock as the instruction sees it, itself counted: as a PIT read by `in` sees it, and as
             # the rdtsc routine of bt and hvm's exit sees it)
-            return self._step_alone(eip, self._tsc_fixup(self.now() + 1, self.raised))
-        return self._step_alone(eip, self._zero_extend_fixup)
+            return self._step_alone(linear, self._tsc_fixup(self.now() + 1, self.raised))
+        return self._step_alone(linear, self._zero_extend_fixup)
 
     def _zero_extend_fixup(self, error: unicorn.UcError | None) -> None:
         """After a ``ret imm16``/``retf imm16`` alone: put back the 0x10000 its sign-extended immediate took
@@ -447,48 +477,48 @@ class Machine:
             return False
         return error is None or _MEMORY_ERRORS.get(error.errno) == "fetch"
 
-    def _step_alone(self, eip: int, fixup: Callable[[unicorn.UcError | None], None]) -> str:
-        """Let Unicorn execute the guarded instruction at ``eip`` alone, then correct what it did
+    def _step_alone(self, linear: int, fixup: Callable[[unicorn.UcError | None], None]) -> str:
+        """Let Unicorn execute the guarded instruction at ``linear`` alone, then correct what it did
         (``fixup``, called before any event is delivered)."""
         exits = sorted(self.guards)
-        self.uc.ctl_set_exits([a for a in exits if a != eip])
-        self.uc.ctl_remove_cache(eip, eip + 1)
+        self.uc.ctl_set_exits([a for a in exits if a != linear])
+        self._retranslate(linear)
         self._fixup = fixup
         try:
             return self.execute(1)
         finally:
             self._fixup = None
             self.uc.ctl_set_exits(exits)
-            self.uc.ctl_remove_cache(eip, eip + 1)
+            self._retranslate(linear)
 
-    def _code_at(self, eip: int) -> bytes:
-        """Up to 15 bytes of code at ``eip``: fewer where the page after is not mapped (an instruction near
-        the end of a page need not reach into the next), none where ``eip`` itself is not."""
-        for length in (15, PAGE - eip % PAGE):
+    def _code_at(self, linear: int) -> bytes:
+        """Up to 15 bytes of code at ``linear``: fewer where the page after is not mapped (an instruction
+        near the end of a page need not reach into the next), none where ``linear`` itself is not."""
+        for length in (15, PAGE - linear % PAGE):
             try:
-                return self.read_linear(eip, min(length, 15))
+                return self.read_linear(linear, min(length, 15))
             except GuestFault:
                 continue
         return b""
 
-    def _byte_before(self, eip: int) -> int | None:
+    def _byte_before(self, linear: int) -> int | None:
         try:
-            return self.read_linear(eip - 1, 1)[0]
+            return self.read_linear(linear - 1, 1)[0]
         except GuestFault:
             return None
 
     def _event_for(self, error: unicorn.UcError) -> Interrupt | None:
         eip = self.reg("eip")
         if error.errno == unicorn.UC_ERR_INSN_INVALID:
-            length = quirks.software_int6(self._code_at(eip))
+            length = quirks.software_int6(self._code_at(self.linear_pc(eip)))
             if length is not None:                  # Unicorn reports `int 6` as #UD (quirks.software_int6)
                 self.events.count("corrected", "int6-software-interrupt")
                 return Interrupt(6, SOFTWARE, None, eip=(eip + length) & 0xFFFFFFFF, insn=eip, why="int 6")
             return Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why="invalid opcode")
         if error.errno in _MEMORY_ERRORS:
             kind, address = self._last_access or (_MEMORY_ERRORS[error.errno], eip)
-            if kind == "fetch" and self._fetch_is_later(eip, address):
-                return None
+            if kind == "fetch" and self._fetch_is_later(eip, address):     # (a fetch fails as Unicorn
+                return None                                                 # translates: before the block ran)
             if kind != "fetch":                     # (a fetch fails before the instruction began)
                 eip = self._rewind_to_bad_access(eip)
                 self.settle_flags(eip, "fault")
@@ -569,16 +599,17 @@ class Machine:
         if software:
             # Unicorn reports int n/int3/into with EIP after the instruction; a fault in delivering it
             # points at the instruction (CD ib, or the one-byte CC/CE).
-            one_byte = vector in (BP, OF) and self._byte_before(eip) in (0xCC, 0xCE)
+            one_byte = vector in (BP, OF) and self._byte_before(self.linear_pc(eip)) in (0xCC, 0xCE)
             event = Interrupt(vector, SOFTWARE, None, eip=eip, insn=eip - (1 if one_byte else 2))
         else:
             # (#DB is single-step's trap after the instruction completed, with its flags committed)
-            fetch = vector == PF and self._fetch_fault(eip, error_code)
+            fetch = vector == PF and self.engine.fault_fetching_code()
             if fetch and self._fetch_is_later(eip, self.reg("cr2")):
                 return                              # (Unicorn goes on from eip and stops at the guard)
             if vector != DB and not fetch:
                 self.settle_flags(eip, "fault")
-            event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip)
+            event = Interrupt(vector, EXCEPTION, error_code if vector in ERROR_CODE else None, eip=eip, insn=eip,
+                              fetch=fetch)
         self.raise_interrupt(event)
 
     def settle_flags(self, eip: int, cause: str) -> None:
@@ -589,38 +620,34 @@ class Machine:
             self.events.count("corrected", f"flags-at-{cause}")
 
     def _fetch_is_later(self, eip: int, address: int) -> bool:
-        """Unicorn translates a block before running it, and a fetch that fails for a later instruction of
-        the block (at linear ``address``) is reported at the block's first (QEMU 5's translator): falling
-        through into a page not present or out of RAM, the frame named an instruction before and the
-        handler saw the block's work undone. When the instruction at ``eip`` lies whole before ``address``,
-        make an exit after it (``_guarded`` drops it there) so that it runs alone and the fetch fails again
-        at the next instruction: the hardware's frame and state. Returns whether it did."""
-        try:
-            cs = self.descriptor(self.reg("cs"))
-            base, mode = cs.base, 32 if cs.big else 16
-        except GuestFault:
-            base, mode = 0, 32
-        if self._alone_at == eip:                   # it ran alone and faulted again: its own fault (a data
-            self._alone_at = None                   # access near the code, not told from a fetch without NX)
+        """A fetch that failed at linear ``address`` as Unicorn translated the block that begins at CS:``eip``
+        is reported there, with none of the block run (QEMU 5's translator): falling through into a page not
+        present or out of RAM, the frame named an instruction before and the handler saw the block's work
+        undone. Where the failing fetch is a later instruction's, make an exit before that instruction
+        (``_guarded`` drops it there) so that the block runs up to it and the fetch fails again for it: the
+        hardware's frame and state. Returns whether it did."""
+        start = self.linear_pc(eip)
+        page_end = (start | (PAGE - 1)) + 1
+        if address != page_end & 0xFFFFFFFF:    # (a block spans two pages at most: it failed at the second)
             return False
-        insn = decode_at(self._code_at(eip), 0, eip, mode)
-        if insn is None or (address - (base + eip)) & 0xFFFFFFFF < insn.size:
-            return False                            # (the fault is this instruction's own fetch)
-        self.events.count("corrected", "fetch-fault-at-block-start")
-        self._alone_at = eip
-        self.guard({(eip + insn.size) & 0xFFFFFFFF: None})
-        return True
-
-    def _fetch_fault(self, eip: int, error_code: int) -> bool:
-        """Whether a #PF is the fetch of the instruction at ``eip`` (raised when Unicorn translated it,
-        before it began) rather than one of its data accesses."""
-        if error_code & (PF_WRITE | PF_FETCH):
-            return not error_code & PF_WRITE
         try:
-            start = self.descriptor(self.reg("cs")).base + eip
+            code = self.read_linear(start, page_end - start)
         except GuestFault:
-            start = eip
-        return 0 <= (self.reg("cr2") - start) & 0xFFFFFFFF < MAX_INSTRUCTION
+            return False
+        mode, offset = self._code_segment()[1], 0
+        while offset < len(code):               # the instruction that reaches the page
+            insn = decode_at(code, offset, start, mode)
+            if insn is None or offset + insn.size > len(code):
+                break
+            offset += insn.size
+        reaching = (start + offset) & 0xFFFFFFFF
+        if offset == 0 or reaching in self.guards:
+            # (its own fetch; or an exit already stops the block there and Unicorn still failed before it:
+            # Capstone and Unicorn disagree on a length, and the fault is reported as Unicorn reports it)
+            return False
+        self.events.count("corrected", "fetch-fault-at-block-start")
+        self.guard({reaching: None})
+        return True
 
     def _on_bad_access(self, uc, access: int, address: int, size: int, value: int, _) -> bool:
         kind = {unicorn.UC_MEM_FETCH_UNMAPPED: "fetch", unicorn.UC_MEM_FETCH_PROT: "fetch",

@@ -124,9 +124,8 @@ class Deprivileged(MonitorOps):
         if not self.shadow.paging.hidden_fault(cr2, event.error_code):
             return False
         machine.events.count("shadow", "hidden-page-fault")
-        eip = (event.eip + self.sync_cpl(machine)) & 0xFFFFFFFF
-        fetch = cr2 == eip or (cr2 % 0x1000 == 0 and 0 < cr2 - eip < 15)    # the instruction's own bytes
-        if not fetch:                               # a fetch that faults is not counted in the first place
+        self.sync_cpl(machine)
+        if not event.fetch:                         # a fetch that faults is not counted in the first place
             machine.uncount()                       # the faulting attempt was the monitor's, not the guest's
         return True
 

@@ -52,6 +52,10 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    the access, and 0 for every fetch of guest code. ``fault_fetching_code`` reads it (the machine then
    finds the instruction that reached the page: ``Machine._fetch_is_later``).
 
+8. **XCR0.** Unicorn has no register id for it; ``xsetbv`` writes ``env->xcr0``. ``xcr0``/``set_xcr0``
+   read and write that field, so a monitor that emulates ``xsetbv`` sets the XCR0 the guest's ``xsave``
+   and ``xgetbv`` then use (popek.machine.xsave), and a scratch CPU can answer CPUID leaf 0xD for it.
+
 None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
 guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
 arrive as #GP after the patch, and a patched CPL must let the API load a ring-0 SS. A Unicorn build where
@@ -96,6 +100,7 @@ class Layout:
     store_recursion: int | None = None   # offset in uc_struct of int uc->size_recur_mem; None: not found
     lazy_flags: tuple[int, int] | None = None   # context offsets of env->cc_src and env->cc_op; None: not found
     retaddr: int = 0                 # context offset of uintptr env->retaddr (0 after a fault fetching code)
+    xcr0: int = 0                    # context offset of uint64 env->xcr0
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -194,7 +199,7 @@ def layout() -> Layout:
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
                   env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range,
                   store_recursion=_find_store_recursion(), lazy_flags=_find_lazy_flags(),
-                  retaddr=_find_retaddr())
+                  retaddr=_find_retaddr(), xcr0=_find_xcr0())
 
 
 # Every TLB fill records in env->retaddr the host address of the translated code that needs it, and 0 for a
@@ -244,6 +249,40 @@ def _retaddr_blob(start: int) -> bytes | None:
     uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
     uc.emu_start(start, NEVER, count=10)
     return seen[0] if seen else None
+
+
+# env->xcr0 after `xsetbv` with EAX = 1, 3 and 7, one Unicorn each.
+_XSETBV = bytes.fromhex("0f01d1f4")             # xsetbv; hlt
+_XCR0_VALUES = (1, 3, 7)
+
+
+def _find_xcr0() -> int:
+    blobs = [_xcr0_blob(value) for value in _XCR0_VALUES]
+    found = [at for at in range(0, len(blobs[0]) - 7, 8)
+             if all(struct.unpack_from("<Q", blob, at)[0] == value for blob, value in zip(blobs, _XCR0_VALUES))]
+    if len(found) != 1:
+        raise EngineError(f"calibration: env->xcr0 not found ({found})")
+    return found[0]
+
+
+def _xcr0_blob(value: int) -> bytes:
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, _XSETBV)
+    uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | 1 << 18)       # OSXSAVE
+    for reg, v in ((X.UC_X86_REG_EAX, value), (X.UC_X86_REG_EDX, 0), (X.UC_X86_REG_ECX, 0)):
+        uc.reg_write(reg, v)
+    uc.emu_start(0x1000, NEVER, count=2)
+    uc.reg_write(X.UC_X86_REG_EAX, 0x9E3779B1)     # (EAX held the value: regs[] come first in env)
+    ctx = uc.context_save()
+    return ctypes.string_at(_context_address(ctx), ctx.size)
+
+
+def write_context_field(uc: unicorn.Uc, offset: int, value: int) -> None:
+    """Write uint64 ``value`` at context offset ``offset`` of ``uc``'s CPU (a field with no register id)."""
+    ctx = uc.context_save()
+    ctypes.c_uint64.from_address(_context_address(ctx) + offset).value = value
+    uc.context_restore(ctx)
 
 
 # An unaligned store into a page holding translated code is made a byte at a time, with Unicorn's write hooks
@@ -459,9 +498,15 @@ class Engine:
         self._live = self._live_fields()
         self._counted = (0, 0xFFFFFFFF)            # count_only's range
         self._lazy = self._lazy_fields()
-        self._retaddr = None if self._live is None else ctypes.c_uint64.from_address(
-            ctypes.c_uint64.from_address(self._uch.value + self.layout.env_pointer).value
-            + self.layout.env_delta - self.layout.header + self.layout.retaddr)
+        self._retaddr = self._live_u64(self.layout.retaddr)
+        self._xcr0 = self._live_u64(self.layout.xcr0)
+
+    def _live_u64(self, offset: int) -> ctypes.c_uint64 | None:
+        """A view of the live env's uint64 at context offset ``offset``; None without a live env."""
+        if self._live is None:
+            return None
+        env = ctypes.c_uint64.from_address(self._uch.value + self.layout.env_pointer).value + self.layout.env_delta
+        return ctypes.c_uint64.from_address(env - self.layout.header + offset)
 
     def _live_fields(self) -> tuple | None:
         """(is_int, error_code, old_exception) as ctypes views of the live env, or None (context path)."""
@@ -634,6 +679,20 @@ class Engine:
             return live.value == 0
         self.uc.context_update(self._ctx)
         return ctypes.c_uint64.from_address(self._ctx_address + self.layout.retaddr).value == 0
+
+    def xcr0(self) -> int:
+        live = self._xcr0
+        if live is not None:
+            return live.value
+        self.uc.context_update(self._ctx)
+        return ctypes.c_uint64.from_address(self._ctx_address + self.layout.xcr0).value
+
+    def set_xcr0(self, value: int) -> None:
+        """XCR0 as ``xsetbv`` leaves it (the caller has made the SDM's checks: popek.machine.xsave)."""
+        if self._xcr0 is not None:
+            self._xcr0.value = value
+        else:
+            write_context_field(self.uc, self.layout.xcr0, value)
 
     def settle(self, cpl: int | None = None) -> None:
         """Finish an event as the CPU does: clear ``old_exception`` and, if given, set the CPL.

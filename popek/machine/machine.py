@@ -31,7 +31,7 @@ from unicorn import x86_const as X
 
 from popek.decode import decode_at
 from popek.events import IO, VIRTUAL_IO
-from popek.machine import cpuid, interrupts, ioperm, quirks
+from popek.machine import cpuid, interrupts, ioperm, quirks, xsave
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
@@ -433,16 +433,27 @@ class Machine:
             self._drop_guard(linear)            # the guest rewrote it, runs it through another mapping, or
             return STOPPED                      # it was a stop of _fetch_is_later's
         if quirk.action == quirks.UD:
-            self.events.count("corrected", quirk.name)
-            self.instructions += 1                  # counted once, like any instruction that faults
-            self.time += 1
-            self.raise_interrupt(Interrupt(UD, EXCEPTION, None, eip=eip, insn=eip, why=quirk.hardware))
-            return END if self.end is not None else STOPPED
+            return self._fault_here(quirk, UD, eip, quirk.hardware)
+        if quirk.action == quirks.XSETBV_CHECKS:
+            checked = (self.cpl(), self.reg("cr4"), self.reg("ecx"), self.reg("edx") << 32 | self.reg("eax"))
+            hardware = xsave.fault(*checked)
+            if hardware is not None and hardware[0] != xsave.unicorn_fault(*checked):
+                return self._fault_here(quirk, hardware[0], eip, hardware[1])
+            return self._step_alone(linear, lambda error: None)
         if quirk.action == quirks.MACHINE_TSC:
             # (the clock as the instruction sees it, itself counted: as a PIT read by `in` sees it, and as
             # the rdtsc routine of bt and hvm's exit sees it)
             return self._step_alone(linear, self._tsc_fixup(self.now() + 1, self.raised))
         return self._step_alone(linear, self._zero_extend_fixup)
+
+    def _fault_here(self, quirk: quirks.Quirk, vector: int, eip: int, why: str) -> str:
+        """The fault the hardware raises at the guarded instruction CS:``eip``, where Unicorn does otherwise."""
+        self.events.count("corrected", quirk.name)
+        self.instructions += 1                  # counted once, like any instruction that faults
+        self.time += 1
+        self.raise_interrupt(Interrupt(vector, EXCEPTION, 0 if vector in ERROR_CODE else None, eip=eip, insn=eip,
+                                       why=why))
+        return END if self.end is not None else STOPPED
 
     def _zero_extend_fixup(self, error: unicorn.UcError | None) -> None:
         """After a ``ret imm16``/``retf imm16`` alone: put back the 0x10000 its sign-extended immediate took

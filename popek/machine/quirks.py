@@ -20,7 +20,10 @@ does what the hardware does (``Machine._guarded``):
   0x10000 to ESP (on a 32-bit stack; a 16-bit SP wraps the same either way);
 - ``machine-tsc``: ``rdtsc`` / ``rdtscp`` — Unicorn's TSC follows the host's clock (and Unicorn 2.1.4 has
   no RDTSC instruction hook); the machine lets Unicorn execute the one instruction (its CR4.TSD check, and
-  rdtscp's ECX) and then puts the machine's clock at the instruction into EDX:EAX.
+  rdtscp's ECX) and then puts the machine's clock at the instruction into EDX:EAX;
+- ``xsetbv-checks``: ``xsetbv`` — the machine makes the SDM's checks with the live registers
+  (popek.machine.xsave) and raises the hardware's fault where Unicorn's differs (#UD before #GP at CPL > 0
+  without CR4.OSXSAVE; #GP(0) for XCR0[2:1] = 10b, which Unicorn accepts); otherwise Unicorn runs it.
 
 One difference is corrected where Unicorn reports it instead: ``int 6`` arrives as an invalid opcode and
 becomes the software interrupt it is (``software_int6``).
@@ -37,13 +40,13 @@ from dataclasses import dataclass
 from popek.decode import LEGACY_PREFIXES
 
 LOCK = 0xF0
-UD, ZERO_EXTEND, MACHINE_TSC = "ud", "zero-extend", "machine-tsc"
+UD, ZERO_EXTEND, MACHINE_TSC, XSETBV_CHECKS = "ud", "zero-extend", "machine-tsc", "xsetbv-checks"
 
 
 @dataclass(frozen=True)
 class Quirk:
     name: str            # for events (``corrected``) and messages
-    action: str          # UD, ZERO_EXTEND or MACHINE_TSC
+    action: str          # UD, ZERO_EXTEND, MACHINE_TSC or XSETBV_CHECKS
     hardware: str        # what the CPU does, with the SDM's reason
     unicorn: str         # what Unicorn 2.1.4 does instead (measured)
 
@@ -82,6 +85,11 @@ QUIRKS = {q.name: q for q in (
           "Vol. 2B, RDTSC). The bare machine's clock is its instruction count (the PIT ticks on it), so its "
           "TSC is that clock at the instruction: a run repeats",
           "returns a value derived from the host's clock: two runs of the same guest read different values"),
+    Quirk("xsetbv-checks", XSETBV_CHECKS,
+          "XSETBV raises #UD when CR4.OSXSAVE = 0 (before the #GP(0) at CPL > 0), and #GP(0) when EDX:EAX sets "
+          "XCR0[2:1] to 10b: AVX state needs SSE state (SDM Vol. 2B, XSETBV)",
+          "raises #GP(0) at CPL > 0 whatever CR4.OSXSAVE says, and writes XCR0 = 5 (x87 and AVX state, no "
+          "SSE state)"),
 )}
 
 # Lockable instructions (SDM Vol. 2A, LOCK): opcode -> ModRM.reg values allowed (None: any).
@@ -97,7 +105,7 @@ _BMI = {2: frozenset({0xF2, 0xF3, 0xF5, 0xF6, 0xF7}), 3: frozenset({0xF0})}
 _REGISTER_ONLY_0F = frozenset({0x50, 0x71, 0x72, 0x73})
 
 # Bytes that can be the opcode (or the 0F xx pair) of a row above; instruction starts are found from them.
-_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31\xc7]|\x0f\x01\xf9")
+_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31\xc7]|\x0f\x01[\xf9\xd1]")
 MAX_PREFIXES = 14            # an instruction is at most 15 bytes
 
 
@@ -136,6 +144,8 @@ def match(code: bytes, offset: int) -> Quirk | None:
             return QUIRKS["register-only-memory-form"]
         if op == 0x31 or (op == 0x01 and modrm == 0xF9):           # rdtsc, rdtscp
             return QUIRKS["tsc-from-host-clock"]
+        if op == 0x01 and modrm == 0xD1 and not prefixes & {0x66, 0xF2, 0xF3}:   # xsetbv (#UD with those)
+            return QUIRKS["xsetbv-checks"]
         if op == 0xC7 and modrm is not None and modrm >> 3 == 0x1F and not prefixes & {0xF2, 0xF3}:
             return QUIRKS["rdseed-not-in-cpuid"]                    # (F3: RDPID, which Unicorn rejects)
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from popek.machine import xsave
 from popek.machine.descriptors import Descriptor
 from popek.machine.faults import GP, NP, UD, GuestFault
 from popek.machine.memory import AddressSpace
@@ -287,3 +288,15 @@ def ins(m: Machine, v: VCpu, r: Recipe) -> int:
 
 def outs(m: Machine, v: VCpu, r: Recipe) -> int:
     return _string_io(m, v, r, False)
+
+
+def xsetbv(m: Machine, v: VCpu, r: Recipe) -> int:
+    """With the SDM's checks at the virtual CPL and CR4 (popek.machine.xsave), then into the real XCR0: the
+    state the guest's xsave, xrstor and xgetbv use is the one it enabled."""
+    value = m.reg("edx") << 32 | m.reg("eax")
+    found = xsave.fault(v.cpl, v.cr4, m.reg("ecx"), value)
+    if found is not None:
+        vector, why = found
+        raise GuestFault(vector, 0 if vector == GP else None, why)
+    m.engine.set_xcr0(value)
+    return r.next

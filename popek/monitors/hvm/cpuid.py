@@ -16,14 +16,15 @@ HYPERVISOR_LEAVES = 0x40000000
 __all__ = ["HYPERVISOR_BIT", "HYPERVISOR_LEAVES", "bare", "guest"]
 
 
-def guest(leaf: int, subleaf: int, cr4: int, hypervisor_bit: bool, vendor: str) -> tuple[int, int, int, int]:
+def guest(leaf: int, subleaf: int, cr4: int, xcr0: int, hypervisor_bit: bool,
+          vendor: str) -> tuple[int, int, int, int]:
     """What the guest reads under the monitor."""
     if hypervisor_bit and HYPERVISOR_LEAVES <= leaf <= HYPERVISOR_LEAVES + 0xFF:
         if leaf == HYPERVISOR_LEAVES:
             ebx, ecx, edx = struct.unpack("<III", vendor.encode("ascii").ljust(12, b"\0"))
             return HYPERVISOR_LEAVES + 1, ebx, ecx, edx
         return 0, 0, 0, 0                         # leaf 0x40000001: no paravirtual features offered
-    eax, ebx, ecx, edx = bare(leaf, subleaf, cr4)
+    eax, ebx, ecx, edx = bare(leaf, subleaf, cr4, xcr0)
     if leaf == 1 and hypervisor_bit:
         ecx |= HYPERVISOR_BIT
     return eax, ebx, ecx, edx

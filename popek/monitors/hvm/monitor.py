@@ -425,7 +425,8 @@ def _routine(hv: HardwareAssisted, m: Machine, v, r: Recipe) -> int:
 
 def _cpuid(hv: HardwareAssisted, m: Machine, v, r: Recipe) -> int:
     c = hv.controls
-    values = cpuid.guest(m.reg("eax"), m.reg("ecx"), m.reg("cr4"), c["cpuid-hypervisor-bit"], c["cpuid-vendor"])
+    values = cpuid.guest(m.reg("eax"), m.reg("ecx"), m.reg("cr4"), m.engine.xcr0(), c["cpuid-hypervisor-bit"],
+                         c["cpuid-vendor"])
     for reg, value in zip(("eax", "ebx", "ecx", "edx"), values):
         m.set_reg(reg, value)
     return r.next

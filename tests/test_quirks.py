@@ -188,27 +188,11 @@ RDTSC_AT_PAGE_END = """
         .equ PD, 0x180000
         .equ PT, 0x181000
         pm_setup
-        mov edi, PT
-        mov eax, 3
-        mov ecx, 1024
-fill:   mov dword ptr [edi], eax
-        add eax, 0x1000
-        add edi, 4
-        dec ecx
-        jnz fill
+        identity_map PD, PT
         mov eax, offset tsc
         shr eax, 12
         mov dword ptr [PT + eax * 4 + 4], 0     ; the page after the rdtsc's: not present
-        mov edi, PD
-        xor eax, eax
-        mov ecx, 1024
-        rep stosd
-        mov dword ptr [PD], PT + 3
-        mov eax, PD
-        mov cr3, eax
-        mov eax, cr0
-        or eax, 0x80000000
-        mov cr0, eax
+        enable_paging PD
         mov ecx, offset back
         jmp tsc
 back:   mov ebx, eax
@@ -321,27 +305,11 @@ FALL_INTO_A_PAGE_NOT_PRESENT = """
         .equ PT, 0x181000
         pm_setup
         set_gate 14, on_pf, INTGATE
-        mov edi, PT
-        mov eax, 3
-        mov ecx, 1024
-fill:   mov dword ptr [edi], eax
-        add eax, 0x1000
-        add edi, 4
-        dec ecx
-        jnz fill
+        identity_map PD, PT
         mov eax, offset after
         shr eax, 12
         mov dword ptr [PT + eax * 4], 0         ; the page after the code below: not present
-        mov edi, PD
-        xor eax, eax
-        mov ecx, 1024
-        rep stosd
-        mov dword ptr [PD], PT + 3
-        mov eax, PD
-        mov cr3, eax
-        mov eax, cr0
-        or eax, 0x80000000
-        mov cr0, eax
+        enable_paging PD
         xor eax, eax
         xor esi, esi
         jmp code

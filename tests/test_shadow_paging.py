@@ -31,28 +31,11 @@ _start:
         mov eax, cr4
         or eax, 0x10                    ; PSE
         mov cr4, eax
-        mov edi, PT
-        mov eax, 3
-        mov ecx, 1024
-fill:
-        mov dword ptr [edi], eax
-        add eax, 0x1000
-        add edi, 4
-        dec ecx
-        jnz fill
-        mov edi, PD
-        xor eax, eax
-        mov ecx, 1024
-        rep stosd
-        mov dword ptr [PD], PT + 3
+        identity_map PD, PT
         mov dword ptr [PD + 4], 0x400083
         mov dword ptr [PD + 8], 0x800083
         mov dword ptr [PD + 12], 0xC00083
-        mov eax, PD
-        mov cr3, eax
-        mov eax, cr0
-        or eax, 0x80010000              ; PG, WP
-        mov cr0, eax
+        enable_paging PD, 0x80010000    ; PG, WP
         mov eax, [0x400010]             ; read: A only
         mov dword ptr [0x800010], 1     ; write: A and D
         mov esp, 0x3F0000               ; a stack page nothing touched yet

@@ -13,26 +13,9 @@
 _start:
         pm_setup
         set_gate 14, page_fault, INTGATE
-        mov edi, PT                     ; identity-map the first 4 MiB, PAGE_B not present
-        mov eax, 3
-        mov ecx, 1024
-fill:
-        mov dword ptr [edi], eax
-        add eax, 0x1000
-        add edi, 4
-        dec ecx
-        jnz fill
+        identity_map PD, PT             ; the first 4 MiB, PAGE_B not present
         mov dword ptr [PT + (PAGE_B >> 12) * 4], 0
-        mov edi, PD
-        xor eax, eax
-        mov ecx, 1024
-        rep stosd
-        mov dword ptr [PD], PT + 3
-        mov eax, PD
-        mov cr3, eax
-        mov eax, cr0
-        or eax, 0x80000000
-        mov cr0, eax
+        enable_paging PD
         print "paging: the kernel's own page tables, a true #PF, a PTE rewrite\n"
         mov dword ptr [PAGE_A], 0x11111111
         mov dword ptr [FRAME2], 0x22222222

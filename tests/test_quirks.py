@@ -38,6 +38,9 @@ on_ud:
     ("lock-not-lockable", ".byte 0xf0, 0x90"),               # lock nop
     ("register-only-memory-form", ".byte 0x0f, 0x50, 0x00"),  # movmskps eax, [eax]
     ("rdseed-not-in-cpuid", ".byte 0x0f, 0xc7, 0xfe"),        # rdseed esi: not in CPUID
+    ("syscall-sysret-outside-64-bit-mode", "syscall"),        # a no-op in Unicorn
+    ("syscall-sysret-outside-64-bit-mode",                    # Unicorn's sysret ran, to the STAR selectors
+     "mov ecx, 0xC0000080\n rdmsr\n or eax, 1\n wrmsr\n sysret"),
 ])
 def test_an_encoding_the_hardware_rejects_is_ud(name, code):
     result = run_guest(build(UD_HANDLER.format(code=code)))
@@ -79,7 +82,8 @@ def test_every_quirk_row_is_found_by_match_and_scan():
     samples = {"lock-not-lockable": b"\xf0\x90\x90", "pop-8f-reg": b"\x8f\xc8", "c6-c7-reg": b"\xc7\xf8\0\0\0\0",
                "vex": b"\xc5\xf8\x77", "register-only-memory-form": b"\x0f\x50\x00",
                "ret-imm16-zero-extended": b"\xc2\x00\x80", "tsc-from-host-clock": b"\x0f\x31",
-               "rdseed-not-in-cpuid": b"\x66\x0f\xc7\xf8", "xsetbv-checks": b"\x0f\x01\xd1"}
+               "rdseed-not-in-cpuid": b"\x66\x0f\xc7\xf8", "xsetbv-checks": b"\x0f\x01\xd1",
+               "sysenter-not-executed": b"\x0f\x34", "syscall-sysret-outside-64-bit-mode": b"\x0f\x05"}
     assert set(samples) == set(QUIRKS)
     for name, code in samples.items():
         assert match(code, 0).name == name
@@ -297,6 +301,72 @@ def test_xsetbv_faults_as_the_sdm_orders_them(monitor, cr4, setup, xcr, value, c
         assert result.state["ecx"] == 0                 # the error code
     if monitor in ("native", "hvm"):                    # (trap and bt emulate it: nothing of Unicorn's to correct)
         assert ("xsetbv-checks" in result.events.get("corrected", {})) == corrected
+
+
+SYSENTER = """
+        pm_setup
+        set_gate 13, on_gp, INTGATE
+        set_gate 0x80, done, USERGATE
+        mov ecx, 0x174                  ; IA32_SYSENTER_CS
+        mov eax, {cs}
+        xor edx, edx
+        wrmsr
+        mov ecx, 0x175                  ; IA32_SYSENTER_ESP
+        mov eax, 0x88000
+        wrmsr
+        mov ecx, 0x176                  ; IA32_SYSENTER_EIP
+        mov eax, offset kernel
+        wrmsr
+        xor ebp, ebp
+        mov edx, offset user
+        mov ecx, 0x70000
+        sysexit                         ; to ring 3 at user, ESP = 0x70000
+user:   inc ebp
+        cmp ebp, 3
+        je finish
+        pushfd
+        or dword ptr [esp], 0x200       ; IF, which sysenter clears
+        popfd
+        sysenter
+        exit 1                          ; Unicorn went on here, at ring 3
+kernel: mov esi, esp
+        pushfd
+        pop edi
+        mov edx, offset user
+        mov ecx, 0x70000
+        sysexit
+finish: int 0x80
+on_gp:  mov ebx, [esp + 4]
+        exit 13
+done:   exit 0
+        pm_data
+"""
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_sysenter_enters_the_kernel_through_the_sysenter_msrs(monitor):
+    # Unicorn only stepped over sysenter: the guest went on at the next instruction at ring 3 (exit 1)
+    result = run_guest(build(SYSENTER.format(cs="KCODE")), monitor)
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 0)
+    assert (result.state["ebp"], result.state["esi"]) == (3, 0x88000)
+    if monitor != "trap":               # (trap's pushf shows the real IF: its sensitive-unprivileged leak)
+        assert result.state["edi"] & 0x200 == 0
+    native = natively_built(SYSENTER.format(cs="KCODE"))
+    assert result.guest_instructions == native.guest_instructions
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_sysexit_and_sysenter_with_sysenter_cs_zero_are_gp(monitor):
+    guest = build(SYSENTER.format(cs="0"))
+    result = run_guest(guest, monitor)
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 13)
+    at = result.state["ebx"] - 0x100000                 # the frame's EIP: the first sysexit
+    assert dict(guest.segments)[0x100000][at:at + 2] == b"\x0f\x35"
+
+
+@lru_cache(maxsize=None)
+def natively_built(source: str):
+    return run_guest(build(source), "native")
 
 
 # --- a fetch fault later in a translated block (found by a review) -------------------------------------------

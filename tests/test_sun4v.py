@@ -410,7 +410,7 @@ def test_options_of_other_monitors_do_not_apply(capsys):
 TRAPPING = {
     "in": ("ec", 13), "out": ("ee", 13), "ins": ("6c", 13), "outs": ("6e", 13), "rdmsr": ("0f32", 13),
     "wrmsr": ("0f30", 13), "sysenter": ("0f34", 13), "wbinvd": ("0f09", 13), "invd": ("0f08", 13),
-    "wbnoinvd": ("f30f09", 13), "syscall": ("0f05", 13), "swapgs": ("0f01f8", 6), "rsm": ("0faa", 6),
+    "wbnoinvd": ("f30f09", 13), "syscall": ("0f05", 6), "swapgs": ("0f01f8", 6), "rsm": ("0faa", 6),
     "vmx": ("0f01c4", 6), "vmcall": ("0f01c1", 6), "svm": ("0f01d8", 6), "vmmcall": ("0f01d9", 6),
 }
 

@@ -211,6 +211,8 @@ def S(*statements: str) -> str:
     return "\n".join(f"        {statement}" for statement in statements)
 
 IOPL3 = "        enter_ring3 user_{n}, 0x3202\nuser_{n}:\n"
+SYSENTER_MSRS = S("mov ecx, 0x174", "mov eax, KCODE", "xor edx, edx", "wrmsr", "mov ecx, 0x175",
+                  "mov eax, 0x60000", "wrmsr", "mov ecx, 0x176", "mov eax, ring0_code", "wrmsr") + "\n"
 
 # (case id, setup lines, the instruction). Setup runs natively before it; ring-3 cases end in ring 3.
 CASES = [
@@ -283,6 +285,12 @@ CASES = [
     ("xsetbv-xcr1", OSXSAVE + S("mov eax, 1", "xor edx, edx", "mov ecx, 1"), "xsetbv"),
     ("xsetbv-no-osxsave", S("mov eax, 3", "xor edx, edx", "xor ecx, ecx"), "xsetbv"),
     ("xsetbv-ring3", OSXSAVE + RING3 + S("mov eax, 3", "xor edx, edx", "xor ecx, ecx"), "xsetbv"),
+    ("sysexit", SYSENTER_MSRS + S("mov edx, ring3_code", "mov ecx, USTACK"), "sysexit"),
+    ("sysexit-ring3", SYSENTER_MSRS + RING3, "sysexit"),
+    ("sysexit-no-msr", S("mov edx, ring3_code", "mov ecx, USTACK"), "sysexit"),
+    ("sysenter-ring3", SYSENTER_MSRS + RING3, "sysenter"),
+    ("sysenter-ring0", SYSENTER_MSRS, "sysenter"),
+    ("sysenter-no-msr", RING3, "sysenter"),
     # sensitive registers
     ("sgdt", "", "sgdt [scratch]"),
     ("sidt", "", "sidt [scratch + 1]"),

@@ -31,7 +31,7 @@ from unicorn import x86_const as X
 
 from popek.decode import decode_at
 from popek.events import IO, VIRTUAL_IO
-from popek.machine import cpuid, interrupts, ioperm, quirks, xsave
+from popek.machine import cpuid, fastcall, interrupts, ioperm, quirks, xsave
 from popek.machine.descriptors import ACCESSED, BOOT_CS, BOOT_DS, BOOT_GDT, Descriptor, tss_stack_offsets
 from popek.machine.devices import PIC, PIT, ExitPort, PortBus, Serial
 from popek.machine.engine import Engine, EngineError
@@ -292,6 +292,25 @@ class Machine:
             else:
                 self.memory.monitor_write(physical, data)
 
+    def unaccessed_descriptors(self, space: AddressSpace, selectors) -> list[tuple[int, int]]:
+        """(physical address, high dword) of the descriptors in RAM at ``selectors`` (None or null: skipped)
+        whose accessed bit is clear, for ``restore_descriptors`` after a load that must not set it: Unicorn's
+        API sets the bit when it loads a selector, but its far jmp/call/ret and iret do not (measured), and
+        sysenter does not read the GDT at all."""
+        kept = []
+        for selector in selectors:
+            if selector is None or selector & 0xFFFC == 0:
+                continue
+            at = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4)
+            high = self.memory.u32(at)
+            if not high & ACCESSED and self.memory.in_ram(at, 4):
+                kept.append((at, high))
+        return kept
+
+    def restore_descriptors(self, kept: list[tuple[int, int]]) -> None:
+        for at, high in kept:
+            self.memory.write(at, struct.pack("<I", high))
+
     def enter(self, cs: int, eip: int, eflags: int, esp: int, cpl: int, ss: int | None = None,
               space: AddressSpace | None = None) -> None:
         """Load CS:EIP, EFLAGS, ESP and, on a privilege change, SS at ``cpl``. Precondition: the selectors
@@ -440,6 +459,8 @@ class Machine:
             if hardware is not None and hardware[0] != xsave.unicorn_fault(*checked):
                 return self._fault_here(quirk, hardware[0], eip, hardware[1])
             return self._step_alone(linear, lambda error: None)
+        if quirk.action == quirks.SYSENTER:
+            return self._step_alone(linear, self._sysenter_fixup(eip, self.raised))
         if quirk.action == quirks.MACHINE_TSC:
             # (the clock as the instruction sees it, itself counted: as a PIT read by `in` sees it, and as
             # the rdtsc routine of bt and hvm's exit sees it)
@@ -480,6 +501,29 @@ class Machine:
                 self.set_reg("edx", (clock >> 32) & 0xFFFFFFFF)
                 self.events.count("corrected", quirks.QUIRKS["tsc-from-host-clock"].name)
         return put_clock
+
+    def _sysenter_fixup(self, insn: int, raised: int) -> Callable[[unicorn.UcError | None], None]:
+        """After a ``sysenter`` alone, which Unicorn only stepped over: carry it out (quirks:
+        sysenter-not-executed), unless a monitor's hook there delivered an event instead (``raised`` then
+        moved on). In real mode Unicorn's #GP(0) is the hardware's."""
+        def enter(error: unicorn.UcError | None) -> None:
+            if not self._stepped(error) or self.raised != raised or not self.reg("cr0") & 1:
+                return
+            self.events.count("corrected", quirks.QUIRKS["sysenter-not-executed"].name)
+            try:
+                cs, ss, eip, esp = fastcall.sysenter(self.uc.msr_read)
+            except GuestFault as fault:
+                self.raise_interrupt(fault.event(insn))
+                return
+            unlike = fastcall.unlike_flat(self.descriptor, cs, ss, 0)
+            if unlike is not None:
+                self.finish(UNSUPPORTED, None, f"machine: sysenter where {unlike} is not modelled")
+                return
+            kept = self.unaccessed_descriptors(self.address_space(), (cs, ss))
+            self.enter(cs=cs, eip=eip, eflags=self.reg("eflags") & ~fastcall.SYSENTER_CLEARS, esp=esp, cpl=0,
+                       ss=ss)
+            self.restore_descriptors(kept)
+        return enter
 
     def _stepped(self, error: unicorn.UcError | None) -> bool:
         """Whether the one instruction a fixup corrects completed (a fault fetching the next one aside); a

@@ -23,7 +23,9 @@ does what the hardware does (``Machine._guarded``):
   rdtscp's ECX) and then puts the machine's clock at the instruction into EDX:EAX;
 - ``xsetbv-checks``: ``xsetbv`` — the machine makes the SDM's checks with the live registers
   (popek.machine.xsave) and raises the hardware's fault where Unicorn's differs (#UD before #GP at CPL > 0
-  without CR4.OSXSAVE; #GP(0) for XCR0[2:1] = 10b, which Unicorn accepts); otherwise Unicorn runs it.
+  without CR4.OSXSAVE; #GP(0) for XCR0[2:1] = 10b, which Unicorn accepts); otherwise Unicorn runs it;
+- ``sysenter``: Unicorn steps over it without entering the kernel; the machine lets it do that (a monitor's
+  hooks there run) and then carries it out as the SDM says (popek.machine.fastcall), in protected mode.
 
 One difference is corrected where Unicorn reports it instead: ``int 6`` arrives as an invalid opcode and
 becomes the software interrupt it is (``software_int6``).
@@ -40,13 +42,13 @@ from dataclasses import dataclass
 from popek.decode import LEGACY_PREFIXES
 
 LOCK = 0xF0
-UD, ZERO_EXTEND, MACHINE_TSC, XSETBV_CHECKS = "ud", "zero-extend", "machine-tsc", "xsetbv-checks"
+UD, ZERO_EXTEND, MACHINE_TSC, XSETBV_CHECKS, SYSENTER = "ud", "zero-extend", "machine-tsc", "xsetbv-checks", "sysenter"
 
 
 @dataclass(frozen=True)
 class Quirk:
     name: str            # for events (``corrected``) and messages
-    action: str          # UD, ZERO_EXTEND, MACHINE_TSC or XSETBV_CHECKS
+    action: str          # UD, ZERO_EXTEND, MACHINE_TSC, XSETBV_CHECKS or SYSENTER
     hardware: str        # what the CPU does, with the SDM's reason
     unicorn: str         # what Unicorn 2.1.4 does instead (measured)
 
@@ -90,6 +92,16 @@ QUIRKS = {q.name: q for q in (
           "XCR0[2:1] to 10b: AVX state needs SSE state (SDM Vol. 2B, XSETBV)",
           "raises #GP(0) at CPL > 0 whatever CR4.OSXSAVE says, and writes XCR0 = 5 (x87 and AVX state, no "
           "SSE state)"),
+    Quirk("syscall-sysret-outside-64-bit-mode", UD,
+          "#UD: SYSCALL and SYSRET outside 64-bit mode on this CPU (CPUID vendor GenuineIntel; SDM Vol. 2B, "
+          "SYSCALL and SYSRET: #UD if not in 64-bit mode)",
+          "syscall only calls its instruction hooks and goes on at the next instruction; sysret, once the "
+          "guest sets EFER.SCE, returns to the selectors IA32_STAR names"),
+    Quirk("sysenter-not-executed", SYSENTER,
+          "SYSENTER enters CPL 0 at IA32_SYSENTER_CS:IA32_SYSENTER_EIP with SS = CS + 8 and ESP = "
+          "IA32_SYSENTER_ESP, clearing VM, IF and RF; #GP(0) when IA32_SYSENTER_CS[15:2] = 0 (SDM Vol. 2B, "
+          "SYSENTER)",
+          "only calls its instruction hooks and goes on at the next instruction, at the same CPL"),
 )}
 
 # Lockable instructions (SDM Vol. 2A, LOCK): opcode -> ModRM.reg values allowed (None: any).
@@ -105,7 +117,7 @@ _BMI = {2: frozenset({0xF2, 0xF3, 0xF5, 0xF6, 0xF7}), 3: frozenset({0xF0})}
 _REGISTER_ONLY_0F = frozenset({0x50, 0x71, 0x72, 0x73})
 
 # Bytes that can be the opcode (or the 0F xx pair) of a row above; instruction starts are found from them.
-_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x50\x71-\x73\x31\xc7]|\x0f\x01[\xf9\xd1]")
+_TRIGGERS = re.compile(rb"[\xf0\x8f\xc2\xc4-\xc7\xca]|\x0f[\x05\x07\x50\x71-\x73\x31\x34\xc7]|\x0f\x01[\xf9\xd1]")
 MAX_PREFIXES = 14            # an instruction is at most 15 bytes
 
 
@@ -146,6 +158,10 @@ def match(code: bytes, offset: int) -> Quirk | None:
             return QUIRKS["tsc-from-host-clock"]
         if op == 0x01 and modrm == 0xD1 and not prefixes & {0x66, 0xF2, 0xF3}:   # xsetbv (#UD with those)
             return QUIRKS["xsetbv-checks"]
+        if op == 0x34:
+            return QUIRKS["sysenter-not-executed"]
+        if op in (0x05, 0x07):
+            return QUIRKS["syscall-sysret-outside-64-bit-mode"]
         if op == 0xC7 and modrm is not None and modrm >> 3 == 0x1F and not prefixes & {0xF2, 0xF3}:
             return QUIRKS["rdseed-not-in-cpuid"]                    # (F3: RDPID, which Unicorn rejects)
         return None

@@ -66,8 +66,8 @@ Limits: 16-bit code segments are not translated (the run ends with a triple faul
 monitor's shadow tables stay readable in monitor memory, as the machine defines it (a guest scanning memory
 above its RAM can find them, as under ``trap``); ``lds``/``les``/``lfs``/``lgs``/``lss`` are copied
 unchanged and set no accessed bit in the guest's GDT; an indirect ``jmp`` through memory leaves the guest's
-ECX in the dword below ESP; a ``sysexit``/``sysret`` is copied unchanged (on this machine, with the SYSENTER
-MSRs kept virtual, it faults).
+ECX in the dword below ESP. ``syscall`` and ``sysret`` are #UD outside 64-bit mode, as on the machine;
+``sysenter`` and ``sysexit`` are callouts to their routines (the SYSENTER MSRs are kept virtual).
 
 Events (``machine.events``): ``translation`` (runs, units, instructions, cache-bytes, glue-bytes),
 ``callout`` (by canonical name; ``exit``, ``lookup``, ``continue``, ``poison``), ``chain`` (patched
@@ -107,7 +107,7 @@ FIP = X.UC_X86_REG_FIP
 DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
 # Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
-TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far"}) | DELIVERIES
+TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far", "sysenter", "sysexit"}) | DELIVERIES
 # Routines that can set EFLAGS.TF. bt does not model single-stepping: with TF set in the real flags, Unicorn
 # would trap after the first instruction of the cache's glue, not after the guest's next instruction.
 SETS_TF = frozenset({"popf", "iret"})

@@ -22,8 +22,8 @@ emulation routines use):
 
 | guest instruction                    | cache (counted)    | glue (not counted)                                |
 |--------------------------------------|--------------------|---------------------------------------------------|
-| innocuous, cpuid, rdpmc, int1,       | the same bytes     |                                                   |
-| sysenter/syscall (Unicorn: no-ops)   | (IDENT)            |                                                   |
+| innocuous, cpuid, rdpmc, int1        | the same bytes     |                                                   |
+|                                      | (IDENT)            |                                                   |
 | one with an emulation routine        | ``syscall``        | (a callout; its recipe decoded now, once)         |
 | ins/outs (with rep or not)           | IDENT              | (the machine's port hooks, which ask the monitor  |
 |                                      |                    | (io_allowed) with the virtual CPU: a rep counts   |
@@ -61,7 +61,7 @@ from popek.monitors import bt_routines
 from popek.monitors.bt_routines import TABLE
 from popek.monitors.bt_cache import PAGE, CodeCache, Exit, LookupSite, Site, Unit
 
-ENDS_RUN = frozenset({"iret", "ret_far", "jmp_far"})    # callouts that never continue at the next instruction
+ENDS_RUN = frozenset({"iret", "ret_far", "jmp_far", "sysenter", "sysexit"})    # never continue at the next one
 STRING_IO = frozenset({"ins", "outs"})
 STRING_OPS = frozenset(b"\xa4\xa5\xa6\xa7\xaa\xab\xac\xad\xae\xaf\x6c\x6d\x6e\x6f")
 UD2 = b"\x0f\x0b"

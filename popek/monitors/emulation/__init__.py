@@ -15,7 +15,8 @@ operands, the stack, privilege checks), then the routines: ``system`` (privilege
 jmp/call/ret, int n, iret).
 
 Two groups, two users:
-- privileged and I/O (``lgdt`` ... ``invd``, ``rdtsc``, ``rdtscp``, ``xsetbv``): they fault at the deprivileged ring, so ``trap``
+- privileged and I/O (``lgdt`` ... ``invd``, ``rdtsc``, ``rdtscp``, ``xsetbv``; ``sysenter`` and
+  ``sysexit``, which fault because the SYSENTER MSRs are kept virtual): they fault at the deprivileged ring, so ``trap``
   runs them here when their #GP arrives;
 - sensitive-unprivileged (``sgdt`` ... ``iret``): they do not fault, so ``trap`` never calls them (the
   guest sees the real machine: the divergence ``trap`` exists to show) except when one does fault at the
@@ -43,7 +44,7 @@ from popek.monitors.emulation.sensitive import (check_segment, lar, load_segment
 from popek.monitors.emulation.system import (cache, cli, clts, hlt, in_, ins, invlpg, lgdt, lidt, lldt, lmsw, ltr,
                                              mov_cr, mov_dr, out, outs, rdmsr, rdtsc, rdtscp, sti,
                                              wrmsr, xsetbv)
-from popek.monitors.emulation.transfer import call_far, int_, iret, jmp_far, ret_far
+from popek.monitors.emulation.transfer import call_far, int_, iret, jmp_far, ret_far, sysenter, sysexit
 from popek.monitors.vcpu import VCpu
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ TABLE: dict[str, Routine] = {
     "lgdt": lgdt, "lidt": lidt, "lldt": lldt, "ltr": ltr, "lmsw": lmsw, "clts": clts, "mov_cr": mov_cr,
     "mov_dr": mov_dr, "invlpg": invlpg, "hlt": hlt, "cli": cli, "sti": sti, "in": in_, "out": out,
     "ins": ins, "outs": outs, "rdmsr": rdmsr, "wrmsr": wrmsr, "wbinvd": cache, "invd": cache,
-    "rdtsc": rdtsc, "rdtscp": rdtscp, "xsetbv": xsetbv,
+    "rdtsc": rdtsc, "rdtscp": rdtscp, "xsetbv": xsetbv, "sysenter": sysenter, "sysexit": sysexit,
     "sgdt": sgdt, "sidt": sidt, "sldt": sldt, "smsw": smsw, "str": str_, "pushf": pushf, "popf": popf,
     "push_seg": push_seg, "pop_seg": pop_seg, "mov_from_seg": mov_from_seg, "mov_to_seg": mov_to_seg,
     "lar": lar, "lsl": lsl, "verr": verr, "verw": verw, "call_far": call_far, "jmp_far": jmp_far,
@@ -64,7 +65,7 @@ TABLE: dict[str, Routine] = {
 }
 PRIVILEGED = frozenset({"lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "mov_cr", "mov_dr", "invlpg", "hlt",
                         "cli", "sti", "in", "out", "ins", "outs", "rdmsr", "wrmsr", "wbinvd", "invd", "rdtsc",
-                        "rdtscp", "xsetbv"})
+                        "rdtscp", "xsetbv", "sysenter", "sysexit"})
 SENSITIVE = frozenset(TABLE) - PRIVILEGED
 
 

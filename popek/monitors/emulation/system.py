@@ -171,14 +171,14 @@ def cache(m: Machine, v: VCpu, r: Recipe) -> int:
     return r.next
 
 
-def _msr_value(m: Machine, v: VCpu, number: int) -> int:
+def msr_value(m: Machine, v: VCpu, number: int) -> int:
     value = v.msr.get(number)
     return m.uc.msr_read(number) if value is None else value
 
 
 def rdmsr(m: Machine, v: VCpu, r: Recipe) -> int:
     cpl0(v, r)
-    value = _msr_value(m, v, m.reg("ecx"))
+    value = msr_value(m, v, m.reg("ecx"))
     m.set_reg("eax", value & 0xFFFFFFFF)
     m.set_reg("edx", (value >> 32) & 0xFFFFFFFF)
     return r.next
@@ -210,7 +210,7 @@ def rdtsc(m: Machine, v: VCpu, r: Recipe) -> int:
 def rdtscp(m: Machine, v: VCpu, r: Recipe) -> int:
     """rdtsc, and IA32_TSC_AUX in ECX (SDM Vol. 2B, RDTSCP)."""
     next_ip = rdtsc(m, v, r)
-    m.set_reg("ecx", _msr_value(m, v, TSC_AUX) & 0xFFFFFFFF)
+    m.set_reg("ecx", msr_value(m, v, TSC_AUX) & 0xFFFFFFFF)
     return next_ip
 
 

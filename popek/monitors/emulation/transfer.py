@@ -4,14 +4,16 @@ virtual CPL."""
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from popek.machine import fastcall
 from popek.machine.descriptors import Descriptor
 from popek.machine.faults import BP, GP, NP, OF, SOFTWARE, SS, TS, GuestFault, Interrupt, NotModelled
 from popek.machine.memory import AddressSpace
 from popek.monitors.emulation.access import address, peek, push
 from popek.monitors.emulation.recipe import IMM, Recipe
 from popek.monitors.emulation.sensitive import POPF_ALWAYS
+from popek.monitors.emulation.system import msr_value
 from popek.monitors.vcpu import IF, IOPL, NT, RF, VM, VCpu, deliver
 
 if TYPE_CHECKING:
@@ -82,30 +84,13 @@ def _enter(m: Machine, v: VCpu, cs: int, eip: int, cpl: int, esp: int | None = N
            eflags: int | None = None) -> int:
     """Load CS:EIP (and SS:ESP, EFLAGS) for guest privilege ``cpl``; the virtual CPL follows."""
     real = v.real_cpl(cpl)
-    kept = _accessed_bits(m, v, (cs, ss)) if not v.ring else ()
+    kept = m.unaccessed_descriptors(v.space(m), (cs, ss)) if not v.ring else ()
     m.enter(cs=(cs & 0xFFFC) | real, eip=eip, eflags=m.reg("eflags") if eflags is None else eflags,
             esp=m.reg("esp") if esp is None else esp, cpl=real,
             ss=None if ss is None else (ss & 0xFFFC) | real)
-    for at, high in kept:
-        m.memory.write(at, struct.pack("<I", high))
+    m.restore_descriptors(kept)
     v.cpl = cpl
     return eip
-
-
-def _accessed_bits(m: Machine, v: VCpu, selectors) -> list[tuple[int, int]]:
-    """(physical address, high dword) of guest descriptors in RAM whose accessed bit is clear.
-
-    Only for a vcpu without deprivileging, whose real tables are the guest's: Unicorn's API sets the bit
-    when it loads a selector, but its far jmp/call/ret and iret do not (measured), so it is put back."""
-    space, kept = v.space(m), []
-    for selector in selectors:
-        if selector is None or selector & 0xFFFC == 0:
-            continue
-        at = space.physical(space.descriptor_address(selector, GP, 0) + 4, 4)
-        high = m.memory.u32(at)
-        if not high & (1 << 8) and m.memory.in_ram(at, 4):
-            kept.append((at, high))
-    return kept
 
 
 def jmp_far(m: Machine, v: VCpu, r: Recipe) -> int:
@@ -256,3 +241,28 @@ def int_(m: Machine, v: VCpu, r: Recipe) -> int:
         vector = BP if r.name == "int3" else r.operands[0].number & 0xFF
     deliver(m, v, Interrupt(vector, SOFTWARE, None, eip=r.next, insn=r.address, why=r.text))
     return m.reg("eip")
+
+
+def _msr(m: Machine, v: VCpu) -> Callable[[int], int]:
+    return lambda number: msr_value(m, v, number)
+
+
+def _flat(space: AddressSpace, name: str, cs: int, ss: int, cpl: int) -> None:
+    unlike = fastcall.unlike_flat(lambda selector: space.descriptor(selector, GP, 0), cs, ss, cpl)
+    if unlike is not None:
+        raise NotModelled(f"{name} where {unlike}")
+
+
+def sysenter(m: Machine, v: VCpu, r: Recipe) -> int:
+    """To the guest's CPL 0 through its (virtual) SYSENTER MSRs (popek.machine.fastcall)."""
+    cs, ss, eip, esp = fastcall.sysenter(_msr(m, v))
+    _flat(v.space(m), "sysenter", cs, ss, 0)
+    eflags = v.set_eflags(v.eflags(m.reg("eflags")) & ~fastcall.SYSENTER_CLEARS)
+    return _enter(m, v, cs, eip, 0, esp=esp, ss=ss, eflags=eflags)
+
+
+def sysexit(m: Machine, v: VCpu, r: Recipe) -> int:
+    """From the guest's CPL 0 to CPL 3 at EDX with ESP = ECX (32-bit form; popek.machine.fastcall)."""
+    cs, ss, eip, esp = fastcall.sysexit(_msr(m, v), v.cpl, m.reg("edx"), m.reg("ecx"))
+    _flat(v.space(m), "sysexit", cs, ss, 3)
+    return _enter(m, v, cs, eip, 3, esp=esp, ss=ss)

@@ -13,9 +13,9 @@ entry at all. Only the platform is the hypervisor's:
   translate), any other is EBADTRAP. From CPL 3 an ``int n`` goes through the guest's IDT as any other.
 - Hyperprivileged traps: what the ISA description's ``model sun4v`` lists as trapping (what traps is data).
   Those that run at CPL 0 on this machine (port I/O beyond the strand's ports, rdmsr, wrmsr, wbinvd,
-  invd, wbnoinvd; syscall and sysenter at any CPL) are found by a ``popek.machine.watch.Watch``; the hook decides from the operands
+  invd, wbnoinvd; sysenter at any CPL) are found by a ``popek.machine.watch.Watch``; the hook decides from the operands
   (the port) and stops the chunk before the instruction with #GP(0), which goes through the guest's own
-  IDT. Those that are #UD on this machine (swapgs, rsm, the VMX/SVM instructions) are seen at
+  IDT. Those that are #UD on this machine (swapgs, rsm, the VMX/SVM instructions, syscall outside 64-bit mode) are seen at
   their #UD, which the guest then gets as natively. An access beyond the domain's real addresses (its
   RAM) is the bare machine's #GP(0), counted as a hyperprivileged trap on ``memory``. The guest kernel's
   own protection comes first: a port access its IOPL and I/O bitmap refuse at CPL 3, or a privileged
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
 
 IOPL_SHIFT = 12
 # Instructions of the model's trap lines that are #UD on this machine: the hypervisor sees them at the #UD.
-AT_UD = frozenset({"swapgs", "rsm", "vmx", "vmcall", "svm", "vmmcall"})
+AT_UD = frozenset({"swapgs", "rsm", "vmx", "vmcall", "svm", "vmmcall", "syscall"})   # (syscall: 32-bit mode)
 # Hyperprivileged at every CPL: system-call instructions that enter code the (hyperprivileged) MSRs name.
-MSR_ENTRIES = frozenset({"syscall", "sysenter"})
+MSR_ENTRIES = frozenset({"sysenter"})
 
 
 class Status(Exception):

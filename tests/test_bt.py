@@ -561,14 +561,15 @@ def test_iret_to_virtual_8086_mode_ends_the_run_unsupported(tmp_path, capsys):
     assert "unsupported (bt: iret to virtual-8086 mode is not modelled)" in capsys.readouterr().out
 
 
-def test_a_guest_that_sets_tf_ends_the_run_unsupported(tmp_path):
+def test_a_guest_that_sets_tf_is_single_stepped_as_natively(tmp_path):
     # With TF in the real flags Unicorn would single-step the cache's glue, not the guest (bench images,
-    # image 379: #DB one instruction early); bt says it does not model single-stepping instead.
+    # image 379: #DB one instruction early); bt keeps TF virtual and makes the traps itself
     path = tmp_path / "tf.s"
     path.write_text("_start:\n pushfd\n or dword ptr [esp], 0x100\n popfd\n nop\n out 0xf4, al\n")
     native, result = run_guest(str(path), "native"), run_guest(str(path), "bt")
     assert native.exit.reason == "triple-fault" and native.guest_instructions == 4   # #DB after the nop
-    assert result.exit.reason == "unsupported" and "single-stepping" in result.exit.why
+    assert (result.exit.reason, result.guest_instructions, result.state["eip"]) == \
+        (native.exit.reason, 4, native.state["eip"])
 
 
 def test_sysexit_through_a_gdt_without_its_flat_descriptors_ends_the_run_unsupported(tmp_path):

@@ -66,7 +66,10 @@ Limits: 16-bit code segments are not translated (the run ends with a triple faul
 monitor's shadow tables stay readable in monitor memory, as the machine defines it (a guest scanning memory
 above its RAM can find them, as under ``trap``); ``lds``/``les``/``lfs``/``lgs``/``lss`` are copied
 unchanged and set no accessed bit in the guest's GDT; an indirect ``jmp`` through memory leaves the guest's
-ECX in the dword below ESP. ``syscall`` and ``sysret`` are #UD outside 64-bit mode, as on the machine;
+ECX in the dword below ESP. Single-stepping: the guest's EFLAGS.TF is virtual (set in the real flags,
+Unicorn would trap after each instruction of the cache and its glue); while it is set the monitor runs
+chunks of one guest instruction and delivers each #DB itself, with DR6.BS, after every iteration of a rep
+string instruction as the CPU does. ``syscall`` and ``sysret`` are #UD outside 64-bit mode, as on the machine;
 ``sysenter`` and ``sysexit`` are callouts to their routines (the SYSENTER MSRs are kept virtual).
 
 Events (``machine.events``): ``translation`` (runs, units, instructions, cache-bytes, glue-bytes),
@@ -84,7 +87,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
-from popek.machine.faults import BP, EXCEPTION, GP, PF, SOFTWARE, GuestFault, Interrupt
+from popek.machine.faults import BP, DB, EXCEPTION, GP, PF, SOFTWARE, GuestFault, Interrupt
 from popek.machine.memory import CR0_PG, PAGE
 from popek.machine.result import UNSUPPORTED
 from popek.monitors import bt_emit as emit
@@ -92,8 +95,8 @@ from popek.monitors.deprivilege import TABLE_CHANGES, Deprivileged
 from popek.monitors.bt_cache import CodeCache
 from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
 from popek.monitors.bt_guard import RESYNC, Guard
-from popek.monitors.bt_translate import CacheFull, Translator, Untranslatable
-from popek.decode import decode_at
+from popek.monitors.bt_translate import STRING_OPS, CacheFull, Translator, Untranslatable
+from popek.decode import LEGACY_PREFIXES, decode_at
 from popek.monitors.emulation import TABLE as ROUTINES
 from popek.monitors.emulation import near
 from popek.monitors.bt_routines import peek, push
@@ -108,10 +111,8 @@ DATA_LOADS = frozenset({"mov_to_seg", "pop_seg"})
 DELIVERIES = frozenset({"int", "int3", "into"})
 # Routines that may change CS, the CPL or EIP (the rest continue at the next instruction or fault).
 TRANSFERS = frozenset({"iret", "ret_far", "jmp_far", "call_far", "sysenter", "sysexit"}) | DELIVERIES
-# Routines that can set EFLAGS.TF. bt does not model single-stepping: with TF set in the real flags, Unicorn
-# would trap after the first instruction of the cache's glue, not after the guest's next instruction.
-SETS_TF = frozenset({"popf", "iret"})
-TF = 1 << 8
+DR6_BS = 1 << 14                           # DR6: the #DB was a single step
+SETS_TF = frozenset({"popf", "iret"})       # routines that can set the guest's (virtual) EFLAGS.TF
 ACCESSED_BIT, CODE_OR_DATA = 1 << 8, 1 << 12
 PAGING_CHANGES = frozenset({"cr0", "cr3", "cr4", "tlb"})
 
@@ -135,6 +136,7 @@ class BinaryTranslation(Deprivileged):
         self._accessed_known: set[tuple[int, int]] = set()
         self._base = 0                      # CS base of the translation running now (set by _goto)
         self._paging = False                # the guest's CR0.PG as last followed
+        self._step = None                   # (instructions, vcpu.entry, guest EIP) at a single-stepped chunk's start
 
     # --- MonitorOps ---------------------------------------------------------------------------------------
     def attach(self, machine: Machine) -> None:
@@ -385,7 +387,7 @@ class BinaryTranslation(Deprivileged):
             if name in DATA_LOADS:
                 self._accessed((recipe.operands[0].reg,))
             elif name in SETS_TF:
-                self._refuse_single_step()
+                self._stepping_from_next()
             if last or self._flush_wanted is not None or eip != (site.next - site.owner.key[1]) & 0xFFFFFFFF:
                 self._goto(eip, callout=True)
             return
@@ -398,15 +400,67 @@ class BinaryTranslation(Deprivileged):
         if v.entry is not entry:                # delivered through the IDT (int n, int3, into with OF)
             self._accessed(("cs", "ss") if v.cpl != cpl else ("cs",))
         elif name in SETS_TF:
-            self._refuse_single_step()
+            self._stepping_from_next()
         # Always through the monitor: the new EIP may even be the next instruction's (an interrupt handler
         # right after its int n), but at another CPL or in another code segment, so in another translation.
         self._goto(eip, callout=True)
 
-    def _refuse_single_step(self) -> None:
-        # (finish, not NotModelled: the trap the real TF raises after the callout must find the run ended)
-        if self.m.reg("eflags") & TF:
-            self.m.finish(UNSUPPORTED, None, "bt: single-stepping (EFLAGS.TF set by popf or iret) is not modelled")
+    # --- single-stepping (the guest's EFLAGS.TF, kept virtual: CachedSegments) ------------------------------
+    def next_event(self, machine: Machine) -> int | None:
+        """With the guest's TF set at an instruction's start, chunks of one instruction: the single-step trap
+        comes after it (as on the CPU, and as Unicorn decides it: TF at the instruction's start counts)."""
+        event = super().next_event(machine)
+        if not getattr(self.vcpu, "stepping", False):
+            self._step = None
+            return event
+        self._step = (machine.instructions, self.vcpu.entry, self._guest_here())
+        return machine.time + 1 if event is None else min(event, machine.time + 1)
+
+    def _finished_rep(self, guest: int) -> int:
+        """The length of the rep-prefixed string instruction at guest ``guest`` when its count register
+        (ECX, or CX with 0x67) is 0, else 0."""
+        m, v = self.m, self.vcpu
+        try:
+            raw = v.space(m).read((guest + self._key()[1]) & 0xFFFFFFFF, 15)
+        except GuestFault:
+            return 0
+        at = 0
+        while at < 14 and raw[at] in LEGACY_PREFIXES:
+            at += 1
+        if raw[at] not in STRING_OPS or not {0xF2, 0xF3} & set(raw[:at]):
+            return 0
+        count = m.reg("ecx") & (0xFFFF if 0x67 in raw[:at] else 0xFFFFFFFF)
+        return 0 if count else at + 1
+
+    def _stepping_from_next(self) -> None:
+        """A routine set TF: end the chunk before the next instruction, the first that is single-stepped."""
+        if getattr(self.vcpu, "stepping", False):
+            self.m.stop_chunk(finish=True)
+
+    def advance(self, machine: Machine) -> int:
+        step, self._step = self._step, None
+        if step is not None and machine.end is None and not machine.halted \
+                and machine.instructions == step[0] + 1 and self.vcpu.entry is step[1]:
+            self._single_step_trap(step[2])            # (before the timer's interrupt: a trap of the previous
+        return super().advance(machine)         # instruction comes first, SDM Vol. 3A 6.9)
+
+    def _guest_here(self) -> int | None:
+        """The guest address (CS-relative) of the instruction the cache's EIP stands for, or None."""
+        base = self._key()[1]
+        guest = self.cache.guest_address((self.m.reg("eip") + base) & 0xFFFFFFFF)
+        return None if guest is None else (guest - base) & 0xFFFFFFFF
+
+    def _single_step_trap(self, started_at: int | None) -> None:
+        """The instruction at guest ``started_at`` completed without an event: #DB (a trap) with the next
+        instruction in its frame and DR6.BS set. A rep string instruction traps after each iteration, and
+        after its last one the frame holds the next instruction: Unicorn, without TF in the real flags, goes
+        back to the rep once more to find its count 0 (counted); the CPU, and Unicorn with TF, does not."""
+        m, v = self.m, self.vcpu
+        guest = self._guest_of((m.reg("eip") + self._key()[1]) & 0xFFFFFFFF)
+        if guest == started_at:
+            guest = (guest + self._finished_rep(guest)) & 0xFFFFFFFF
+        v.dr[6] |= DR6_BS
+        self._deliver(Interrupt(DB, EXCEPTION, None, eip=guest, insn=guest, why="single step"), callout=False)
 
     def _fault_at(self, site, fault: GuestFault) -> None:
         self._deliver(fault.event((site.guest - self._key()[1]) & 0xFFFFFFFF), True)

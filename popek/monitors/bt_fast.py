@@ -17,7 +17,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
 from popek.machine.engine import _pread
-from popek.monitors.vcpu import VCpu
+from popek.monitors.vcpu import TF, VCpu
 
 _SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _MARKERS = (0x13572468, 0x2468ACE0)
@@ -72,7 +72,19 @@ class CachedSegments(VCpu):
     descriptor tables change (``forget``, called on the vcpu's "gdtr", "ldtr" and "descriptors" changes).
     The shared routine reads the descriptor from the guest's table on every memory operand."""
 
-    __slots__ = ("bases",)
+    __slots__ = ("bases", "stepping")
+
+    # EFLAGS.TF is virtual under bt: set in the real flags, Unicorn would trap after each instruction of the
+    # cache and its glue. ``stepping`` is the guest's TF; the monitor makes the single-step traps itself
+    # (BinaryTranslation.next_event and advance). Every guest read and write of EFLAGS goes through these
+    # two (pushf, popf, iret, interrupt delivery and its frame, the reported state).
+    def eflags(self, real: int) -> int:
+        flags = VCpu.eflags(self, real)
+        return flags | TF if getattr(self, "stepping", False) else flags
+
+    def set_eflags(self, virtual: int) -> int:
+        self.stepping = bool(virtual & TF)
+        return VCpu.set_eflags(self, virtual & ~TF)
 
     def segment_base(self, machine, space, selector: int) -> int:
         try:

@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from unicorn.x86_const import UC_X86_REG_CS as UC_CS
+from unicorn.x86_const import UC_X86_REG_DR6 as UC_DR6
 
 from popek.machine.descriptors import Descriptor
-from popek.machine.faults import GP, GuestFault, Interrupt
+from popek.machine.faults import DB, EXCEPTION, GP, GuestFault, Interrupt
 from popek.monitors.base import MonitorOps
 from popek.monitors.shadow import Shadow
 from popek.monitors.vcpu import VCpu, deliver
@@ -41,6 +42,9 @@ FOLLOW = {"gdtr": "gdt", "ldtr": "ldt", "tr": "tss", "cr0": "paging", "cr3": "pa
           "tlb": "paging"}
 # Changes after which a code selector may mean another segment (sync_cpl forgets what it knew).
 TABLE_CHANGES = frozenset({"gdtr", "ldtr", "descriptors"})
+
+
+DR6_CAUSES = 0xE00F            # B0-B3, BD, BS, BT: what the CPU sets in DR6 at a #DB (SDM Vol. 3B 18.2.3)
 
 
 class Deprivileged(MonitorOps):
@@ -130,7 +134,10 @@ class Deprivileged(MonitorOps):
         return True
 
     def reflect(self, machine: Machine, event: Interrupt) -> None:
-        """Give ``event`` to the guest: through its virtual IDT at the virtual CPL."""
+        """Give ``event`` to the guest: through its virtual IDT at the virtual CPL. A #DB the real CPU
+        raised (a single step) set its cause in the real DR6; the guest reads the virtual one (mov_dr)."""
+        if event.vector == DB and event.source == EXCEPTION:
+            self.vcpu.dr[6] |= machine.engine.read(UC_DR6) & DR6_CAUSES
         deliver(machine, self.vcpu, event)
 
     def reflect_fault(self, machine: Machine, fault: GuestFault, insn: int) -> None:

@@ -259,6 +259,32 @@ on_db:  mov eax, [esp]
 """
 
 
+STEP_INTO_NOWHERE = """
+        pm_setup
+        set_gate 1, on_db, INTGATE
+        set_gate 13, on_gp, INTGATE
+        xor esi, esi
+        xor edi, edi
+        pushfd
+        or dword ptr [esp], 0x100
+        popfd
+        jmp 0xcffd5112                          ; outside RAM: the step trap first, then the #GP there
+on_db:  mov esi, [esp]
+        and dword ptr [esp + 8], ~0x100
+        iretd
+on_gp:  mov edi, [esp + 4]
+        exit 13
+        pm_data
+"""
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_a_step_trap_comes_before_the_fault_fetching_the_next_instruction(monitor):
+    # bt delivered the #GP of the target first (bench images, image 1983)
+    result = run_guest(build(STEP_INTO_NOWHERE), monitor)
+    assert (result.exit.code, result.state["esi"], result.state["edi"]) == (13, 0xCFFD5112, 0xCFFD5112)
+
+
 def single_steps(monitor: str) -> tuple:
     """(result, the traps' frame EIPs, DR6 in the last handler) of SINGLE_STEPS under ``monitor``."""
     machine = Machine()

@@ -273,7 +273,7 @@ class BinaryTranslation(Deprivileged):
         try:
             found = self._find(linear, key)
         except GuestFault as fault:         # the target cannot be fetched: the guest's fault, at the target
-            self._deliver(fault.event(eip), callout)
+            self._fault_at_target(eip, fault, callout)
             return
         except Untranslatable as exc:
             m.triple_fault(f"bt: {exc} at {eip:#x} is not translated")
@@ -455,12 +455,14 @@ class BinaryTranslation(Deprivileged):
         instruction in its frame and DR6.BS set. A rep string instruction traps after each iteration, and
         after its last one the frame holds the next instruction: Unicorn, without TF in the real flags, goes
         back to the rep once more to find its count 0 (counted); the CPU, and Unicorn with TF, does not."""
-        m, v = self.m, self.vcpu
-        guest = self._guest_of((m.reg("eip") + self._key()[1]) & 0xFFFFFFFF)
+        guest = self._guest_of((self.m.reg("eip") + self._key()[1]) & 0xFFFFFFFF)
         if guest == started_at:
             guest = (guest + self._finished_rep(guest)) & 0xFFFFFFFF
-        v.dr[6] |= DR6_BS
-        self._deliver(Interrupt(DB, EXCEPTION, None, eip=guest, insn=guest, why="single step"), callout=False)
+        self._deliver_step_trap(guest, callout=False)
+
+    def _deliver_step_trap(self, guest: int, callout: bool) -> None:
+        self.vcpu.dr[6] |= DR6_BS
+        self._deliver(Interrupt(DB, EXCEPTION, None, eip=guest, insn=guest, why="single step"), callout)
 
     def _fault_at(self, site, fault: GuestFault) -> None:
         self._deliver(fault.event((site.guest - self._key()[1]) & 0xFFFFFFFF), True)
@@ -487,8 +489,17 @@ class BinaryTranslation(Deprivileged):
                 self.counts["lookup", "filled"] += 1
         self.m.engine.write(EIP, (found - base - 2) & 0xFFFFFFFF)
 
-    def _fault_at_target(self, eip: int, fault: GuestFault) -> None:
-        self._deliver(fault.event(eip & 0xFFFFFFFF), True)
+    def _fault_at_target(self, eip: int, fault: GuestFault, callout: bool = True) -> None:
+        """The next instruction, at ``eip``, cannot be fetched. After a single-stepped instruction that
+        completed, its trap comes first (SDM Vol. 3A 6.9: a trap of the previous instruction before a fault
+        fetching the next); the fault follows when the handler returns there."""
+        eip &= 0xFFFFFFFF
+        step = self._step
+        if step is not None and self.vcpu.entry is step[1]:
+            self._step = None
+            self._deliver_step_trap(eip, callout)
+            return
+        self._deliver(fault.event(eip), callout)
 
     def _lookup(self, site) -> None:
         """An inline lookup missed: carry out the return or indirect branch, then add its target."""

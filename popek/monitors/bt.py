@@ -420,12 +420,17 @@ class BinaryTranslation(Deprivileged):
         """The length of the rep-prefixed string instruction at guest ``guest`` when its count register
         (ECX, or CX with 0x67) is 0, else 0."""
         m, v = self.m, self.vcpu
-        try:
-            raw = v.space(m).read((guest + self._key()[1]) & 0xFFFFFFFF, 15)
-        except GuestFault:
+        linear = (guest + self._key()[1]) & 0xFFFFFFFF
+        for length in (15, 0x1000 - linear % 0x1000):      # (fewer bytes before a page it cannot read)
+            try:
+                raw = v.space(m).read(linear, min(length, 15))
+                break
+            except GuestFault:
+                continue
+        else:
             return 0
         at = 0
-        while at < 14 and raw[at] in LEGACY_PREFIXES:
+        while at < len(raw) - 1 and raw[at] in LEGACY_PREFIXES:
             at += 1
         if raw[at] not in STRING_OPS or not {0xF2, 0xF3} & set(raw[:at]):
             return 0
@@ -441,8 +446,9 @@ class BinaryTranslation(Deprivileged):
         step, self._step = self._step, None
         if step is not None and machine.end is None and not machine.halted \
                 and machine.instructions == step[0] + 1 and self.vcpu.entry is step[1]:
-            self._single_step_trap(step[2])            # (before the timer's interrupt: a trap of the previous
-        return super().advance(machine)         # instruction comes first, SDM Vol. 3A 6.9)
+            # (before the timer's interrupt: a trap of the previous instruction comes first, SDM Vol. 3A 6.9)
+            self._single_step_trap(step[2])
+        return super().advance(machine)
 
     def _guest_here(self) -> int | None:
         """The guest address (CS-relative) of the instruction the cache's EIP stands for, or None."""

@@ -10,7 +10,6 @@ land after the same guest instruction as natively, and ``direct_user`` leaks wha
 from __future__ import annotations
 
 import functools
-import struct
 from pathlib import Path
 
 import capstone

@@ -19,7 +19,7 @@ from popek.machine.machine import Machine
 from popek.monitors import run_guest
 from popek.monitors.base import Run
 from popek.monitors.pv import ParaVirtual
-from popek.monitors.pv_abi import EEXIST, EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, FLAT_RING1_CS, FLAT_RING1_DS
+from popek.monitors.pv_abi import EEXIST, EFAULT, EINVAL, ENOSYS, EPERM, FLAT_RING1_CS, FLAT_RING1_DS
 
 GUESTS = Path(__file__).resolve().parent.parent / "samples" / "guests"
 RESULTS = 0x300000

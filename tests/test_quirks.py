@@ -458,6 +458,85 @@ def test_sysexit_and_sysenter_with_sysenter_cs_zero_are_gp(monitor):
     assert dict(guest.segments)[0x100000][at:at + 2] == b"\x0f\x35"
 
 
+# sysenter and sysexit load fixed flat segments without reading the GDT (SDM Vol. 2B): here its descriptors
+# at those selectors are a DPL-1 code segment, an absent stack segment, and nothing (beyond the limit).
+SYSENTER_UNLIKE_THE_GDT = """
+        pm_setup
+        set_gate 13, on_gp, INTGATE
+        and byte ptr [pm_gdt + 0x38 + 5], 0x7F      ; 0x38: not present
+        mov ecx, 0x174
+        mov eax, 0x30                   ; CS 0x30 (DPL 1 in the GDT), SS 0x38; sysexit's 0x43 and 0x4b
+        xor edx, edx
+        wrmsr
+        mov ecx, 0x175
+        mov eax, 0x88000
+        wrmsr
+        mov ecx, 0x176
+        mov eax, offset kernel
+        wrmsr
+        mov edx, offset user
+        mov ecx, 0x70000
+        sysexit
+user:   mov ebp, cs
+        sysenter
+kernel: mov eax, cr0                    ; CPL 0 (at 1 or 3: #GP)
+        push 0x1234                     ; a flat stack: at 0x87ffc
+        mov ebx, [0x87ffc]
+        mov esi, ss
+        mov edi, cs
+        movzx edx, byte ptr [pm_gdt + 0x30 + 5]    ; the GDT is not read, so not marked accessed: 0xba
+        exit 0
+on_gp:  exit 13
+        pm_data
+"""
+
+
+def test_sysenter_and_sysexit_load_flat_segments_whatever_the_gdt_holds():
+    result = run_guest(build(SYSENTER_UNLIKE_THE_GDT), "native")
+    assert (result.exit.reason, result.exit.code) == ("exit-port", 0), result.exit
+    s = result.state
+    assert (s["ebp"], s["ebx"], s["esi"], s["edi"], s["edx"], s["cpl"]) == (0x43, 0x1234, 0x38, 0x30, 0xBA, 0)
+    assert result.events.get("corrected", {}).get("sysenter-not-executed") == 1
+
+
+@pytest.mark.parametrize("monitor", MONITORS[1:])
+def test_a_monitor_runs_sysenter_unlike_the_gdt_as_natively_or_says_it_cannot(monitor):
+    # trap's and bt's routines take segment bases from the guest's tables: they say so (fastcall.unlike_flat)
+    native, result = natively_built(SYSENTER_UNLIKE_THE_GDT), run_guest(build(SYSENTER_UNLIKE_THE_GDT), monitor)
+    if result.exit.reason == "unsupported":
+        assert monitor in ("trap", "bt") and "sysexit where" in result.exit.why, result.exit.why
+    else:
+        assert (result.exit, result.guest_instructions) == (native.exit, native.guest_instructions)
+        assert {k: result.state[k] for k in ("ebp", "ebx", "esi", "edi", "edx")} == \
+            {k: native.state[k] for k in ("ebp", "ebx", "esi", "edi", "edx")}
+
+
+# A segment keeps the descriptor it loaded: CS is based at 0x1000 while the GDT says 0 (the table rewritten
+# after the far jump). The machine placed its stop before rdtsc at the base the table read then, and
+# Unicorn's stop there was an EngineError ("emulation stopped without a reason").
+STALE_CODE_DESCRIPTOR = """
+        pm_setup
+        mov dword ptr [pm_gdt + 0x30], 0x1000FFFF  ; 0x30: DPL-0 code based at 0x1000
+        mov dword ptr [pm_gdt + 0x34], 0x00CF9A00
+        jmp far 0x30:based - 0x1000
+based:  mov dword ptr [pm_gdt + 0x30], 0x0000FFFF  ; the table's base is 0 now
+        rdtsc
+        mov ebx, eax
+        mov esi, cs
+        exit 0
+        pm_data
+"""
+
+
+@pytest.mark.parametrize("monitor", MONITORS)
+def test_a_segment_keeps_its_base_when_its_descriptor_changes(monitor):
+    native, result = natively_built(STALE_CODE_DESCRIPTOR), run_guest(build(STALE_CODE_DESCRIPTOR), monitor)
+    assert (native.exit.reason, native.exit.code, native.state["esi"]) == ("exit-port", 0, 0x30)
+    assert native.state["ebx"] < 100_000                   # the machine's clock, not the host's TSC
+    assert (result.exit, result.state["ebx"], result.guest_instructions) == \
+        (native.exit, native.state["ebx"], native.guest_instructions)
+
+
 @lru_cache(maxsize=None)
 def natively_built(source: str):
     return run_guest(build(source), "native")

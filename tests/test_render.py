@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popek.scanner.document import CLASSES, FileReport, Finding, RegionInfo, ScanDocument
-from popek.scanner.render import CSV_HEADER, FORMATS, render, verdict
+from popek.scanner.document import verdict
+from popek.scanner.render import CSV_HEADER, FORMATS, render
 
 SHA = "9f" * 32
 SIDT_WHY = "stores IDTR at any CPL: the guest reads the monitor's IDT base"

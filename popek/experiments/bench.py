@@ -5,7 +5,6 @@ Each benchmark is a function in BENCHMARKS taking the parsed arguments and retur
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import subprocess

@@ -56,6 +56,13 @@ Measured on unicorn 2.1.4 (CPython 3.11, x86-64 host):
    read and write that field, so a monitor that emulates ``xsetbv`` sets the XCR0 the guest's ``xsave``
    and ``xgetbv`` then use (popek.machine.xsave), and a scratch CPU can answer CPUID leaf 0xD for it.
 
+9. **Segment caches.** The API reads only a segment register's selector, and writing one loads the
+   descriptor the GDT or LDT holds at it. The hardware keeps what it loaded (a descriptor changed later
+   does not change the segment), and ``sysenter``/``sysexit`` load fixed flat segments without reading a
+   table. ``segment`` reads ``env->segs[]`` (selector, base, limit and the descriptor's flags dword, as
+   QEMU's ``SegmentCache``); ``load_segment`` writes one and updates ``hflags`` as QEMU's
+   ``cpu_x86_load_seg_cache`` does (CPL from SS, the 32-bit code and stack bits, ADDSEG).
+
 None of the offsets are hard-coded. ``layout()`` finds them once per process by running a small calibration
 guest (a ring-3 program that takes two #GPs and an ``int $0x80``) and checks the result: the second #GP must
 arrive as #GP after the patch, and a patched CPL must let the API load a ring-0 SS. A Unicorn build where
@@ -101,6 +108,7 @@ class Layout:
     lazy_flags: tuple[int, int] | None = None   # context offsets of env->cc_src and env->cc_op; None: not found
     retaddr: int = 0                 # context offset of uintptr env->retaddr (0 after a fault fetching code)
     xcr0: int = 0                    # context offset of uint64 env->xcr0
+    segments: int = 0                # context offset of SegmentCache env->segs[6] (ES CS SS DS FS GS)
 
 
 # The calibration guest, assembled with GNU as 2.40 at 0x1000 (AT&T syntax):
@@ -199,7 +207,7 @@ def layout() -> Layout:
                   old_exception=found["old_exception"], hflags=found["hflags"], header=header,
                   env_pointer=pointer, env_delta=delta, count_hook=count_hook, hook_range=hook_range,
                   store_recursion=_find_store_recursion(), lazy_flags=_find_lazy_flags(),
-                  retaddr=_find_retaddr(), xcr0=_find_xcr0())
+                  retaddr=_find_retaddr(), xcr0=_find_xcr0(), segments=_find_segments())
 
 
 # Every TLB fill records in env->retaddr the host address of the translated code that needs it, and 0 for a
@@ -276,6 +284,63 @@ def _xcr0_blob(value: int) -> bytes:
     uc.reg_write(X.UC_X86_REG_EAX, 0x9E3779B1)     # (EAX held the value: regs[] come first in env)
     ctx = uc.context_save()
     return ctypes.string_at(_context_address(ctx), ctx.size)
+
+
+# QEMU's SegmentCache: uint32 selector, target_ulong base (64-bit on this x86-64 build), uint32 limit, uint32
+# flags (the descriptor's high dword); env->segs[] holds them in QEMU's order R_ES, R_CS, R_SS, R_DS, R_FS,
+# R_GS. Found from six descriptors with distinct bases and limits loaded through the API in protected mode.
+SEGMENT_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")
+_SEGMENT_CACHE = struct.Struct("<I4xQII")
+_SEGMENT_REGS = (X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_FS,
+                 X.UC_X86_REG_GS)
+# (selector, base, limit - 1 in 4 KiB pages, type): ES CS SS DS FS GS; CS is code, the others data.
+_SEGMENT_PROBES = ((0x18, 0x110000, 0x11, 3), (0x08, 0x220000, 0x22, 0xB), (0x20, 0x330000, 0x33, 3),
+                   (0x28, 0x440000, 0x44, 3), (0x30, 0x550000, 0x55, 3), (0x38, 0x660000, 0x66, 3))
+
+
+@dataclass(frozen=True)
+class SegmentCache:
+    """A segment register as the CPU holds it (engine notes 9)."""
+
+    selector: int
+    base: int
+    limit: int
+    flags: int            # the descriptor's high dword: type, S, DPL, P, AVL, L, D/B, G (and base bits)
+
+    @property
+    def big(self) -> bool:
+        return bool(self.flags & DESC_B)
+
+    @property
+    def dpl(self) -> int:
+        return (self.flags >> 13) & 3
+
+
+DESC_B = 1 << 22
+_HF_CPL, _HF_CS32, _HF_SS32, _HF_ADDSEG, _HF_CS64 = 3, 1 << 4, 1 << 5, 1 << 6, 1 << 15
+
+
+def _find_segments() -> int:
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    gdt = bytearray(8 * 8)
+    for selector, base, pages, kind in _SEGMENT_PROBES:
+        high = (base >> 16 & 0xFF) | (base & 0xFF000000) | kind << 8 | 0x1 << 12 | 1 << 15 | 0xC << 20
+        struct.pack_into("<II", gdt, selector, (base & 0xFFFF) << 16 | pages, high | (pages >> 16 & 0xF) << 16)
+    uc.mem_write(0x3000, bytes(gdt))
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x3000, len(gdt) - 1, 0))
+    uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | 1)
+    for reg, (selector, *_) in zip(_SEGMENT_REGS, _SEGMENT_PROBES):
+        uc.reg_write(reg, selector)
+    ctx = uc.context_save()
+    blob = ctypes.string_at(_context_address(ctx), ctx.size)
+    want = [(selector, base, (pages << 12) | 0xFFF) for selector, base, pages, _ in _SEGMENT_PROBES]
+    size = _SEGMENT_CACHE.size
+    found = [at for at in range(0, len(blob) - 6 * size, 8)
+             if all(_SEGMENT_CACHE.unpack_from(blob, at + i * size)[:3] == w for i, w in enumerate(want))]
+    if len(found) != 1:
+        raise EngineError(f"calibration: env->segs not found ({found})")
+    return found[0]
 
 
 def write_context_field(uc: unicorn.Uc, offset: int, value: int) -> None:
@@ -500,13 +565,22 @@ class Engine:
         self._lazy = self._lazy_fields()
         self._retaddr = self._live_u64(self.layout.retaddr)
         self._xcr0 = self._live_u64(self.layout.xcr0)
+        self._env_context = self._live_context_address()
+        self._segment_bases = {name: ctypes.c_uint64.from_address(self._env_context + self.layout.segments
+                                                                   + i * _SEGMENT_CACHE.size + 8)
+                               for i, name in enumerate(SEGMENT_ORDER)} if self._env_context else {}
+
+    def _live_context_address(self) -> int:
+        """The address that context offsets are relative to in the live env (0 without a live env)."""
+        if self._live is None:
+            return 0
+        lay = self.layout
+        return ctypes.c_uint64.from_address(self._uch.value + lay.env_pointer).value + lay.env_delta - lay.header
 
     def _live_u64(self, offset: int) -> ctypes.c_uint64 | None:
         """A view of the live env's uint64 at context offset ``offset``; None without a live env."""
-        if self._live is None:
-            return None
-        env = ctypes.c_uint64.from_address(self._uch.value + self.layout.env_pointer).value + self.layout.env_delta
-        return ctypes.c_uint64.from_address(env - self.layout.header + offset)
+        at = self._live_context_address()
+        return ctypes.c_uint64.from_address(at + offset) if at else None
 
     def _live_fields(self) -> tuple | None:
         """(is_int, error_code, old_exception) as ctypes views of the live env, or None (context path)."""
@@ -693,6 +767,44 @@ class Engine:
             self._xcr0.value = value
         else:
             write_context_field(self.uc, self.layout.xcr0, value)
+
+    def segment_base(self, name: str) -> int:
+        """The base of segment register ``name`` as loaded (engine notes 9)."""
+        view = self._segment_bases.get(name)
+        return view.value if view is not None else self.segment(name).base
+
+    def segment(self, name: str) -> SegmentCache:
+        """The cache of segment register ``name`` (engine notes 9)."""
+        at = self.layout.segments + SEGMENT_ORDER.index(name) * _SEGMENT_CACHE.size
+        if self._live is not None:
+            raw = ctypes.string_at(self._env_context + at, _SEGMENT_CACHE.size)
+        else:
+            self.uc.context_update(self._ctx)
+            raw = ctypes.string_at(self._ctx_address + at, _SEGMENT_CACHE.size)
+        return SegmentCache(*_SEGMENT_CACHE.unpack(raw))
+
+    def load_segment(self, name: str, cache: SegmentCache) -> None:
+        """Load segment register ``name`` with ``cache`` without reading a descriptor table, and the hidden
+        flags as QEMU's cpu_x86_load_seg_cache sets them for 32-bit (not long) mode."""
+        cr0, eflags = self.read(X.UC_X86_REG_CR0), self.read(X.UC_X86_REG_EFLAGS)
+        self.uc.context_update(self._ctx)
+        a, lay, size = self._ctx_address, self.layout, _SEGMENT_CACHE.size
+        at = lay.segments + SEGMENT_ORDER.index(name) * size
+        ctypes.memmove(a + at, _SEGMENT_CACHE.pack(cache.selector, cache.base, cache.limit, cache.flags), size)
+        hflags = ctypes.c_uint32.from_address(a + lay.hflags)
+        hf = hflags.value
+        if name == "cs":
+            hf = (hf & ~(_HF_CS32 | _HF_CS64)) | (_HF_CS32 if cache.big else 0)
+        if name == "ss":
+            hf = (hf & ~_HF_CPL) | cache.dpl
+        cached = {n: SegmentCache(*_SEGMENT_CACHE.unpack(ctypes.string_at(a + lay.segments + i * size, size)))
+                  for i, n in enumerate(SEGMENT_ORDER) if n in ("es", "ss", "ds")}
+        if not cr0 & 1 or eflags & (1 << 17) or not hf & _HF_CS32:
+            addseg = _HF_ADDSEG
+        else:
+            addseg = _HF_ADDSEG if any(c.base for c in cached.values()) else 0
+        hflags.value = (hf & ~(_HF_SS32 | _HF_ADDSEG)) | (_HF_SS32 if cached["ss"].big else 0) | addseg
+        self.uc.context_restore(self._ctx)
 
     def settle(self, cpl: int | None = None) -> None:
         """Finish an event as the CPU does: clear ``old_exception`` and, if given, set the CPL.

@@ -4,22 +4,34 @@ for the monitors that emulate them.
 Unicorn 2.1.4 does not execute ``sysenter``: its helper only calls the instruction hooks and steps EIP over
 it (qemu/target/i386/seg_helper.c, ``helper_sysenter``), so natively the guest ran on at the next
 instruction, at its own CPL. The machine carries it out itself (quirks: ``sysenter-not-executed``);
-``sysexit`` Unicorn executes as the SDM says. Both take their selectors from IA32_SYSENTER_CS and load flat
-segments without reading the GDT. The machine and the routines load them through Unicorn's API, which
-reads the GDT's descriptors at those selectors: the ones an operating system provides there (the SDM asks
-that they match). Where they do not (``unlike_flat``: absent, or not flat 4 GiB 32-bit segments of the
-right type and ring), the result would not be the hardware's, and the run ends ``unsupported``, saying so.
+``sysexit`` Unicorn executes as the SDM says. Both take their selectors from IA32_SYSENTER_CS and load fixed
+flat segments without reading the GDT (``flat_segments``): the machine writes those segment caches directly
+(engine notes 9). The monitors' routines load the guest's selectors through the API and compute its segment
+bases from its tables, so they need the GDT's descriptors there to be the flat ones (the SDM asks an
+operating system to provide them); where they are not (``unlike_flat``), the monitor's run ends
+``unsupported``, saying so.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from popek.machine.descriptors import Descriptor
+from popek.machine.engine import SegmentCache
 from popek.machine.faults import GP, GuestFault
 
 SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP = 0x174, 0x175, 0x176
 IF, RF, VM = 1 << 9, 1 << 16, 1 << 17
 SYSENTER_CLEARS = VM | IF | RF          # EFLAGS bits sysenter clears
+# The descriptor flags of the segments loaded (SDM: G = 1, D/B = 1, P = 1, S = 1; code type 11, execute/read
+# accessed; stack type 3, read/write accessed), before the DPL.
+FLAT_CODE = 1 << 23 | 1 << 22 | 1 << 15 | 1 << 12 | 0xB << 8
+FLAT_STACK = 1 << 23 | 1 << 22 | 1 << 15 | 1 << 12 | 0x3 << 8
+
+
+def flat_segments(cs: int, ss: int, dpl: int) -> dict[str, SegmentCache]:
+    """The CS and SS caches sysenter (``dpl`` 0) or sysexit (3) loads for selectors ``cs`` and ``ss``."""
+    return {"cs": SegmentCache(cs, 0, 0xFFFFFFFF, FLAT_CODE | dpl << 13),
+            "ss": SegmentCache(ss, 0, 0xFFFFFFFF, FLAT_STACK | dpl << 13)}
 
 
 def _code_selector(read_msr: Callable[[int], int], name: str) -> int:

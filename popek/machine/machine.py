@@ -425,19 +425,8 @@ class Machine:
 
     def linear_pc(self, eip: int) -> int:
         """The linear address of CS:``eip``: Unicorn's exits and code hooks compare linear addresses. (The
-        base is the descriptor's in the GDT or LDT, or the selector times 16 in real and virtual-8086 mode.)"""
-        return (self._code_segment()[0] + eip) & 0xFFFFFFFF
-
-    def _code_segment(self) -> tuple[int, int]:
-        """(base, 32 or 16) of CS; flat 32-bit where its descriptor cannot be read."""
-        cs = self.reg("cs")
-        if not self.reg("cr0") & 1 or self.reg("eflags") & interrupts.VM:
-            return cs << 4, 16
-        try:
-            descriptor = self.descriptor(cs)
-        except GuestFault:
-            return 0, 32
-        return descriptor.base, 32 if descriptor.big else 16
+        base is CS's as loaded, not as its descriptor may read now.)"""
+        return (self.engine.segment("cs").base + eip) & 0xFFFFFFFF
 
     def _guarded(self, eip: int, linear: int) -> str:
         """Unicorn stopped before a guarded address (``guard``; CS:``eip``, ``linear``): do what the hardware
@@ -483,11 +472,7 @@ class Machine:
         and its frame must hold the corrected ESP."""
         if not self._stepped(error):
             return
-        try:
-            stack_32 = self.descriptor(self.reg("ss")).big
-        except GuestFault:
-            stack_32 = True                         # a loaded SS is always readable; flat if not
-        if stack_32:
+        if self.engine.segment("ss").big:
             self.set_reg("esp", (self.reg("esp") + 0x10000) & 0xFFFFFFFF)
         self.events.count("corrected", quirks.QUIRKS["ret-imm16-zero-extended"].name)
 
@@ -515,14 +500,11 @@ class Machine:
             except GuestFault as fault:
                 self.raise_interrupt(fault.event(insn))
                 return
-            unlike = fastcall.unlike_flat(self.descriptor, cs, ss, 0)
-            if unlike is not None:
-                self.finish(UNSUPPORTED, None, f"machine: sysenter where {unlike} is not modelled")
-                return
-            kept = self.unaccessed_descriptors(self.address_space(), (cs, ss))
-            self.enter(cs=cs, eip=eip, eflags=self.reg("eflags") & ~fastcall.SYSENTER_CLEARS, esp=esp, cpl=0,
-                       ss=ss)
-            self.restore_descriptors(kept)
+            eflags = self.reg("eflags") & ~fastcall.SYSENTER_CLEARS
+            for name, cache in fastcall.flat_segments(cs, ss, 0).items():
+                self.engine.load_segment(name, cache)
+            for reg, value in ((X.UC_X86_REG_ESP, esp), (X.UC_X86_REG_EFLAGS, eflags), (X.UC_X86_REG_EIP, eip)):
+                self.engine.write(reg, value)
         return enter
 
     def _stepped(self, error: unicorn.UcError | None) -> bool:
@@ -689,7 +671,7 @@ class Machine:
             code = self.read_linear(start, page_end - start)
         except GuestFault:
             return False
-        mode, offset = self._code_segment()[1], 0
+        mode, offset = 32 if self.engine.segment("cs").big else 16, 0
         while offset < len(code):               # the instruction that reaches the page
             insn = decode_at(code, offset, start, mode)
             if insn is None or offset + insn.size > len(code):

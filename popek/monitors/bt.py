@@ -93,7 +93,7 @@ from popek.machine.result import UNSUPPORTED
 from popek.monitors import bt_emit as emit
 from popek.monitors.deprivilege import TABLE_CHANGES, Deprivileged
 from popek.monitors.bt_cache import CodeCache
-from popek.monitors.bt_fast import CachedSegments, hook_syscall, live_eip
+from popek.monitors.bt_fast import SteppingVCpu, hook_syscall, live_eip
 from popek.monitors.bt_guard import RESYNC, Guard
 from popek.monitors.bt_translate import STRING_OPS, CacheFull, Translator, Untranslatable
 from popek.decode import LEGACY_PREFIXES, decode_at
@@ -120,7 +120,7 @@ PAGING_CHANGES = frozenset({"cr0", "cr3", "cr4", "tlb"})
 class BinaryTranslation(Deprivileged):
     name = "bt"
     ring = 0                                # the guest kernel at real ring 0: only the tables are the monitor's
-    vcpu_type = CachedSegments
+    vcpu_type = SteppingVCpu
 
     def __init__(self, direct_user: bool = False, cache_size: int = 0x180000, cap: int = 12, ways: int = 4,
                  max_run: int = 48, paranoid: bool = False):
@@ -131,7 +131,6 @@ class BinaryTranslation(Deprivileged):
         self.paranoid = paranoid            # tests: look for cache addresses the guest could see, at every callout
         self.callouts: Counter = Counter()
         self.counts: Counter = Counter()    # everything else, by (kind, name)
-        self._cs: dict[int, tuple[int, bool]] = {}      # real CS selector -> (base, 32-bit)
         self._flush_wanted: str | None = None
         self._accessed_known: set[tuple[int, int]] = set()
         self._base = 0                      # CS base of the translation running now (set by _goto)
@@ -182,7 +181,7 @@ class BinaryTranslation(Deprivileged):
 
     def state(self, machine: Machine) -> dict:
         s = super().state(machine)
-        base = self._key()[1]
+        base = self._cs_base()
         if self.cache.contains((s["eip"] + base) & 0xFFFFFFFF):
             s["eip"] = self._guest_of((s["eip"] + base) & 0xFFFFFFFF)
         if self.paranoid:
@@ -216,22 +215,16 @@ class BinaryTranslation(Deprivileged):
             if paged or self._paging:
                 self._flush_wanted = "address-space"    # linear addresses may mean other bytes now
         if what in TABLE_CHANGES:
-            self._cs.clear()
             self._accessed_known.clear()
-            self.vcpu.forget()
+
+    def _cs_base(self) -> int:
+        return self.m.engine.segment_base("cs")
 
     def _key(self) -> tuple[int, int, bool]:
-        """(virtual CPL, CS base, 32-bit code): what a translation depends on besides the guest bytes."""
-        cs = self.m.reg("cs")
-        info = self._cs.get(cs)
-        if info is None:
-            try:
-                desc = self.vcpu.space(self.m, mark=False).descriptor(cs, GP, 0)
-                info = (desc.base, desc.big)
-            except GuestFault:
-                info = (0, True)
-            self._cs[cs] = info
-        return self.vcpu.cpl, info[0], info[1]
+        """(virtual CPL, CS base, 32-bit code): what a translation depends on besides the guest bytes. (CS as
+        loaded: the CPU keeps a segment when its descriptor changes.)"""
+        cs = self.m.engine.segment("cs")
+        return self.vcpu.cpl, cs.base, cs.big
 
     # --- finding translations -----------------------------------------------------------------------------
     def _find(self, eip: int, key: tuple) -> int:
@@ -323,7 +316,7 @@ class BinaryTranslation(Deprivileged):
         guest = self.cache.guest_address(address)
         if guest is None:
             raise AssertionError(f"bt: EIP {address:#x} in the cache maps to no guest instruction")
-        return (guest - self._key()[1]) & 0xFFFFFFFF
+        return (guest - self._cs_base()) & 0xFFFFFFFF
 
     # --- callouts -----------------------------------------------------------------------------------------
     def _on_syscall(self) -> None:
@@ -363,7 +356,7 @@ class BinaryTranslation(Deprivileged):
         engine = self.m.engine
         guest = self.cache.guest_address((engine.read(FIP) + self._base) & 0xFFFFFFFF)
         if guest is not None:
-            engine.write(FIP, (guest - self._key()[1]) & 0xFFFFFFFF)
+            engine.write(FIP, (guest - self._cs_base()) & 0xFFFFFFFF)
 
     def _uncount(self) -> None:
         """The callout just counted is not a guest instruction (``continue``, ``poison``)."""
@@ -405,7 +398,7 @@ class BinaryTranslation(Deprivileged):
         # right after its int n), but at another CPL or in another code segment, so in another translation.
         self._goto(eip, callout=True)
 
-    # --- single-stepping (the guest's EFLAGS.TF, kept virtual: CachedSegments) ------------------------------
+    # --- single-stepping (the guest's EFLAGS.TF, kept virtual: SteppingVCpu) ------------------------------
     def next_event(self, machine: Machine) -> int | None:
         """With the guest's TF set at an instruction's start, chunks of one instruction: the single-step trap
         comes after it (as on the CPU, and as Unicorn decides it: TF at the instruction's start counts)."""
@@ -420,7 +413,7 @@ class BinaryTranslation(Deprivileged):
         """The length of the rep-prefixed string instruction at guest ``guest`` when its count register
         (ECX, or CX with 0x67) is 0, else 0."""
         m, v = self.m, self.vcpu
-        linear = (guest + self._key()[1]) & 0xFFFFFFFF
+        linear = (guest + self._cs_base()) & 0xFFFFFFFF
         for length in (15, 0x1000 - linear % 0x1000):      # (fewer bytes before a page it cannot read)
             try:
                 raw = v.space(m).read(linear, min(length, 15))
@@ -452,7 +445,7 @@ class BinaryTranslation(Deprivileged):
 
     def _guest_here(self) -> int | None:
         """The guest address (CS-relative) of the instruction the cache's EIP stands for, or None."""
-        base = self._key()[1]
+        base = self._cs_base()
         guest = self.cache.guest_address((self.m.reg("eip") + base) & 0xFFFFFFFF)
         return None if guest is None else (guest - base) & 0xFFFFFFFF
 
@@ -461,7 +454,7 @@ class BinaryTranslation(Deprivileged):
         instruction in its frame and DR6.BS set. A rep string instruction traps after each iteration, and
         after its last one the frame holds the next instruction: Unicorn, without TF in the real flags, goes
         back to the rep once more to find its count 0 (counted); the CPU, and Unicorn with TF, does not."""
-        guest = self._guest_of((self.m.reg("eip") + self._key()[1]) & 0xFFFFFFFF)
+        guest = self._guest_of((self.m.reg("eip") + self._cs_base()) & 0xFFFFFFFF)
         if guest == started_at:
             guest = (guest + self._finished_rep(guest)) & 0xFFFFFFFF
         self._deliver_step_trap(guest, callout=False)
@@ -471,7 +464,7 @@ class BinaryTranslation(Deprivileged):
         self._deliver(Interrupt(DB, EXCEPTION, None, eip=guest, insn=guest, why="single step"), callout)
 
     def _fault_at(self, site, fault: GuestFault) -> None:
-        self._deliver(fault.event((site.guest - self._key()[1]) & 0xFFFFFFFF), True)
+        self._deliver(fault.event((site.guest - self._cs_base()) & 0xFFFFFFFF), True)
 
     def _exit(self, site) -> None:
         """A direct branch reached its stub: translate the target and link the branch to it."""
@@ -545,13 +538,13 @@ class BinaryTranslation(Deprivileged):
         cache = self.cache
         self.guard.settle()
         if event is RESYNC:
-            base = self._key()[1]
+            base = self._cs_base()
             linear = (machine.reg("eip") + base) & 0xFFFFFFFF
             unit = cache.unit_at(linear)
             if unit is not None and not unit.alive:
                 self._goto(self._guest_of(linear), callout=False)
             return True
-        base = self._key()[1]
+        base = self._cs_base()
         linear = (event.eip + base) & 0xFFFFFFFF            # Unicorn reports EIP, CS-relative
         if event.source == SOFTWARE and event.vector == BP and cache.contains(linear - 1):
             unit = cache.unit_at(linear - 1)
@@ -592,7 +585,7 @@ class BinaryTranslation(Deprivileged):
         """The name of the instruction at ``guest`` if the ISA says it is privileged and no routine emulates
         it (sysexit, ...): copied into the cache, it faults at the deprivileged ring where the guest's ring 0
         would run it."""
-        base = self._key()[1]
+        base = self._cs_base()
         try:
             code = self.vcpu.space(self.m, mark=False).read((guest + base) & 0xFFFFFFFF, 15)
         except GuestFault:

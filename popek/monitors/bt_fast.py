@@ -1,5 +1,5 @@
 """What makes a ``bt`` callout cheap: a hook without the binding's layers, EIP read from Unicorn's live CPU
-state, and segment bases that are not read from the GDT on every use.
+state, and the guest's EFLAGS.TF kept virtual.
 
 Measured on unicorn 2.1.4 (CPython 3.11): a ``syscall`` handed to a Python hook that does nothing costs
 0.25 µs; the binding adds two Python frames per call, and ``uc_reg_read`` through ctypes 0.4 µs. A callout
@@ -67,12 +67,10 @@ def hook_syscall(uc: unicorn.Uc, callback) -> object:
     return cb
 
 
-class CachedSegments(VCpu):
-    """The virtual CPU with segment bases remembered per (selector, GDTR, LDTR), forgotten when the guest's
-    descriptor tables change (``forget``, called on the vcpu's "gdtr", "ldtr" and "descriptors" changes).
-    The shared routine reads the descriptor from the guest's table on every memory operand."""
+class SteppingVCpu(VCpu):
+    """The virtual CPU of bt, whose EFLAGS.TF is virtual."""
 
-    __slots__ = ("bases", "stepping")
+    __slots__ = ("stepping",)
 
     # EFLAGS.TF is virtual under bt: set in the real flags, Unicorn would trap after each instruction of the
     # cache and its glue. ``stepping`` is the guest's TF; the monitor makes the single-step traps itself
@@ -86,16 +84,3 @@ class CachedSegments(VCpu):
         self.stepping = bool(virtual & TF)
         return VCpu.set_eflags(self, virtual & ~TF)
 
-    def segment_base(self, machine, space, selector: int) -> int:
-        try:
-            bases = self.bases
-        except AttributeError:
-            bases = self.bases = {}
-        key = (selector, self.gdtr, self.ldtr.base)
-        base = bases.get(key)
-        if base is None:
-            base = bases[key] = VCpu.segment_base(self, machine, space, selector)
-        return base
-
-    def forget(self) -> None:
-        self.bases = {}

@@ -59,7 +59,7 @@ class Deprivileged(MonitorOps):
         self.shadow = Shadow(machine, v)
         v.on_change = self.changed
         self.shadow.paging_changed()
-        self._code: dict[int, tuple[int, int]] = {}     # real CS -> (virtual CPL or -1, base)
+        self._code: dict[int, int] = {}                 # real CS -> virtual CPL or -1
         self.routes: dict[tuple[str, int | None], Route] = self.routing()
         regs = machine.registers(("eflags", "cs", "ss", "esp", "eip"))
         ring = v.real_cpl(v.cpl)
@@ -89,29 +89,29 @@ class Deprivileged(MonitorOps):
 
     def sync_cpl(self, m: Machine) -> int:
         """Bring the vcpu's CPL up to date from the real CS (the guest may have changed rings by itself, by an
-        iret or far transfer the monitor did not see); return that code segment's base."""
+        iret or far transfer the monitor did not see); return that code segment's base (as loaded)."""
         cs = m.engine.read(UC_CS) & 0xFFFF
-        known = self._code.get(cs)
-        if known is None:
-            known = self._code[cs] = self._code_segment(m, cs)
+        cpl = self._code.get(cs)
+        if cpl is None:
+            cpl = self._code[cs] = self._code_cpl(m, cs)
         v = self.vcpu
-        if known[0] >= 0:
-            v.cpl = known[0]
+        if cpl >= 0:
+            v.cpl = cpl
         elif v.real_cpl(v.cpl) != cs & 3:       # conforming code keeps the caller's CPL, if it can
             v.cpl = cs & 3
-        return known[1]
+        return m.engine.segment_base("cs")
 
-    def _code_segment(self, m: Machine, cs: int) -> tuple[int, int]:
-        """(virtual CPL or -1 for "the caller's", base) of the code segment the real CS selects."""
+    def _code_cpl(self, m: Machine, cs: int) -> int:
+        """The virtual CPL of code the real CS selects, or -1 for "the caller's"."""
         v = self.vcpu
         cpl = cs & 3 if cs & 3 > v.ring else -1     # rings above the compressed ones are exact
         try:
             desc: Descriptor = v.space(m, mark=False).descriptor(cs, GP, 0)
         except GuestFault:
-            return cpl, 0
+            return cpl
         if cpl < 0 and desc.is_code and not desc.conforming:
             cpl = desc.dpl
-        return cpl, desc.base
+        return cpl
 
     # --- events ---------------------------------------------------------------------------------------------
     def intercept(self, machine: Machine, event: Interrupt) -> bool:

@@ -35,7 +35,7 @@ from unicorn import x86_const as X
 from popek.events import REFLECT
 from popek.machine import interrupts, ioperm
 from popek.machine.descriptors import INTERRUPT_GATES, Descriptor, tss_stack_offsets
-from popek.machine.faults import ERROR_CODE, EXCEPTION, GP, TS, GuestFault, Interrupt
+from popek.machine.faults import ERROR_CODE, EXCEPTION, TS, GuestFault, Interrupt
 from popek.machine.memory import AddressSpace
 
 if TYPE_CHECKING:
@@ -114,11 +114,10 @@ class VCpu(interrupts.Cpu):
         """Linear addresses through the guest's own paging and descriptor tables (``mark``: see AddressSpace)."""
         return AddressSpace(machine.memory, self.cr0, self.cr3, self.cr4, self.gdtr, self.ldtr[1:], mark)
 
-    def segment_base(self, machine: Machine, space: AddressSpace, selector: int) -> int:
-        """Base of the segment a real segment register holds (the shadow tables copy the guest's bases)."""
-        if selector & 0xFFFC == 0:
-            return 0
-        return space.descriptor(selector, GP, 0).base
+    def segment_base(self, machine: Machine, name: str) -> int:
+        """Base of the segment register ``name`` holds: the real register's, loaded from the shadow tables,
+        which copy the guest's bases (as the CPU does, it keeps what it loaded when a descriptor changes)."""
+        return machine.engine.segment_base(name)
 
     def tss_stack(self, space: AddressSpace, cpl: int, ext: int) -> tuple[int, int]:
         """(SS, ESP) for ring ``cpl`` from the guest's TSS (virtual TR)."""

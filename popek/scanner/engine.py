@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Iterable, Iterator
 
-from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, decode_at, sweep, sweep_records
+from popek.decode import BAD, BYTES_AT, LEGACY_PREFIXES, RECORD, sweep, sweep_records
 from popek.isa.classify import Classifier
 from popek.loaders import Image, Region
 from popek.scanner.document import Finding

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument, verdict
+from popek.scanner.document import CLASSES, FileReport, Finding, ScanDocument
 
 FORMATS = ("text", "json", "sarif", "csv")
 TEXT_WIDTH = 120

@@ -49,7 +49,7 @@ def address(m: Machine, v: VCpu, r: Recipe, op: Operand, space: AddressSpace) ->
     if op.index:
         offset += get_reg(m, op.index) * op.scale
     offset &= 0xFFFFFFFF if r.addrsize == 4 else 0xFFFF
-    return (v.segment_base(m, space, m.reg(op.seg)) + offset) & 0xFFFFFFFF
+    return (v.segment_base(m, op.seg) + offset) & 0xFFFFFFFF
 
 
 def read(m: Machine, v: VCpu, r: Recipe, op: Operand, space: AddressSpace, size: int | None = None) -> int:
@@ -73,7 +73,7 @@ def write(m: Machine, v: VCpu, r: Recipe, op: Operand, value: int, space: Addres
 
 
 def _stack_base(m: Machine, v: VCpu, space: AddressSpace) -> int:
-    return v.segment_base(m, space, m.reg("ss"))
+    return v.segment_base(m, "ss")
 
 
 def push(m: Machine, v: VCpu, space: AddressSpace, words: list[int], width: int) -> None:

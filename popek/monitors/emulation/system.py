@@ -266,7 +266,7 @@ def _string_io(m: Machine, v: VCpu, r: Recipe, inbound: bool) -> int:
     step = -size if m.reg("eflags") & (1 << 10) else size
     mask = 0xFFFFFFFF if r.addrsize == 4 else 0xFFFF
     count = (m.reg("ecx") & mask) if r.rep else 1
-    base = v.segment_base(m, space, m.reg(mem.seg))
+    base = v.segment_base(m, mem.seg)
     pointer = m.reg(index)
     while count:
         at = (base + (pointer & mask)) & 0xFFFFFFFF

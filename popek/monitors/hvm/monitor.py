@@ -169,7 +169,7 @@ class HardwareAssisted(MonitorOps):
 
     def _decide(self, m: Machine, r: Recipe) -> tuple[Exit, int | None, str] | None:
         """(exit line, register number or vector, qualification) when this execution of ``r`` exits."""
-        c, name = self.controls, r.name
+        name = r.name
         insn = self.isa.instructions[name]
         cpl = m.reg("cs") & 3
         if insn.privileged == "yes" and cpl:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> str:
              "", "  monitor entries per sample guest (each monitor on its platform's build: -D PV for pv, "
              "-D SUN4V for sun4v)", *table]
     cycles = [(r.guest, r.native.modelled_cycles, r.results["sun4v"].modelled_cycles) for r in rows]
-    lines += ["", f"  nanobenchmarks under sun4v (samples/nanobench -D SUN4V, N = 1000): per operation",
+    lines += ["", "  nanobenchmarks under sun4v (samples/nanobench -D SUN4V, N = 1000): per operation",
               f"  {'bench':10} {'entries':>8} {'µs':>8} {'cycles':>8}"]
     for name in NANO:
         path = str(SAMPLES / "nanobench" / f"{name}.s")

@@ -139,11 +139,12 @@ def checked_gate(space, idtr: tuple[int, int], event: Interrupt, cpl: int) -> tu
 
 
 def push_frame(space, gate: Descriptor, code: Descriptor, ext: int, cpl: int, words: list[int],
-               ss: int, pushed_ss: int, esp: int, tss_stack) -> tuple[int, int | None, int, Descriptor]:
+               stack_base: int, pushed_ss: int, esp: int, tss_stack) -> tuple[int, int | None, int, Descriptor | None]:
     """Push the frame ``words`` (EFLAGS, CS, EIP[, error code]) for a delivery through ``gate`` into ``code``,
     checked as the SDM does: on the inner stack ``tss_stack(space, new_cpl, ext)`` when the privilege
-    changes (``pushed_ss``:``esp`` pushed first), else on the current stack ``ss``:``esp``.
-    Returns (new CPL, new SS or None, new ESP, the stack segment's descriptor)."""
+    changes (``pushed_ss``:``esp`` pushed first), else on the current stack, at ``esp`` in the loaded SS
+    (base ``stack_base``: what SS loaded, not what its descriptor may read now).
+    Returns (new CPL, new SS or None, new ESP, the new stack segment's descriptor or None)."""
     if not code.conforming and code.dpl < cpl:
         new_cpl = code.dpl
         new_ss, new_esp = tss_stack(space, new_cpl, ext)
@@ -156,14 +157,14 @@ def push_frame(space, gate: Descriptor, code: Descriptor, ext: int, cpl: int, wo
         if not stack.present:
             raise GuestFault(SS, ss_error, f"TSS ring-{new_cpl} stack {new_ss:#x} not present")
         words = [pushed_ss, esp] + words
+        stack_base = stack.base
     else:
-        new_cpl, new_ss, new_esp = cpl, None, esp
-        stack = space.descriptor(ss, SS, 0)
+        new_cpl, new_ss, new_esp, stack = cpl, None, esp, None
     width = 4 if gate.gate_bits == 32 else 2
     new_esp = (new_esp - width * len(words)) & 0xFFFFFFFF
     mask = 0xFFFFFFFF if width == 4 else 0xFFFF
     frame = struct.pack(f"<{len(words)}{'I' if width == 4 else 'H'}", *(w & mask for w in reversed(words)))
-    space.write((stack.base + new_esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
+    space.write((stack_base + new_esp) & 0xFFFFFFFF, frame, fault=(SS, ext))
     return new_cpl, new_ss, new_esp, stack
 
 
@@ -186,8 +187,8 @@ class RealCpu(Cpu):
         words = [regs["eflags"], regs["cs"], event.eip]
         if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
             words.append(event.error_code)
-        new_cpl, new_ss, esp, stack = push_frame(space, gate, code, ext, cpl, words, regs["ss"], regs["ss"],
-                                                 regs["esp"], m.tss_stack)
+        new_cpl, new_ss, esp, stack = push_frame(space, gate, code, ext, cpl, words, m.engine.segment_base("ss"),
+                                                 regs["ss"], regs["esp"], m.tss_stack)
         width = 4 if gate.gate_bits == 32 else 2
 
         eflags = regs["eflags"] & ~(TF | NT | RF | VM)
@@ -195,7 +196,7 @@ class RealCpu(Cpu):
             eflags &= ~IF
         eip = gate.offset if width == 4 else gate.offset & 0xFFFF
         cs = (gate.selector & 0xFFFC) | new_cpl
-        accessed = code.high & stack.high & ACCESSED
+        accessed = code.high & (ACCESSED if stack is None else stack.high) & ACCESSED
         m.enter(cs=cs, eip=eip, eflags=eflags, esp=esp, cpl=new_cpl,
                 ss=None if new_ss is None else (new_ss & 0xFFFC) | new_cpl, space=None if accessed else space)
         self.entry = Entry(eip, m.total_instructions(), event, depth)

@@ -58,6 +58,11 @@ under the machine's names (``exception``, ``software-interrupt``, ``external-int
 ``page-fault`` (a true guest fault) and ``guest-table-writes`` (stores into the guest's GDT, LDT or TSS stack
 fields, traced).
 
+The virtual CPL after a change of rings the monitor did not see (an ``iret`` or far return that ran at the
+real ring) is read from the guest's descriptor of the new CS; the loaded DPL is the compressed ring. A
+descriptor the guest rewrites while its segment is loaded then gives the CPL the table says, where the CPU
+keeps the one it loaded.
+
 Not modelled: real mode (a guest clearing CR0.PE keeps running in protected mode), virtual-8086 mode, task
 switches, PAE paging; see ``popek.monitors.shadow`` for the paging limits and ``popek.monitors.emulation``
 for the routines'.

@@ -168,9 +168,9 @@ class VCpu(interrupts.Cpu):
         words = [eflags, (regs["cs"] & 0xFFFC) | cpl, event.eip]
         if event.source == EXCEPTION and event.vector in ERROR_CODE and event.error_code is not None:
             words.append(event.error_code)
-        new_cpl, new_ss, esp, _stack = interrupts.push_frame(space, gate, code, ext, cpl, words, regs["ss"],
-                                                            (regs["ss"] & 0xFFFC) | cpl, regs["esp"],
-                                                            self.tss_stack)
+        new_cpl, new_ss, esp, _stack = interrupts.push_frame(space, gate, code, ext, cpl, words,
+                                                            self.segment_base(m, "ss"), (regs["ss"] & 0xFFFC) | cpl,
+                                                            regs["esp"], self.tss_stack)
         width = 4 if gate.gate_bits == 32 else 2
 
         eflags &= ~(TF | NT | RF | VM)

@@ -162,18 +162,28 @@ def _outer_stack(space: AddressSpace, ss: int, rpl: int) -> None:
         raise GuestFault(SS, error, f"stack segment {ss:#x} not present")
 
 
+CONFORMING_CODE = 0x3 << 10                 # type bits 11 (code) and 10 (conforming) of a descriptor's high dword
+
+
 def _null_data_segments(m: Machine, v: VCpu, space: AddressSpace, cpl: int) -> None:
-    """After a return to an outer ring: data (and non-conforming code) segments it may not use are nulled."""
+    """After a return to an outer ring: data (and non-conforming code) segments it may not use are nulled.
+    The CPU checks the DPL the segment loaded (SDM, IRET: "DPL in hidden part of segment register"). Under
+    compressed rings the loaded DPL is the real one; where that cannot tell (a real DPL at or below the
+    monitor's ring and a target ring there too) the guest's table says."""
     for sreg in ("es", "fs", "gs", "ds"):
-        selector = m.reg(sreg)
-        if selector & 0xFFFC == 0:
+        loaded = m.engine.segment(sreg)
+        if loaded.selector & 0xFFFC == 0:
             continue
-        try:
-            desc = space.descriptor(selector, GP, 0)
-        except GuestFault:
-            m.set_reg(sreg, 0)                  # no longer a valid selector
-            continue
-        if (not desc.is_code or not desc.conforming) and desc.dpl < cpl:
+        if loaded.dpl > v.ring or cpl > v.ring:
+            keep = loaded.flags & CONFORMING_CODE == CONFORMING_CODE or loaded.dpl >= cpl
+        else:
+            try:
+                desc = space.descriptor(loaded.selector, GP, 0)
+            except GuestFault:
+                m.set_reg(sreg, 0)              # (no longer a valid selector)
+                continue
+            keep = (desc.is_code and desc.conforming) or desc.dpl >= cpl
+        if not keep:
             m.set_reg(sreg, 0)
 
 

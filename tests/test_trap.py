@@ -768,3 +768,19 @@ def test_a_call_gate_into_the_kernel_switches_stacks_at_ring1_but_not_at_ring3()
     # At ring 3 the user code already runs on the kernel stack (enter_ring3's iret was a same-ring one, at
     # KSTACK - 8), and the call pushes only CS and EIP below its two parameters: no stack switch, no SS:ESP.
     assert ring3.state["esp"] == 0x80000 - 8 - 16 and ring3.state["edi"] == 0x40
+
+
+@pytest.mark.parametrize("monitor", ("trap", "hvm"))
+def test_a_rep_string_io_instruction_emulated_whole_counts_its_elements_as_natively(tmp_path, monitor):
+    # On the bare machine a rep ins/outs counts once per element plus its final check; trap emulated it whole
+    # after one #GP and counted it once (8 instructions for 13: found by a review), so timer interrupts landed
+    # later than natively. The 16-bit address size counts CX; a rep prefix on anything else counts nothing.
+    path = tmp_path / "rep_io.s"
+    path.write_text("_start:\n mov ecx, 2\n mov esi, 0x1000\n mov dx, 0x80\n rep outsb\n"
+                    " mov ecx, 3\n mov edi, 0x2000\n rep insb\n xor ecx, ecx\n rep insb\n"
+                    " mov ecx, 0x10002\n .byte 0x67, 0xf3, 0x6c\n"      # rep insb, 16-bit addresses: CX = 2
+                    " out 0xf4, al\n")
+    native, result = run_guest(str(path), "native"), run_guest(str(path), monitor)
+    assert native.guest_instructions == 8 + 3 + 4 + 1 + 3      # 8 others; the reps: elements + 1
+    assert (result.exit, result.guest_instructions) == (native.exit, native.guest_instructions)
+    assert result.state["ecx"] == native.state["ecx"] == 0x10000

@@ -76,7 +76,7 @@ from unicorn.x86_const import UC_X86_REG_EIP as UC_EIP
 from popek.errors import UsageError
 from popek.machine.faults import EXCEPTION, EXTERNAL, GP, PF, GuestFault, Interrupt
 from popek.monitors.deprivilege import Deprivileged
-from popek.monitors.emulation import TABLE, Recipes
+from popek.monitors.emulation import TABLE, Recipes, count_elements, rep_remaining
 
 if TYPE_CHECKING:
     from popek.machine.machine import Machine
@@ -116,11 +116,14 @@ class TrapAndEmulate(Deprivileged):
         if routine is None:
             return False
         self._traps[recipe.name] += 1
+        elements = rep_remaining(machine, recipe)
         try:
             eip = routine(machine, v, recipe)
         except GuestFault as fault:
+            count_elements(machine, recipe, elements)
             self.reflect_fault(machine, fault, event.eip)
             return True
+        count_elements(machine, recipe, elements)   # (a rep ins/outs: emulated whole, counted as natively)
         self._emulated[recipe.name] += 1
         machine.engine.write(UC_EIP, eip)
         return True

@@ -69,6 +69,27 @@ PRIVILEGED = frozenset({"lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "mov_cr",
 SENSITIVE = frozenset(TABLE) - PRIVILEGED
 
 
+STRING_ROUTINES = frozenset({"ins", "outs"})     # the routines that run a rep prefix's elements
+
+
+def rep_remaining(m: Machine, r: Recipe) -> int:
+    """The count register of a rep-prefixed string instruction ``r`` (address-size wide); 0 for any other
+    (a rep prefix elsewhere counts nothing, and ECX may be a result: rdtscp)."""
+    if not r.rep or r.name not in STRING_ROUTINES:
+        return 0
+    return m.reg("ecx") & (0xFFFFFFFF if r.addrsize == 4 else 0xFFFF)
+
+
+def count_elements(m: Machine, r: Recipe, before: int) -> None:
+    """After ``r`` was carried out whole by a monitor (``before``: ``rep_remaining`` then), or faulted part
+    way: a rep string instruction counts once per element on the bare machine, plus its final check (the
+    attempt the monitor's entry already counted), so the guest's instruction count and clock advance by the
+    elements done, as natively (timer interrupts then land where they land natively)."""
+    done = before - rep_remaining(m, r)
+    m.instructions += done
+    m.time += done
+
+
 def emulate(m: Machine, v: VCpu, r: Recipe) -> int:
     """Run ``r`` against ``v``; the EIP to continue at. Precondition: ``r.name in TABLE``."""
     return TABLE[r.name](m, v, r)

@@ -64,7 +64,7 @@ from popek.machine.faults import EXCEPTION, EXTERNAL, GP, PF, SOFTWARE, UD, Gues
 from popek.machine.result import TRIPLE_FAULT
 from popek.machine.watch import Watch
 from popek.monitors.base import MonitorOps
-from popek.monitors.emulation import CR, DR, TABLE, get_reg
+from popek.monitors.emulation import CR, DR, TABLE, count_elements, get_reg, rep_remaining
 from popek.monitors.emulation.recipe import Recipe, decode, port_access
 from popek.monitors.hvm import controls as control_sets
 from popek.monitors.hvm import cpuid
@@ -282,8 +282,7 @@ class HardwareAssisted(MonitorOps):
         self._pending = None
         self._exit(line, n, r.name, qualification, event.eip)
         v = self.guest.load()
-        mask = 0xFFFFFFFF if r.addrsize == 4 else 0xFFFF
-        count = m.reg("ecx") & mask if r.rep else 0
+        count = rep_remaining(m, r)
         try:
             eip = EMULATE.get(r.name, _routine)(self, m, v, r)
         except GuestFault as fault:
@@ -293,13 +292,7 @@ class HardwareAssisted(MonitorOps):
         else:
             self.guest.store()
             m.set_reg("eip", eip)               # (the machine counted the instruction when its hook stopped it)
-        if count:
-            # A rep string instruction counts once per element on the bare machine (plus its final check,
-            # the one the hook counted): emulated whole in one exit, it still advances the guest's count and
-            # clock as natively.
-            done = count - (m.reg("ecx") & mask)
-            m.instructions += done
-            m.time += done
+        count_elements(m, r, count)             # (emulated whole in one exit: counted as natively)
         return True
 
     # --- interrupts ---------------------------------------------------------------------------------------

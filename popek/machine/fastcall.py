@@ -5,11 +5,11 @@ Unicorn 2.1.4 does not execute ``sysenter``: its helper only calls the instructi
 it (qemu/target/i386/seg_helper.c, ``helper_sysenter``), so natively the guest ran on at the next
 instruction, at its own CPL. The machine carries it out itself (quirks: ``sysenter-not-executed``);
 ``sysexit`` Unicorn executes as the SDM says. Both take their selectors from IA32_SYSENTER_CS and load fixed
-flat segments without reading the GDT (``flat_segments``): the machine writes those segment caches directly
-(engine notes 9). The monitors' routines load the guest's selectors through the API and compute its segment
-bases from its tables, so they need the GDT's descriptors there to be the flat ones (the SDM asks an
-operating system to provide them); where they are not (``unlike_flat``), the monitor's run ends
-``unsupported``, saying so.
+flat segments without reading the GDT (``flat_segments``): the machine, and the monitors' routines, write
+those segment caches directly (engine notes 9). A monitor that compresses the guest's rings (trap) takes the
+virtual CPL after a transfer it did not see from the guest's descriptor of CS, so there the GDT must hold
+the flat descriptors (the SDM asks an operating system to provide them); where it does not
+(``unlike_flat``), the run ends ``unsupported``, saying so.
 """
 from __future__ import annotations
 

@@ -331,6 +331,14 @@ class Machine:
         if ss is not None and self.cpl() != cpl:
             raise EngineError(f"privilege change to CPL {cpl} did not take (CS={self.reg('cs'):#x})")
 
+    def enter_flat(self, cs: int, ss: int, cpl: int, eip: int, esp: int, eflags: int) -> None:
+        """Load the flat CS and SS of sysenter/sysexit at ``cpl`` (popek.machine.fastcall) without reading a
+        descriptor table, as the CPU does, and EIP, ESP and EFLAGS."""
+        for name, cache in fastcall.flat_segments(cs, ss, cpl).items():
+            self.engine.load_segment(name, cache)
+        for reg, value in ((X.UC_X86_REG_ESP, esp), (X.UC_X86_REG_EFLAGS, eflags), (X.UC_X86_REG_EIP, eip)):
+            self.engine.write(reg, value)
+
     # --- time and instruction counts --------------------------------------------------------------------
     def now(self) -> int:
         """Machine time in PIT clocks, exact also in the middle of a chunk (from a hook)."""
@@ -500,11 +508,7 @@ class Machine:
             except GuestFault as fault:
                 self.raise_interrupt(fault.event(insn))
                 return
-            eflags = self.reg("eflags") & ~fastcall.SYSENTER_CLEARS
-            for name, cache in fastcall.flat_segments(cs, ss, 0).items():
-                self.engine.load_segment(name, cache)
-            for reg, value in ((X.UC_X86_REG_ESP, esp), (X.UC_X86_REG_EFLAGS, eflags), (X.UC_X86_REG_EIP, eip)):
-                self.engine.write(reg, value)
+            self.enter_flat(cs, ss, 0, eip=eip, esp=esp, eflags=self.reg("eflags") & ~fastcall.SYSENTER_CLEARS)
         return enter
 
     def _stepped(self, error: unicorn.UcError | None) -> bool:
@@ -729,8 +733,9 @@ class Machine:
 
     def _deny_io(self, port: int) -> None:
         eip = self.reg("eip")                           # Unicorn reports I/O hooks at the instruction
-        # The instruction still completes after the hook (ins/outs move ESI/EDI/ECX): put them back.
-        restore = {name: self.reg(name) for name in ("esi", "edi", "ecx")}
+        # The instruction still completes after the hook (ins/outs move ESI/EDI/ECX, and EIP moves on): put
+        # them back, so that the state at a fault that follows (a triple fault) is at the instruction.
+        restore = {name: self.reg(name) for name in ("esi", "edi", "ecx")} | {"eip": eip}
         self.stop_chunk(Interrupt(GP, EXCEPTION, 0, eip=eip, insn=eip,
                                   why=f"port {port:#x} at CPL {self.cpl()} > IOPL"), restore)
 

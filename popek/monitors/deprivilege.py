@@ -104,7 +104,7 @@ class Deprivileged(MonitorOps):
     def _code_cpl(self, m: Machine, cs: int) -> int:
         """The virtual CPL of code the real CS selects, or -1 for "the caller's"."""
         v = self.vcpu
-        cpl = cs & 3 if cs & 3 > v.ring else -1     # rings above the compressed ones are exact
+        cpl = cs & 3 if cs & 3 > v.ring or cs & 3 == 0 else -1     # rings above the compressed ones, and 0, are exact
         try:
             desc: Descriptor = v.space(m, mark=False).descriptor(cs, GP, 0)
         except GuestFault:

@@ -257,22 +257,30 @@ def _msr(m: Machine, v: VCpu) -> Callable[[int], int]:
     return lambda number: msr_value(m, v, number)
 
 
-def _flat(space: AddressSpace, name: str, cs: int, ss: int, cpl: int) -> None:
-    unlike = fastcall.unlike_flat(lambda selector: space.descriptor(selector, GP, 0), cs, ss, cpl)
-    if unlike is not None:
-        raise NotModelled(f"{name} where {unlike}")
+def _enter_flat(m: Machine, v: VCpu, name: str, cs: int, ss: int, cpl: int, eip: int, esp: int,
+                eflags: int) -> int:
+    """The flat CS and SS sysenter/sysexit load at guest privilege ``cpl``, at its real ring, without reading a
+    table (as the CPU does). Where the monitor compresses rings, its virtual CPL after a transfer it does not
+    see comes from the guest's descriptor of CS (Deprivileged.sync_cpl), so the GDT must hold the flat
+    descriptors there (the SDM asks an operating system for them); the run says so where it does not."""
+    real = v.real_cpl(cpl)
+    if 0 < real <= v.ring:                      # (a compressed ring: sync_cpl would read the table)
+        unlike = fastcall.unlike_flat(lambda selector: v.space(m).descriptor(selector, GP, 0), cs, ss, cpl)
+        if unlike is not None:
+            raise NotModelled(f"{name} under compressed rings where {unlike}")
+    m.enter_flat((cs & 0xFFFC) | real, (ss & 0xFFFC) | real, real, eip=eip, esp=esp, eflags=eflags)
+    v.cpl = cpl
+    return eip
 
 
 def sysenter(m: Machine, v: VCpu, r: Recipe) -> int:
     """To the guest's CPL 0 through its (virtual) SYSENTER MSRs (popek.machine.fastcall)."""
     cs, ss, eip, esp = fastcall.sysenter(_msr(m, v))
-    _flat(v.space(m), "sysenter", cs, ss, 0)
     eflags = v.set_eflags(v.eflags(m.reg("eflags")) & ~fastcall.SYSENTER_CLEARS)
-    return _enter(m, v, cs, eip, 0, esp=esp, ss=ss, eflags=eflags)
+    return _enter_flat(m, v, "sysenter", cs, ss, 0, eip, esp, eflags)
 
 
 def sysexit(m: Machine, v: VCpu, r: Recipe) -> int:
     """From the guest's CPL 0 to CPL 3 at EDX with ESP = ECX (32-bit form; popek.machine.fastcall)."""
     cs, ss, eip, esp = fastcall.sysexit(_msr(m, v), v.cpl, m.reg("edx"), m.reg("ecx"))
-    _flat(v.space(m), "sysexit", cs, ss, 3)
-    return _enter(m, v, cs, eip, 3, esp=esp, ss=ss)
+    return _enter_flat(m, v, "sysexit", cs, ss, 3, eip, esp, m.reg("eflags"))

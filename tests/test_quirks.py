@@ -458,14 +458,9 @@ def test_sysexit_and_sysenter_with_sysenter_cs_zero_are_gp(monitor):
     assert dict(guest.segments)[0x100000][at:at + 2] == b"\x0f\x35"
 
 
-# sysenter and sysexit load fixed flat segments without reading the GDT (SDM Vol. 2B): here its descriptors
-# at those selectors are a DPL-1 code segment, an absent stack segment, and nothing (beyond the limit).
-SYSENTER_UNLIKE_THE_GDT = """
-        pm_setup
-        set_gate 13, on_gp, INTGATE
-        and byte ptr [pm_gdt + 0x38 + 5], 0x7F      ; 0x38: not present
-        mov ecx, 0x174
-        mov eax, 0x30                   ; CS 0x30 (DPL 1 in the GDT), SS 0x38; sysexit's 0x43 and 0x4b
+# IA32_SYSENTER_CS = {cs}, ESP 0x88000, EIP `kernel`; then sysexit to `user` with ESP 0x70000.
+SYSENTER_MSRS_THEN_SYSEXIT = """        mov ecx, 0x174
+        mov eax, {cs}
         xor edx, edx
         wrmsr
         mov ecx, 0x175
@@ -477,7 +472,15 @@ SYSENTER_UNLIKE_THE_GDT = """
         mov edx, offset user
         mov ecx, 0x70000
         sysexit
-user:   mov ebp, cs
+"""
+
+# sysenter and sysexit load fixed flat segments without reading the GDT (SDM Vol. 2B): here its descriptors
+# at those selectors are a DPL-1 code segment, an absent stack segment, and nothing (beyond the limit).
+SYSENTER_UNLIKE_THE_GDT = """
+        pm_setup
+        set_gate 13, on_gp, INTGATE
+        and byte ptr [pm_gdt + 0x38 + 5], 0x7F      ; 0x38: not present
+""" + SYSENTER_MSRS_THEN_SYSEXIT.format(cs="0x30") + """user:   mov ebp, cs
         sysenter
 kernel: mov eax, cr0                    ; CPL 0 (at 1 or 3: #GP)
         push 0x1234                     ; a flat stack: at 0x87ffc
@@ -610,20 +613,7 @@ SYSENTER_THEN_AN_INTERRUPT = """
         set_gate 0x30, handler, INTGATE
         mov word ptr [pm_gdtr], 0x3f                ; nothing at 0x40 and 0x48
         lgdt [pm_gdtr]
-        xor edx, edx
-        mov ecx, 0x174
-        mov eax, 0x40
-        wrmsr
-        mov ecx, 0x175
-        mov eax, 0x88000
-        wrmsr
-        mov ecx, 0x176
-        mov eax, offset kernel
-        wrmsr
-        mov edx, offset user
-        mov ecx, 0x70000
-        sysexit
-user:   sysenter
+""" + SYSENTER_MSRS_THEN_SYSEXIT.format(cs="0x40") + """user:   sysenter
 kernel: int 0x30
 handler: mov esi, esp
         exit 0
